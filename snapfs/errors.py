@@ -1,0 +1,60 @@
+"""The one exception tree of snapfs.
+
+Only the CLI turns these into messages and exit codes; every other module raises them and keeps
+the cause (``raise ... from err``)::
+
+    SnapfsError                  exit 1   anything snapfs reports as a one-line message
+     +-- UsageError              exit 2   bad input: a VMID, a path, an option; nothing was changed
+     +-- StateError              exit 3   the session is not in a state for this: already mounted,
+     |                                    not mounted, mountpoint busy
+     +-- QMPError                exit 4   talking to QEMU failed or QEMU said no
+     |    +-- VMGoneError                 the VM went away (socket missing, connection lost)
+     +-- SetupError              exit 5   a step of the set-up failed; what was added is rolled back
+     +-- TeardownError           exit 6   teardown could not restore everything; says what is left
+     +-- NBDError                exit 7   the NBD connection to the export failed
+     +-- FuseError               exit 8   mounting or serving the FUSE file system failed
+"""
+
+from __future__ import annotations
+
+
+class SnapfsError(Exception):
+    """Base of every error snapfs reports; ``str()`` is the one-line message."""
+
+    exit_code = 1
+
+
+class UsageError(SnapfsError):
+    exit_code = 2
+
+
+class StateError(SnapfsError):
+    exit_code = 3
+
+
+class QMPError(SnapfsError):
+    exit_code = 4
+
+
+class VMGoneError(QMPError):
+    pass
+
+
+class SetupError(SnapfsError):
+    exit_code = 5
+
+
+class TeardownError(SnapfsError):
+    exit_code = 6
+
+
+class NBDError(SnapfsError):
+    exit_code = 7
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class FuseError(SnapfsError):
+    exit_code = 8
