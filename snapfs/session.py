@@ -1,0 +1,524 @@
+"""One mounted VM: wires QMP, NBD and FUSE together and owns the session's lifecycle.
+
+Lifecycle of the serving process (``serve``)::
+
+    validate -> lock session dir -> QMP set-up (connect, build graph, disconnect) -> state file
+      -> NBD connections -> tree -> FUSE mount (INIT answered) -> control socket -> READY
+      -> serve until: the mount goes away (plain umount), `snapfs umount` asks, or a signal
+      -> close NBD -> QMP teardown (commit or abort) -> remove state -> exit
+
+Invariants:
+- QMP is connected only during set-up and teardown, never while serving (Proxmox's management
+  stack takes the same socket one client at a time).
+- Everything teardown needs is in ``<run_dir>/.state/<vmid>/state.json`` before the first NBD
+  connection is made, so another process (``snapfs cleanup``) can tear down after a crash.
+- Without an explicit commit, teardown aborts: the next incremental still sees every change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import stat
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio_asyncio
+
+from snapfs import nbd, qmp
+from snapfs.errors import FuseError, SnapfsError, StateError, TeardownError, UsageError
+from snapfs.fs import TreeOperations
+from snapfs.fuse import kernel
+from snapfs.fuse.server import FuseServer
+from snapfs.regions import Regions
+from snapfs.tree import Disk, SourceError, Tree
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN_DIR = Path("/run/snapfs")
+DEFAULT_FLEECING_ROOT = Path("/var/lib/snapfs")
+DEFAULT_QMP_DIR = Path("/var/run/qemu-server")
+VMID_RE = re.compile(r"[1-9][0-9]{0,8}|[A-Za-z][A-Za-z0-9_.-]{0,63}")
+BITMAP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+# NBD base:allocation flags (NBD protocol): a block with ZERO set reads as zeros.
+NBD_STATE_ZERO = 2
+# qemu:dirty-bitmap contexts: bit 0 set means dirty.
+NBD_STATE_DIRTY = 1
+
+
+def run_dir() -> Path:
+    """The directory for default mountpoints and session state (SNAPFS_RUN_DIR for tests)."""
+    return Path(os.environ.get("SNAPFS_RUN_DIR", str(DEFAULT_RUN_DIR)))
+
+
+@dataclass
+class MountOptions:
+    """What a mount was asked to do, after validation (see ``validate``)."""
+
+    vmid: str
+    mountpoint: Path
+    qmp_path: Path
+    fleecing_dir: Path
+    exclude: list[str] = field(default_factory=list)
+    incremental: str | None = None
+    allow_other: bool = False
+    default_mountpoint: bool = False
+
+    @property
+    def state_dir(self) -> Path:
+        return state_dir(self.vmid)
+
+
+def state_dir(vmid: str) -> Path:
+    return run_dir() / ".state" / vmid
+
+
+def check_vmid(vmid: str) -> str:
+    if not VMID_RE.fullmatch(vmid):
+        raise UsageError(f"invalid VMID {vmid!r}: expected a number (1-999999999) or a name")
+    return vmid
+
+
+def _check_path(path: Path, what: str) -> Path:
+    text = str(path)
+    if "\n" in text or "\0" in text:
+        raise UsageError(f"{what} {text!r} contains a newline or NUL")
+    if not path.is_absolute():
+        raise UsageError(f"{what} {text!r} is not an absolute path")
+    if ".." in path.parts:
+        raise UsageError(f"{what} {text!r} contains '..'")
+    return path
+
+
+def validate(vmid: str, mountpoint: str | None, qmp_path: str | None,
+             fleecing_dir: str | None, exclude: list[str], incremental: str | None,
+             allow_other: bool = False) -> MountOptions:
+    """Check a mount request before anything is touched; raise UsageError or StateError."""
+    check_vmid(vmid)
+    if incremental is not None and not BITMAP_ID_RE.fullmatch(incremental):
+        raise UsageError(f"invalid incremental ID {incremental!r}: use letters, digits, _ . -")
+    default_mp = mountpoint is None
+    mp = _check_path(Path(mountpoint) if mountpoint else run_dir() / vmid, "mountpoint")
+    qp = _check_path(Path(qmp_path) if qmp_path else DEFAULT_QMP_DIR / f"{vmid}.qmp",
+                     "QMP socket")
+    fd = _check_path(Path(fleecing_dir) if fleecing_dir else DEFAULT_FLEECING_ROOT / vmid,
+                     "fleecing directory")
+    try:
+        st = os.stat(qp)
+    except FileNotFoundError:
+        raise UsageError(f"QMP socket {qp} does not exist (is VM {vmid} running?)") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UsageError(f"QMP socket {qp} is not a socket")
+    if not default_mp:
+        if not mp.is_dir():
+            raise UsageError(f"mountpoint {mp} does not exist or is not a directory")
+        if kernel.is_mountpoint(mp):
+            raise UsageError(f"mountpoint {mp} is already a mount point")
+        if any(mp.iterdir()):
+            raise UsageError(f"mountpoint {mp} is not empty")
+    elif mp.exists() and kernel.is_mountpoint(mp):
+        raise StateError(f"VM {vmid} is already mounted at {mp}")
+    if fd.exists() and not fd.is_dir():
+        raise UsageError(f"fleecing directory {fd} is not a directory")
+    for name in exclude:
+        if not name or "/" in name:
+            raise UsageError(f"invalid --exclude name {name!r}")
+    return MountOptions(vmid, mp, qp, fd, list(exclude), incremental, allow_other, default_mp)
+
+
+class NBDSource:
+    """A disk's bytes from its NBD export; NBD failures become the tree's SourceError (EIO)."""
+
+    def __init__(self, client: nbd.NBDClient, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    async def read_into(self, buf: bytearray, offset: int, length: int) -> None:
+        try:
+            await self.client.pread_into(buf, offset, length)
+        except SnapfsError as err:
+            raise SourceError(f"{self.name}: {err}", errno.EIO) from err
+
+    async def discard(self, offset: int, length: int) -> None:
+        try:
+            await self.client.trim(offset, length)
+        except SnapfsError as err:
+            raise SourceError(f"{self.name}: {err}", errno.EIO) from err
+
+
+async def _regions(client: nbd.NBDClient, context: str, keep: Callable[[int], bool]) -> Regions:
+    """The ranges whose block-status flags satisfy ``keep``, walking the whole export."""
+    return Regions.from_extents(
+        [(off, length) async for off, length, flags in nbd.extents(client, context)
+         if keep(flags)])
+
+
+@contextlib.asynccontextmanager
+async def _qmp_session(path: Path) -> AsyncIterator[qmp.QMP]:
+    async with qmp.QMP.connect(path) as q:
+        yield q
+
+
+def _write_private(path: Path, data: str) -> None:
+    """Write a 0600 file atomically (rename), so a reader never sees half a state file."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Session:
+    """The serving side of one mount. Runs inside ``trio_asyncio.open_loop()``."""
+
+    def __init__(self, opts: MountOptions) -> None:
+        self.opts = opts
+        self.graph: qmp.GraphState | None = None
+        self.tree: Tree | None = None
+        self.commit = False
+        self.created_mountpoint = False
+        self.broken: str | None = None
+        self._stop = trio.Event()
+        self._server: FuseServer | None = None
+        self._done = trio.Event()
+        self.result: dict[str, Any] = {}
+
+    # -- facts ------------------------------------------------------------------------------------
+
+    def facts(self) -> dict[str, Any]:
+        g = self.graph
+        assert g is not None and self.tree is not None
+        disks = {}
+        for d, ds in zip(self.tree.disks, g.disks, strict=True):
+            disks[d.name] = {
+                "size": d.size,
+                "format": ds.format,
+                "nodes": ds.nodes(),
+                "bitmap": ds.bitmap_facts(),
+                "dirty_bytes": d.dirty.total,
+                "dirty_regions": len(d.dirty),
+                "readable_bytes": d.readable.total,
+                "discarded_bytes": d.discarded,
+                "bytes_read": d.bytes_read,
+            }
+        return {
+            "vmid": g.vmid,
+            "snapshot_time": g.snapshot_time,
+            "qemu_version": g.qemu_version,
+            "pause_ms": g.pause_ms,
+            "incremental": g.incremental,
+            "mountpoint": str(self.opts.mountpoint),
+            "broken": self.broken,
+            "disks": disks,
+        }
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> dict[str, Any]:
+        """Set up, serve until asked to stop, tear down. ``task_status.started()`` is called once
+        the tree is served. Returns the teardown result."""
+        opts = self.opts
+        sdir = opts.state_dir
+        self._lock_state_dir(sdir)
+        try:
+            if opts.default_mountpoint and not opts.mountpoint.exists():
+                opts.mountpoint.mkdir(mode=0o700, parents=True)
+                self.created_mountpoint = True
+            async with _qmp_session(opts.qmp_path) as q:
+                self.graph = await qmp.setup(
+                    q, vmid=opts.vmid, fleecing_dir=opts.fleecing_dir,
+                    nbd_socket=sdir / "nbd.sock", exclude=opts.exclude,
+                    incremental=opts.incremental)
+            self._save_state()
+        except BaseException:
+            self._remove_state_dir(sdir)
+            raise
+        try:
+            await self._serve_graph(task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._teardown()
+        return self.result
+
+    def _lock_state_dir(self, sdir: Path) -> None:
+        sdir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            sdir.mkdir(mode=0o700)
+        except FileExistsError:
+            raise StateError(f"VM {self.opts.vmid} already has a snapfs session "
+                             f"(state in {sdir}; run 'snapfs cleanup {self.opts.vmid}' "
+                             "if its process is gone)") from None
+        _write_private(sdir / "pid", f"{os.getpid()}\n")
+
+    def _save_state(self) -> None:
+        assert self.graph is not None
+        state = {"graph": self.graph.to_dict(), "pid": os.getpid(),
+                 "mountpoint": str(self.opts.mountpoint), "qmp": str(self.opts.qmp_path),
+                 "created_mountpoint": self.created_mountpoint}
+        _write_private(self.opts.state_dir / "state.json", json.dumps(state, indent=1))
+
+    def _remove_state_dir(self, sdir: Path) -> None:
+        for p in sdir.glob("*"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        with contextlib.suppress(OSError):
+            sdir.rmdir()
+        if self.created_mountpoint:
+            with contextlib.suppress(OSError):
+                self.opts.mountpoint.rmdir()
+
+    async def _serve_graph(self, task_status: Any) -> None:
+        g = self.graph
+        assert g is not None
+        async with contextlib.AsyncExitStack() as stack:
+            disks = []
+            for ds in g.disks:
+                contexts = ["base:allocation"]
+                if ds.export_bitmap:
+                    contexts.append(f"qemu:dirty-bitmap:{ds.export_bitmap}")
+                client = await stack.enter_async_context(
+                    nbd.NBDClient.open(str(g.nbd_socket), ds.export, meta_contexts=contexts))
+                disks.append(await self._disk(client, ds))
+            self.tree = Tree(disks, self.facts, mtime_ns=int(g.snapshot_epoch * 1e9))
+            ops = TreeOperations(self.tree)
+            self._server = FuseServer(ops, self.opts.mountpoint, fsname=f"snapfs:{g.vmid}",
+                                      allow_other=self.opts.allow_other)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._run_fuse, nursery)
+                await nursery.start(self._control_server)
+                nursery.start_soon(self._signals)
+                log.info("VM %s: %d disk(s) served at %s", g.vmid, len(disks),
+                         self.opts.mountpoint)
+                task_status.started()
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+
+    async def _disk(self, client: nbd.NBDClient, ds: qmp.DiskState) -> Disk:
+        if ds.export_bitmap:
+            dirty = await _regions(client, f"qemu:dirty-bitmap:{ds.export_bitmap}",
+                                   lambda f: bool(f & NBD_STATE_DIRTY))
+            data = None
+        else:
+            dirty = Regions.whole(client.size)
+            # Full view: SEEK_DATA and st_blocks follow what is allocated, so thin disks copy
+            # sparsely; a region is a hole only if the server says it reads as zeros.
+            data = (await _regions(client, "base:allocation",
+                                   lambda f: not f & NBD_STATE_ZERO)
+                    if client.can_meta_context("base:allocation") else None)
+        return Disk(name=ds.name, size=client.size, source=NBDSource(client, ds.name),
+                    dirty=dirty, data=data, granularity=ds.granularity)
+
+    async def _run_fuse(self, nursery: trio.Nursery, *,
+                        task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        assert self._server is not None
+        try:
+            await self._server.serve(task_status=task_status)
+        finally:
+            # The mount is gone (plain umount, or our own): the session ends with it.
+            self._stop.set()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                log.warning("got %s: aborting the backup session", signal.Signals(signum).name)
+                self.commit = False
+                await self._unmount(lazy=True)
+                return
+
+    async def _unmount(self, *, lazy: bool) -> None:
+        with contextlib.suppress(FuseError):
+            kernel.unmount(self.opts.mountpoint, lazy=lazy)
+        self._stop.set()
+
+    async def _control_server(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        path = self.opts.state_dir / "control.sock"
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(4)
+        task_status.started()
+        await trio.serve_listeners(self._control, [trio.SocketListener(sock)])
+
+    async def _control(self, stream: trio.SocketStream) -> None:
+        """One request per connection, a JSON line each way. ``umount`` replies only after the
+        teardown, with its outcome."""
+        async with stream:
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                data += chunk
+            try:
+                req = json.loads(data)
+                op = req["op"]
+            except (ValueError, KeyError, TypeError):
+                await stream.send_all(b'{"ok": false, "error": "bad request"}\n')
+                return
+            if op == "status":
+                reply: dict[str, Any] = {"ok": True, "status": self.facts()}
+            elif op == "umount":
+                try:
+                    kernel.unmount(self.opts.mountpoint, lazy=False)
+                except FuseError as err:
+                    reply = {"ok": False, "error": str(err), "exit": StateError.exit_code}
+                else:
+                    self.commit = bool(req.get("commit"))
+                    self._stop.set()
+                    with trio.CancelScope(shield=True):
+                        await self._done.wait()
+                        reply = self.result
+            else:
+                reply = {"ok": False, "error": f"unknown op {op!r}"}
+            with trio.CancelScope(shield=True), contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+    async def _teardown(self) -> None:
+        """Tear down with commit or abort; record the outcome in ``self.result``."""
+        g = self.graph
+        assert g is not None
+        with contextlib.suppress(FuseError):
+            if kernel.is_mountpoint(self.opts.mountpoint):
+                kernel.unmount(self.opts.mountpoint, lazy=True)
+        commit = self.commit and self.broken is None
+        try:
+            async with _qmp_session(self.opts.qmp_path) as q:
+                await qmp.teardown(q, g, commit=commit)
+        except SnapfsError as err:
+            log.error("VM %s: teardown: %s", g.vmid, err)
+            self.result = {"ok": False, "error": str(err), "exit": err.exit_code,
+                           "committed": False}
+        else:
+            self.result = {"ok": True, "committed": commit}
+            log.info("VM %s: torn down (%s)", g.vmid, "committed" if commit else "aborted")
+        self._remove_state_dir(self.opts.state_dir)
+        self._done.set()
+
+
+# -- the client side: used by the CLI ------------------------------------------------------------
+
+
+def find_session(target: str) -> tuple[str, dict[str, Any]]:
+    """The (vmid, state) of the session named by a VMID or a mountpoint."""
+    root = run_dir() / ".state"
+    candidates = [target] if VMID_RE.fullmatch(target) else []
+    for vmid in candidates:
+        st = _read_state(root / vmid)
+        if st is not None:
+            return vmid, st
+    if target.startswith("/") and root.is_dir():
+        want = os.path.realpath(target)
+        for sdir in root.iterdir():
+            st = _read_state(sdir)
+            if st is not None and os.path.realpath(st["mountpoint"]) == want:
+                return sdir.name, st
+    raise StateError(f"no snapfs session for {target!r}")
+
+
+def _read_state(sdir: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads((sdir / "state.json").read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as err:
+        raise StateError(f"state file in {sdir} is damaged: {err}") from err
+    return data
+
+
+def request(vmid: str, req: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
+    """Send one control request to a serving process and return its reply."""
+    path = state_dir(vmid) / "control.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as err:
+            raise StateError(f"the serving process of VM {vmid} is gone "
+                             f"(run 'snapfs cleanup {vmid}')") from err
+        s.sendall(json.dumps(req).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                raise StateError(f"the serving process of VM {vmid} ended without an answer")
+            data += chunk
+    reply: dict[str, Any] = json.loads(data)
+    return reply
+
+
+def umount(target: str, *, commit: bool) -> dict[str, Any]:
+    vmid, _ = find_session(target)
+    reply = request(vmid, {"op": "umount", "commit": commit})
+    if not reply.get("ok"):
+        exc = TeardownError if reply.get("exit") == TeardownError.exit_code else StateError
+        raise exc(reply.get("error", "umount failed"))
+    return reply
+
+
+async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
+    """Tear down what a dead serving process left: the mount, the graph (abort), the state.
+
+    Idempotent: with nothing left, it does nothing and succeeds. Returns what it did.
+    """
+    check_vmid(vmid)
+    sdir = state_dir(vmid)
+    done: list[str] = []
+    st = _read_state(sdir)
+    pid_alive = False
+    if st is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(int(st["pid"]), 0)
+            pid_alive = True
+    if pid_alive:
+        raise StateError(f"VM {vmid}'s serving process is alive; use 'snapfs umount {vmid}'")
+    if st is not None:
+        mp = Path(st["mountpoint"])
+        if kernel.is_mountpoint(mp):
+            kernel.unmount(mp, lazy=True)
+            done.append(f"unmounted {mp}")
+        graph = qmp.GraphState.from_dict(st["graph"])
+        async with _qmp_session(Path(st["qmp"]) if qmp_path is None else qmp_path) as q:
+            await qmp.teardown(q, graph, commit=False)
+        done.append("restored the block graph")
+        if st.get("created_mountpoint"):
+            with contextlib.suppress(OSError):
+                mp.rmdir()
+    elif qmp_path is not None and qmp_path.exists():
+        async with _qmp_session(qmp_path) as q:
+            if await qmp.cleanup_orphans(q):
+                done.append("removed orphaned snapfs nodes")
+    if sdir.exists():
+        for p in sdir.glob("*"):
+            p.unlink()
+        sdir.rmdir()
+        done.append("removed the session state")
+    return done
+
+
+def run_trio(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run an async function under trio with an asyncio loop for qemu.qmp."""
+
+    async def main() -> Any:
+        async with trio_asyncio.open_loop():
+            return await fn(*args, **kwargs)
+
+    return trio.run(main)
+
+
+def utc_now() -> tuple[str, float]:
+    now = time.time()
+    return datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"), now

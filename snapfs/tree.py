@@ -1,0 +1,363 @@
+"""The mounted tree as a pure model: names, inodes, attributes, readable regions, sidecars.
+
+Nothing here knows about FUSE, QMP or NBD. A disk's bytes come from a ``DiskSource`` (the NBD
+export in production); everything else is computed from the session's facts. Errors are domain
+errors (``TreeError`` subclasses); ``fs.py`` turns them into errno values at the FUSE boundary.
+
+Layout (stable inode numbers, so a long rsync never sees an inode change)::
+
+    1                 /
+    2                 /snapfs.json
+    3 + 2*i           /<disk>.raw      the disk at the snapshot point; reads limited to ``readable``
+    4 + 2*i           /<disk>.dirty    one "OFFSET LENGTH" line per region of ``dirty``
+    EXTRA_BASE + j    extra read-only text files (guest configuration)
+
+Concurrency rule: all methods run on the trio thread. ``read`` and ``punch`` await the source;
+a punch first removes its range from ``readable`` and only then discards it, so a read that
+starts after the punch started is refused instead of reading a range being discarded.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import json
+import stat
+from array import array
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from snapfs.regions import Regions
+
+ROOT_INO = 1
+JSON_INO = 2
+DISK_INO_BASE = 3
+EXTRA_INO_BASE = 1 << 32
+
+# Disk files are opened read-write (hole punching needs a writable fd) but only punching is
+# allowed; 0600 keeps them root's. Sidecars and facts are 0400.
+DISK_MODE = stat.S_IFREG | 0o600
+TEXT_MODE = stat.S_IFREG | 0o400
+DIR_MODE = stat.S_IFDIR | 0o700
+
+# What `stat` reports as st_blksize for disk files: cp, rsync and dd-less tools size their
+# buffers from it, and 1 MiB is the request size the FUSE layer negotiates.
+DISK_BLKSIZE = 1 << 20
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+SEEK_DATA = 3
+SEEK_HOLE = 4
+
+
+class TreeError(Exception):
+    """A domain error of the tree; ``errno`` is what the FUSE layer answers."""
+
+    errno = errno_mod.EIO
+
+
+class NotFound(TreeError):
+    errno = errno_mod.ENOENT
+
+
+class NotADirectory(TreeError):
+    errno = errno_mod.ENOTDIR
+
+
+class IsADirectory(TreeError):
+    errno = errno_mod.EISDIR
+
+
+class ReadOnly(TreeError):
+    errno = errno_mod.EROFS
+
+
+class Unreadable(TreeError):
+    """A read touches bytes outside the readable set. ENODATA, never invented zeros: a tool
+    that got zeros would store them as the disk's content and silently corrupt the backup."""
+
+    errno = errno_mod.ENODATA
+
+
+class NotSupported(TreeError):
+    errno = errno_mod.EOPNOTSUPP
+
+
+class InvalidArgument(TreeError):
+    errno = errno_mod.EINVAL
+
+
+class NoMoreData(TreeError):
+    """SEEK_DATA past the last data region (lseek(2) says ENXIO)."""
+
+    errno = errno_mod.ENXIO
+
+
+class SourceError(TreeError):
+    """The source failed to deliver (NBD error, broken snapshot, VM gone)."""
+
+    def __init__(self, message: str, errno: int = errno_mod.EIO) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class DiskSource(Protocol):
+    """Where a disk's bytes come from. Implementations raise ``SourceError``."""
+
+    async def read_into(self, buf: bytearray, offset: int, length: int) -> None: ...
+
+    async def discard(self, offset: int, length: int) -> None: ...
+
+
+@dataclass
+class Disk:
+    """One guest disk as the tree serves it.
+
+    ``dirty`` is what this backup covers (fixed at mount); ``readable`` starts equal to it and
+    shrinks as ranges are punched; ``data`` (optional) is the allocation map used for SEEK_DATA
+    and st_blocks where it is narrower than ``readable`` (thin disks in full mode).
+    """
+
+    name: str
+    size: int
+    source: DiskSource
+    dirty: Regions
+    readable: Regions = field(default_factory=Regions)
+    data: Regions | None = None
+    granularity: int = 65536
+    discarded: int = 0
+    bytes_read: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.readable.total and self.dirty.total:
+            self.readable = self.dirty.copy()
+
+    @property
+    def seekable(self) -> Regions:
+        """Where SEEK_DATA finds data: readable and (if known) allocated."""
+        if self.data is None:
+            return self.readable
+        return self.data
+
+    @property
+    def allocated_bytes(self) -> int:
+        """What st_blocks counts: the bytes a sparse copy of this file would store."""
+        return self.seekable.total
+
+
+class Sidecar:
+    """The text of ``<disk>.dirty``, rendered on demand: one ``OFFSET LENGTH`` line per region.
+
+    Only the line boundaries are kept (8 bytes a line), so millions of regions do not become a
+    many-megabyte string; a read renders just the lines it covers.
+    """
+
+    def __init__(self, regions: Regions) -> None:
+        self._source = regions
+        ends = array("Q")
+        pos = 0
+        for offset, length in regions:
+            pos += len(str(offset)) + len(str(length)) + 2
+            ends.append(pos)
+        self._line_ends = ends
+        self.size = pos
+
+    def _line(self, i: int) -> bytes:
+        offset, length = self._source.nth(i)
+        return b"%d %d\n" % (offset, length)
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset >= self.size or size <= 0:
+            return b""
+        i = bisect_right(self._line_ends, offset)
+        first = 0 if i == 0 else self._line_ends[i - 1]
+        out = bytearray()
+        pos = first
+        while i < len(self._line_ends) and pos < offset + size:
+            out += self._line(i)
+            pos = self._line_ends[i]
+            i += 1
+        return bytes(out[offset - first : offset - first + size])
+
+
+@dataclass(frozen=True)
+class Attr:
+    ino: int
+    mode: int
+    size: int
+    blocks: int
+    blksize: int = 4096
+
+
+@dataclass(frozen=True)
+class Entry:
+    ino: int
+    name: str
+    mode: int
+
+
+class Tree:
+    """The whole mounted tree of one session. ``facts`` is rendered as snapfs.json on demand."""
+
+    def __init__(self, disks: Sequence[Disk], facts: Callable[[], dict[str, Any]],
+                 extra_files: dict[str, bytes] | None = None, mtime_ns: int = 0) -> None:
+        self.disks = list(disks)
+        self.facts = facts
+        self.mtime_ns = mtime_ns
+        self._sidecars = [Sidecar(d.dirty) for d in self.disks]
+        self._extra = dict(extra_files or {})
+        self._names: dict[str, int] = {"snapfs.json": JSON_INO}
+        for i, d in enumerate(self.disks):
+            self._names[f"{d.name}.raw"] = DISK_INO_BASE + 2 * i
+            self._names[f"{d.name}.dirty"] = DISK_INO_BASE + 2 * i + 1
+        for j, name in enumerate(self._extra):
+            self._names[name] = EXTRA_INO_BASE + j
+        self._extra_by_ino = {EXTRA_INO_BASE + j: data for j, data in enumerate(self._extra.values())}
+
+    # -- names -----------------------------------------------------------------------------------
+
+    def lookup(self, parent: int, name: str) -> Attr:
+        if parent != ROOT_INO:
+            raise NotADirectory(name)
+        try:
+            return self.getattr(self._names[name])
+        except KeyError:
+            raise NotFound(name) from None
+
+    def listdir(self) -> list[Entry]:
+        return [Entry(ino, name, self.getattr(ino).mode) for name, ino in self._names.items()]
+
+    def _disk(self, ino: int) -> tuple[Disk, bool]:
+        """(disk, is_raw) for a disk or sidecar inode."""
+        i, kind = divmod(ino - DISK_INO_BASE, 2)
+        if ino < DISK_INO_BASE or i >= len(self.disks):
+            raise NotFound(str(ino))
+        return self.disks[i], kind == 0
+
+    # -- attributes ------------------------------------------------------------------------------
+
+    def json_bytes(self) -> bytes:
+        return (json.dumps(self.facts(), indent=2, sort_keys=True) + "\n").encode()
+
+    def getattr(self, ino: int) -> Attr:
+        if ino == ROOT_INO:
+            return Attr(ino, DIR_MODE, 0, 0)
+        if ino == JSON_INO:
+            size = len(self.json_bytes())
+            return Attr(ino, TEXT_MODE, size, _blocks(size))
+        if ino in self._extra_by_ino:
+            size = len(self._extra_by_ino[ino])
+            return Attr(ino, TEXT_MODE, size, _blocks(size))
+        disk, is_raw = self._disk(ino)
+        if is_raw:
+            return Attr(ino, DISK_MODE, disk.size, _blocks(disk.allocated_bytes), DISK_BLKSIZE)
+        size = self._sidecars[self.disks.index(disk)].size
+        return Attr(ino, TEXT_MODE, size, _blocks(size))
+
+    def is_disk(self, ino: int) -> bool:
+        return DISK_INO_BASE <= ino < DISK_INO_BASE + 2 * len(self.disks) and (
+            (ino - DISK_INO_BASE) % 2 == 0)
+
+    def open(self, ino: int, writable: bool, truncate: bool) -> None:
+        """Opening a disk file read-write succeeds (fallocate needs it); nothing else may be
+        opened for writing, and nothing may be truncated."""
+        if ino == ROOT_INO:
+            raise IsADirectory("/")
+        self.getattr(ino)
+        if truncate or (writable and not self.is_disk(ino)):
+            raise ReadOnly(str(ino))
+
+    # -- data ------------------------------------------------------------------------------------
+
+    def read_text(self, ino: int, offset: int, size: int) -> bytes:
+        """Reads of the small text files: snapfs.json, sidecars, extra files."""
+        if ino == JSON_INO:
+            return self.json_bytes()[offset : offset + size]
+        if ino in self._extra_by_ino:
+            return self._extra_by_ino[ino][offset : offset + size]
+        disk, is_raw = self._disk(ino)
+        if is_raw:
+            raise InvalidArgument("disk files are read with read_disk")
+        return self._sidecars[self.disks.index(disk)].read(offset, size)
+
+    def disk_read_length(self, ino: int, offset: int, size: int) -> tuple[Disk, int]:
+        """Check a read of a disk file; return the disk and how many bytes it yields.
+
+        A read entirely past the end yields 0. A read that touches a byte outside the readable
+        set is refused as a whole (ENODATA), never shortened: a short read would hide where the
+        boundary is and tools would retry into it.
+        """
+        disk, is_raw = self._disk(ino)
+        if not is_raw:
+            raise InvalidArgument("sidecars are read with read_text")
+        if offset < 0:
+            raise InvalidArgument("negative offset")
+        length = max(0, min(size, disk.size - offset))
+        if length and not disk.readable.contains(offset, length):
+            raise Unreadable(f"{disk.name}: {offset}+{length} is outside the readable set")
+        return disk, length
+
+    async def read_disk(self, ino: int, buf: bytearray, offset: int, size: int) -> int:
+        """Read into ``buf``; return the byte count. See ``disk_read_length`` for the rules."""
+        disk, length = self.disk_read_length(ino, offset, size)
+        if length:
+            await disk.source.read_into(buf, offset, length)
+            disk.bytes_read += length
+        return length
+
+    def lseek(self, ino: int, offset: int, whence: int) -> int:
+        """SEEK_DATA/SEEK_HOLE over the readable (and allocated) regions of a disk file; text
+        files are all data."""
+        if whence not in (SEEK_DATA, SEEK_HOLE):
+            raise InvalidArgument(f"whence {whence}")
+        size = self.getattr(ino).size
+        if offset < 0:
+            raise InvalidArgument("negative offset")
+        if offset >= size:
+            raise NoMoreData(str(offset))
+        if not self.is_disk(ino):
+            return offset if whence == SEEK_DATA else size
+        disk, _ = self._disk(ino)
+        regions = disk.seekable
+        if whence == SEEK_DATA:
+            found = regions.seek_data(offset)
+            if found is None or found >= size:
+                raise NoMoreData(str(offset))
+            return found
+        return min(regions.seek_hole(offset), size)
+
+    async def punch(self, ino: int, offset: int, length: int, mode: int) -> int:
+        """Discard ``[offset, offset+length)`` of a disk's snapshot; return bytes discarded.
+
+        Only whole granularity blocks inside the range are discarded, so a punch never frees
+        more than asked; those blocks become unreadable. The sidecar is unchanged.
+        """
+        if mode != FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
+            raise NotSupported(f"fallocate mode {mode:#x}")
+        if not self.is_disk(ino):
+            raise NotSupported("only disk files can be punched")
+        disk, _ = self._disk(ino)
+        if offset < 0 or length <= 0:
+            raise InvalidArgument("empty or negative range")
+        g = disk.granularity
+        end = min(offset + length, disk.size)
+        start = -(-offset // g) * g
+        # The disk's last block may be partial: a punch reaching the end covers it.
+        stop = end if end == disk.size else end // g * g
+        if stop <= start:
+            return 0
+        removed_regions = [(s, n) for s, n in disk.readable if s < stop and s + n > start]
+        removed = disk.readable.remove(start, stop - start)
+        if disk.data is not None:
+            disk.data.remove(start, stop - start)
+        # Discard only what was readable: the rest is not in the snapshot's access bitmap.
+        for s, n in removed_regions:
+            lo, hi = max(s, start), min(s + n, stop)
+            await disk.source.discard(lo, hi - lo)
+        disk.discarded += removed
+        return removed
+
+
+def _blocks(size: int) -> int:
+    return (size + 511) // 512
