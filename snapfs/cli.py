@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from snapfs import __version__, session
+from snapfs import __version__, provider, session
 from snapfs.errors import SnapfsError, UsageError
 
 log = logging.getLogger("snapfs")
@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cleanup", help="remove what a crashed session left behind")
     c.add_argument("vmid")
     c.add_argument("--qmp", metavar="SOCKET", help="the VM's QMP socket")
+
+    cp = sub.add_parser("copy", help="back up a mounted view into a directory (the reference "
+                        "provider): full views make sparse images, incremental views update "
+                        "them in place")
+    cp.add_argument("view", help="a mounted snapfs view")
+    cp.add_argument("dest", help="the backup directory")
+    cp.add_argument("--discard", action="store_true",
+                    help="punch each copied range in the view, freeing fleecing space")
 
     s = sub.add_parser("status", help="show active sessions")
     s.add_argument("vmid", nargs="?")
@@ -197,6 +205,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             for line in session.run_trio(session.cleanup, session.check_vmid(args.vmid),
                                          Path(args.qmp) if args.qmp else None):
                 log.info("%s", line)
+            sys.exit(0)
+        if args.command == "copy":
+            stats = provider.copy_view(Path(args.view), Path(args.dest), discard=args.discard)
+            for name, st in stats.items():
+                log.info("%s: read %d, wrote %d, zero %d, holes %d, discarded %d bytes", name,
+                         st["read"], st["written"], st["zero"], st["holes"], st["discarded"])
             sys.exit(0)
         if args.command == "status":
             sys.exit(_status(args))

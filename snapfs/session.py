@@ -124,11 +124,11 @@ def validate(vmid: str, mountpoint: str | None, qmp_path: str | None,
     if not default_mp:
         if not mp.is_dir():
             raise UsageError(f"mountpoint {mp} does not exist or is not a directory")
-        if kernel.is_mountpoint(mp):
+        if kernel.is_mounted(mp):
             raise UsageError(f"mountpoint {mp} is already a mount point")
         if any(mp.iterdir()):
             raise UsageError(f"mountpoint {mp} is not empty")
-    elif mp.exists() and kernel.is_mountpoint(mp):
+    elif kernel.is_mounted(mp):
         raise StateError(f"VM {vmid} is already mounted at {mp}")
     if fd.exists() and not fd.is_dir():
         raise UsageError(f"fleecing directory {fd} is not a directory")
@@ -295,7 +295,7 @@ class Session:
                 disks.append(await self._disk(client, ds))
             self.tree = Tree(disks, self.facts, mtime_ns=int(g.snapshot_epoch * 1e9))
             ops = TreeOperations(self.tree)
-            self._server = FuseServer(ops, self.opts.mountpoint, fsname=f"snapfs:{g.vmid}",
+            self._server = FuseServer(ops, self.opts.mountpoint, name=g.vmid,
                                       allow_other=self.opts.allow_other)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._run_fuse, nursery)
@@ -340,8 +340,9 @@ class Session:
                 return
 
     async def _unmount(self, *, lazy: bool) -> None:
+        assert self._server is not None
         with contextlib.suppress(FuseError):
-            kernel.unmount(self.opts.mountpoint, lazy=lazy)
+            await self._server.unmount(lazy=lazy)
         self._stop.set()
 
     async def _control_server(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -372,8 +373,9 @@ class Session:
             if op == "status":
                 reply: dict[str, Any] = {"ok": True, "status": self.facts()}
             elif op == "umount":
+                assert self._server is not None
                 try:
-                    kernel.unmount(self.opts.mountpoint, lazy=False)
+                    await self._server.unmount(lazy=False)
                 except FuseError as err:
                     reply = {"ok": False, "error": str(err), "exit": StateError.exit_code}
                 else:
@@ -392,8 +394,9 @@ class Session:
         g = self.graph
         assert g is not None
         with contextlib.suppress(FuseError):
-            if kernel.is_mountpoint(self.opts.mountpoint):
-                kernel.unmount(self.opts.mountpoint, lazy=True)
+            if kernel.is_mounted(self.opts.mountpoint):
+                await trio.to_thread.run_sync(
+                    lambda: kernel.unmount(self.opts.mountpoint, lazy=True))
         commit = self.commit and self.broken is None
         try:
             async with _qmp_session(self.opts.qmp_path) as q:
@@ -487,7 +490,7 @@ async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
         raise StateError(f"VM {vmid}'s serving process is alive; use 'snapfs umount {vmid}'")
     if st is not None:
         mp = Path(st["mountpoint"])
-        if kernel.is_mountpoint(mp):
+        if kernel.is_mounted(mp):
             kernel.unmount(mp, lazy=True)
             done.append(f"unmounted {mp}")
         graph = qmp.GraphState.from_dict(st["graph"])

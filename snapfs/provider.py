@@ -1,0 +1,263 @@
+"""The reference backup provider: ``snapfs copy VIEW DEST``.
+
+A full view (bitmap mode ``none`` or ``new``) becomes a fresh sparse image ``DEST/<disk>.raw``
+(written to a temporary name, fsynced, then renamed, so a failed copy never replaces a good
+image). An incremental view (``reuse``) is applied in place onto the image from the previous
+backup with the same incremental ID; ``<disk>.raw.incomplete`` marks an image while it is being
+updated, and re-applying the same or a later incremental view repairs it (a view that was not
+committed is contained in the next one).
+
+Only the readable regions listed in ``<disk>.dirty`` are read. Inside them, SEEK_DATA/SEEK_HOLE
+skip what the view reports as holes, and all-zero blocks are punched instead of written, so
+images stay sparse. With ``discard``, each copied range is punched in the view right after it
+is written, which frees the fleecing image's space as the copy goes.
+
+Everything is fsynced before success is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from snapfs.errors import SnapfsError, UsageError
+
+CHUNK = 1 << 20
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+RECORD = "snapfs-backup.json"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+class CopyError(SnapfsError):
+    exit_code = 9
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """fallocate(PUNCH_HOLE|KEEP_SIZE); Python's os module has no way to pass the mode."""
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def read_regions(path: Path) -> Iterator[tuple[int, int]]:
+    """Stream ``OFFSET LENGTH`` lines from a sidecar without loading it whole."""
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                offset, length = (int(x) for x in line.split())
+            except ValueError:
+                raise CopyError(f"{path}:{lineno}: not an 'OFFSET LENGTH' line") from None
+            yield offset, length
+
+
+@dataclass
+class Stats:
+    read: int = 0
+    written: int = 0
+    zero: int = 0
+    holes: int = 0
+    discarded: int = 0
+
+
+class Progress:
+    """A one-line progress display on a terminal; silent otherwise."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
+        self.total = max(total, 1)
+        self.done = 0
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self._last = 0.0
+        self._start = time.monotonic()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self._last > 0.2 or self.done >= self.total):
+            self._last = now
+            rate = self.done / max(now - self._start, 1e-6) / (1 << 20)
+            pct = 100 * self.done / self.total
+            self.stream.write(f"\r{pct:5.1f}% {self.done >> 20} of {self.total >> 20} MiB, "
+                              f"{rate:.0f} MiB/s ")
+            self.stream.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DiskCopy:
+    """Copies one disk file's readable regions into a target file descriptor."""
+
+    def __init__(self, src_fd: int, dst_fd: int, *, in_place: bool, discard: bool,
+                 granularity: int, progress: Callable[[int], None]) -> None:
+        self.src = src_fd
+        self.dst = dst_fd
+        self.in_place = in_place
+        self.discard = discard
+        self.granularity = granularity
+        self.progress = progress
+        self.buf = bytearray(CHUNK)
+        self.zeros = bytes(CHUNK)
+        self.stats = Stats()
+
+    def _hole(self, offset: int, length: int) -> None:
+        """The view says these bytes read as zeros: the target must too."""
+        if self.in_place:
+            punch_hole(self.dst, offset, length)
+        self.stats.holes += length
+
+    def _data_span(self, offset: int, end: int) -> tuple[int, int]:
+        """The next (data_start, data_end) at or after offset within end, or (end, end)."""
+        try:
+            data = os.lseek(self.src, offset, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:
+                return end, end
+            raise
+        if data >= end:
+            return end, end
+        hole = os.lseek(self.src, data, os.SEEK_HOLE)
+        return data, min(hole, end)
+
+    def region(self, offset: int, length: int) -> None:
+        end = offset + length
+        pos = offset
+        while pos < end:
+            data, data_end = self._data_span(pos, end)
+            if data > pos:
+                self._hole(pos, data - pos)
+                self.progress(data - pos)
+            pos = data
+            while pos < data_end:
+                n = min(CHUNK - pos % CHUNK, data_end - pos)
+                view = memoryview(self.buf)[:n]
+                got = os.preadv(self.src, [view], pos)
+                if got != n:
+                    raise CopyError(f"short read at {pos}: {got} of {n} bytes")
+                self.stats.read += n
+                if view == self.zeros[:n]:
+                    self._hole(pos, n)
+                    self.stats.zero += n
+                else:
+                    done = 0
+                    while done < n:
+                        done += os.pwrite(self.dst, view[done:], pos + done)
+                    self.stats.written += n
+                if self.discard:
+                    self._discard(pos, n)
+                self.progress(n)
+                pos += n
+
+    def _discard(self, offset: int, length: int) -> None:
+        """Punch the copied range in the view; the view frees only whole blocks inside it, so
+        unaligned chunk edges are kept for the neighbouring chunk's punch."""
+        try:
+            punch_hole(self.src, offset, length)
+        except OSError as err:
+            raise CopyError(f"discard at {offset}+{length} failed: {err}") from err
+        self.stats.discarded += length
+
+
+def copy_view(view: Path, dest: Path, *, discard: bool = False,
+              progress_stream: TextIO = sys.stderr) -> dict[str, Any]:
+    """Back up a mounted snapfs view into ``dest``; return per-disk statistics."""
+    try:
+        facts = json.loads((view / "snapfs.json").read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{view} is not a snapfs view (no snapfs.json)") from None
+    dest.mkdir(parents=True, exist_ok=True)
+    record_path = dest / RECORD
+    record = json.loads(record_path.read_text()) if record_path.exists() else None
+    incremental = facts.get("incremental")
+    disks: dict[str, Any] = facts["disks"]
+    # Check the whole chain before touching any image.
+    for name, d in disks.items():
+        if d["bitmap"]["mode"] != "reuse":
+            continue
+        if not (dest / f"{name}.raw").exists():
+            raise CopyError(f"{name}: incremental view but no full image {dest / name}.raw")
+        if record is None or record.get("incremental") != incremental:
+            raise CopyError(f"{dest} holds no backup of incremental ID {incremental!r} to "
+                            "apply this view to")
+    total = sum(int(d.get("readable_bytes", d["size"])) for d in disks.values())
+    bar = Progress(total, progress_stream)
+    result: dict[str, Any] = {}
+    for name, d in disks.items():
+        result[name] = _copy_disk(view, dest, name, d, discard, bar.advance)
+    bar.finish()
+    for extra in sorted(view.iterdir()):
+        if extra.suffix != ".raw":
+            (dest / extra.name).write_bytes(extra.read_bytes())
+    new_record = {"vmid": facts["vmid"], "incremental": incremental,
+                  "snapshot_time": facts["snapshot_time"], "disks": sorted(disks)}
+    tmp = dest / (RECORD + ".tmp")
+    tmp.write_text(json.dumps(new_record, indent=1) + "\n")
+    with open(tmp) as f:
+        os.fsync(f.fileno())
+    tmp.replace(record_path)
+    _fsync_dir(dest)
+    return result
+
+
+def _copy_disk(view: Path, dest: Path, name: str, d: dict[str, Any], discard: bool,
+               progress: Callable[[int], None]) -> dict[str, int]:
+    size = int(d["size"])
+    in_place = d["bitmap"]["mode"] == "reuse"
+    final = dest / f"{name}.raw"
+    marker = dest / f"{name}.raw.incomplete"
+    target = final if in_place else dest / f"{name}.raw.partial"
+    src = os.open(view / f"{name}.raw", os.O_RDWR if discard else os.O_RDONLY)
+    try:
+        if in_place:
+            marker.touch()
+            _fsync_dir(dest)
+            dst = os.open(target, os.O_WRONLY)
+        else:
+            dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(dst, size)
+            copier = DiskCopy(src, dst, in_place=in_place, discard=discard,
+                              granularity=int(d.get("granularity", 65536)), progress=progress)
+            for offset, length in read_regions(view / f"{name}.dirty"):
+                copier.region(offset, length)
+            os.fsync(dst)
+        finally:
+            os.close(dst)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            if not in_place:
+                target.unlink()
+        raise CopyError(f"{name}: {err}") from err
+    finally:
+        os.close(src)
+    if not in_place:
+        target.replace(final)
+    _fsync_dir(dest)
+    marker.unlink(missing_ok=True)
+    s = copier.stats
+    return {"read": s.read, "written": s.written, "zero": s.zero, "holes": s.holes,
+            "discarded": s.discarded}
