@@ -1,0 +1,985 @@
+"""Set-up and teardown of the snapshot graph in a running QEMU, over QMP.
+
+The only importer of ``qemu.qmp`` (an asyncio library); it runs inside trio through trio-asyncio,
+so every caller must be inside ``trio_asyncio.open_loop()``.
+
+For each guest disk, ``setup`` builds::
+
+    guest device --> snapfs-cbw-<disk> (copy-before-write) --file--> original node
+                           \\--target--> snapfs-fl-<disk> (qcow2 fleecing image)
+    NBD export <-- snapfs-acc-<disk> (snapshot-access) --file--> snapfs-cbw-<disk>
+
+Invariants:
+- Every node-name, export id and session bitmap snapfs adds starts with ``snapfs-``; nothing else
+  in the VM is changed, except the persistent bitmap ``snapfs-<ID>`` on commit.
+- ``setup`` either returns a complete ``GraphState`` or leaves the VM's graph as it found it.
+- ``teardown`` tries every step whatever fails, and is idempotent.
+- Incremental bitmaps never lose a write: ``snapfs-<ID>`` (B) records all the time and is only
+  replaced, atomically, by the bitmap that started recording at the snapshot point (N).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import trio
+import trio_asyncio
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient
+from qemu.qmp import StateError as QMPStateError
+from qemu.qmp.error import QMPError as LibQMPError
+
+from snapfs.errors import (
+    QMPError,
+    SetupError,
+    StateError,
+    TeardownError,
+    UsageError,
+    VMGoneError,
+)
+
+log = logging.getLogger(__name__)
+
+PREFIX = "snapfs-"
+QEMU_IMG = shutil.which("qemu-img") or "/usr/bin/qemu-img"
+# QEMU keeps node names in a char[32].
+_MAX_NODE_NAME = 31
+_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+_INCREMENTAL_RE = re.compile(r"[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*")
+# How long teardown waits for QEMU to finish deleting an export (it is asynchronous).
+_EXPORT_GONE_TIMEOUT = 10.0
+_MIGRATION_STATES = {"inmigrate", "postmigrate", "finish-migrate", "save-vm", "restore-vm"}
+
+BitmapMode = Literal["none", "new", "reuse"]
+OnStep = Callable[[str, str | None], Awaitable[None] | None]
+
+
+# -- the connection -----------------------------------------------------------------------------
+
+
+class QMPCommandError(QMPError):
+    """QEMU answered a command with an error; ``str()`` is ``"<cmd>: <QEMU's message>"``."""
+
+    def __init__(self, cmd: str, error_class: str, desc: str) -> None:
+        super().__init__(f"{cmd}: {desc}")
+        self.cmd = cmd
+        self.error_class = error_class
+        self.desc = desc
+
+
+class _LibraryLog(logging.LoggerAdapter[logging.Logger]):
+    """qemu.qmp's own log, all at DEBUG: it reports at ERROR what snapfs raises anyway."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        super().log(logging.DEBUG, msg, *args, **kwargs)
+
+
+class QMP:
+    """One QMP session with one QEMU; only valid inside ``async with QMP.connect(...)``."""
+
+    def __init__(self, path: Path, client: QMPClient) -> None:
+        self.path = path
+        self._client = client
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, path: Path | str,
+                      timeout: float = 5.0) -> AsyncIterator[QMP]:  # noqa: ASYNC109
+        # (the timeout bounds the asyncio handshake; cancel scopes cannot reach inside it)
+        """Connect and negotiate within ``timeout`` seconds; always disconnect on exit.
+
+        Missing socket or refused connection: VMGoneError. Anything that does not greet like
+        QEMU within the timeout: QMPError "not a QEMU monitor".
+        """
+        path = Path(path)
+        client = QMPClient(f"snapfs:{path.name}")
+        # The library only calls the Logger methods that an adapter has too.
+        client.logger = _LibraryLog(  # type: ignore[assignment]
+            logging.getLogger(f"{__name__}.lib"), {})
+
+        async def _connect() -> None:
+            await asyncio.wait_for(client.connect(str(path)), timeout)
+
+        log.debug("connecting to QMP socket %s", path)
+        try:
+            await trio_asyncio.aio_as_trio(_connect)()
+        except TimeoutError as err:
+            raise QMPError(f"{path}: no QMP greeting within {timeout:g}s: not a QEMU monitor "
+                           "(or another client holds it)") from err
+        except ConnectError as err:
+            cause = err.exc
+            if isinstance(cause, FileNotFoundError | ConnectionRefusedError):
+                raise VMGoneError(f"{path}: QEMU is not running (socket missing or refused: "
+                                  f"{cause.strerror})") from err
+            if isinstance(cause, OSError):
+                raise VMGoneError(f"{path}: cannot connect to QEMU: {cause}") from err
+            raise QMPError(f"{path}: not a QEMU monitor: {err}") from err
+        except OSError as err:
+            raise VMGoneError(f"{path}: cannot connect to QEMU: {err}") from err
+        q = cls(path, client)
+        try:
+            yield q
+        finally:
+            await q._disconnect()
+
+    async def _disconnect(self) -> None:
+        # Shielded: a cancelled caller must not leave the socket open (QEMU serves one client).
+        with trio.CancelScope(shield=True):
+            try:
+                await trio_asyncio.aio_as_trio(self._client.disconnect)()
+            except Exception as err:  # the session is over either way
+                log.debug("QMP disconnect from %s: %r", self.path, err)
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        """Run one command and return its result.
+
+        QEMU's error reply: QMPCommandError (a QMPError). Connection lost: VMGoneError.
+        """
+        log.debug("QMP -> %s %s", cmd, json.dumps(args) if args else "")
+        try:
+            result = await trio_asyncio.aio_as_trio(self._client.execute)(cmd, args)
+        except ExecuteError as err:
+            log.debug("QMP <- %s error %s: %s", cmd, err.error_class, err)
+            raise QMPCommandError(cmd, err.error_class, str(err)) from err
+        except (ExecInterruptedError, QMPStateError, EOFError, OSError) as err:
+            raise VMGoneError(f"{self.path}: lost the connection to QEMU during {cmd}") from err
+        except LibQMPError as err:
+            raise QMPError(f"{cmd}: {err}") from err
+        log.debug("QMP <- %s %s", cmd, json.dumps(result))
+        return result
+
+
+# -- what was built -----------------------------------------------------------------------------
+
+
+@dataclass
+class BlockDevice:
+    """A guest disk with a medium, as found in ``query-block``."""
+
+    name: str  # guest device id; "drive-" stripped from a legacy drive id when that is all
+    qom_path: str  # of the guest device, the one ``qom-set ... drive`` works on
+    node: str  # node-name the device's BlockBackend uses now
+    fmt: str
+    size: int
+    drive_id: str  # legacy drive id ("" for -blockdev)
+    read_only: bool
+    removable: bool
+
+
+@dataclass
+class BitmapState:
+    """Incremental bitmaps of one disk, all on the disk's original node.
+
+    mode "none": no incremental; "new": whole disk, N records from the snapshot point;
+    "reuse": F (frozen copy of B at the snapshot point) says what changed since the last commit.
+    """
+
+    mode: BitmapMode = "none"
+    reason: str = ""  # why "new"
+    node: str = ""
+    persistent: str = ""  # B: snapfs-<ID>
+    next: str = ""  # N: snapfs-<ID>-next
+    frozen: str = ""  # F: snapfs-<ID>-frozen, only in mode reuse
+    persist: bool = False  # whether B is kept in the image (qcow2)
+
+
+@dataclass
+class DiskState:
+    name: str
+    qom_path: str
+    node: str
+    fmt: str
+    size: int
+    fleecing_path: str
+    fleecing_node: str
+    cbw_node: str
+    access_node: str
+    export_id: str
+    export_name: str
+    bitmap: BitmapState = field(default_factory=BitmapState)
+    # Granularity in bytes of the exported bitmap (of N when there is none to export; 64 KiB,
+    # QEMU's default, without incremental): dirty regions are multiples of it.
+    granularity: int = 65536
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # Read-only views used by snapfs.session.
+
+    @property
+    def format(self) -> str:
+        return self.fmt
+
+    @property
+    def export(self) -> str:
+        """NBD export name."""
+        return self.export_name
+
+    @property
+    def export_bitmap(self) -> str | None:
+        """Bitmap in the export (``qemu:dirty-bitmap:<it>``); None: the whole disk is readable."""
+        return self.bitmap.frozen if self.bitmap.mode == "reuse" else None
+
+    def nodes(self) -> dict[str, str]:
+        return {"disk": self.node, "fleecing": self.fleecing_node, "cbw": self.cbw_node,
+                "access": self.access_node, "export": self.export_id}
+
+    def bitmap_facts(self) -> dict[str, Any]:
+        return asdict(self.bitmap)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiskState:
+        fields = dict(data)
+        fields["bitmap"] = BitmapState(**fields.get("bitmap", {}))
+        return cls(**fields)
+
+
+@dataclass
+class GraphState:
+    """Everything needed to tear the session down from another process."""
+
+    vmid: str
+    qmp_socket: str
+    nbd_socket: str
+    qemu_version: str
+    snapshot_time: str  # UTC, ISO 8601
+    pause_ms: float | None  # None: the VM was not running, so it was not paused
+    disks: list[DiskState]
+    incremental: str | None = None
+    fleecing_dir: str = ""
+    bitmap_record: str = ""  # JSON file: disk sizes at the last commit
+    skipped: dict[str, str] = field(default_factory=dict)  # device -> why not snapshotted
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def snapshot_epoch(self) -> float:
+        """``snapshot_time`` as seconds since the epoch."""
+        return dt.datetime.fromisoformat(self.snapshot_time).timestamp()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GraphState:
+        fields = dict(data)
+        fields["disks"] = [DiskState.from_dict(d) for d in fields.get("disks", [])]
+        return cls(**fields)
+
+
+# -- queries ------------------------------------------------------------------------------------
+
+
+async def vm_facts(q: QMP) -> str:
+    """QEMU's version string, e.g. "7.2.15 (Debian 1:7.2+dfsg-7+deb12u12)"."""
+    v = await q.execute("query-version")
+    qemu = v["qemu"]
+    text = f"{qemu['major']}.{qemu['minor']}.{qemu['micro']}"
+    return f"{text} ({v['package'].strip()})" if v.get("package", "").strip() else text
+
+
+def _device_of(info: dict[str, Any]) -> tuple[str, str] | None:
+    """(name, qom path) of the guest device behind a query-block entry, or None."""
+    qdev: str = info.get("qdev", "")
+    drive: str = info.get("device", "")
+    if not qdev:
+        return None
+    if qdev.startswith("/"):
+        # virtio-blk reports its backend; qom-set works on the device itself.
+        path = qdev.removesuffix("/virtio-backend")
+    else:
+        path = f"/machine/peripheral/{qdev}"
+    if path.startswith("/machine/peripheral/"):
+        name = path.rsplit("/", 1)[1]
+    elif drive:
+        name = drive.removeprefix("drive-")
+    else:
+        name = path.rsplit("/", 1)[1]
+    return name, path
+
+
+async def scan_devices(q: QMP) -> tuple[list[BlockDevice], dict[str, str]]:
+    """All guest disks with a medium, and the devices skipped with the reason."""
+    disks: list[BlockDevice] = []
+    skipped: dict[str, str] = {}
+    for info in await q.execute("query-block"):
+        label = info.get("qdev") or info.get("device") or "?"
+        dev = _device_of(info)
+        if dev is None:
+            skipped[info.get("device") or label] = "not attached to a guest device"
+            continue
+        name, path = dev
+        inserted = info.get("inserted")
+        if inserted is None:
+            skipped[name] = "no medium (empty drive)"
+            continue
+        removable = bool(info.get("removable", False))
+        if removable and inserted.get("ro", False):
+            skipped[name] = "read-only removable medium"
+            continue
+        disks.append(BlockDevice(
+            name=name, qom_path=path, node=inserted["node-name"],
+            fmt=inserted.get("image", {}).get("format", inserted.get("drv", "")),
+            size=int(inserted["image"]["virtual-size"]), drive_id=info.get("device", ""),
+            read_only=bool(inserted.get("ro", False)), removable=removable))
+    for name, why in skipped.items():
+        log.info("skipping %s: %s", name, why)
+    return disks, skipped
+
+
+async def list_disks(q: QMP) -> list[BlockDevice]:
+    """Guest disks with a medium; skipped devices are logged (see ``scan_devices``)."""
+    disks, _ = await scan_devices(q)
+    return disks
+
+
+def _session_leftovers(nodes: list[dict[str, Any]], exports: list[dict[str, Any]]) -> list[str]:
+    """Names of snapfs session objects present in QEMU (B, the persistent bitmap, is not one)."""
+    found = [n["node-name"] for n in nodes if n["node-name"].startswith(PREFIX)]
+    found += [e["id"] for e in exports if e["id"].startswith(PREFIX)]
+    found += [b["name"] for n in nodes for b in n.get("dirty-bitmaps", [])
+              if _is_session_bitmap(b.get("name", ""))]
+    return sorted(set(found))
+
+
+def _is_session_bitmap(name: str) -> bool:
+    return name.startswith(PREFIX) and name.endswith(("-next", "-frozen"))
+
+
+def _bitmaps_of(nodes: list[dict[str, Any]], node: str) -> dict[str, dict[str, Any]]:
+    for n in nodes:
+        if n["node-name"] == node:
+            return {b["name"]: b for b in n.get("dirty-bitmaps", []) if "name" in b}
+    return {}
+
+
+# -- bitmap record (disk sizes at the last commit) ------------------------------------------------
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        log.warning("ignoring unreadable bitmap record %s: %s", path, err)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_record(path: Path, data: dict[str, Any]) -> None:
+    # Atomic replace: a crash leaves the old record or the new one, never half of one.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _recorded_size(record: dict[str, Any], vmid: str, incremental: str, disk: str) -> int | None:
+    size = record.get(vmid, {}).get(incremental, {}).get(disk)
+    return size if isinstance(size, int) else None
+
+
+# -- set-up -------------------------------------------------------------------------------------
+
+
+def _node_names(disk: str, index: int) -> tuple[str, str, str]:
+    """fleecing, cbw and access node names; fall back to the index for odd or long names."""
+    tag = disk
+    if not _ID_RE.fullmatch(disk) or len(f"{PREFIX}acc-{disk}") > _MAX_NODE_NAME:
+        tag = f"d{index}"
+    return f"{PREFIX}fl-{tag}", f"{PREFIX}cbw-{tag}", f"{PREFIX}acc-{tag}"
+
+
+class _Undo:
+    """A stack of undo steps, run in reverse order; each one may fail without stopping the rest."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
+
+    def push(self, what: str, fn: Callable[[], Awaitable[Any]]) -> None:
+        self.steps.append((what, fn))
+
+    async def run(self) -> None:
+        # Shielded: a cancelled set-up must still restore the VM.
+        with trio.CancelScope(shield=True):
+            while self.steps:
+                what, fn = self.steps.pop()
+                log.info("rollback: %s", what)
+                try:
+                    await fn()
+                except Exception as err:  # every undo step gets its chance
+                    log.warning("rollback: %s failed: %s", what, err)
+
+
+class _StepFailed(Exception):
+    def __init__(self, step: str, disk: str | None, cause: BaseException) -> None:
+        super().__init__(step)
+        self.step = step
+        self.disk = disk
+        self.cause = cause
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, QMPCommandError):
+        return err.desc
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    return str(err)
+
+
+async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
+                exclude: Sequence[str] = (), incremental: str | None = None,
+                on_step: OnStep | None = None, cbw_timeout: int = 60,
+                state_dir: Path | None = None) -> GraphState:
+    """Build the snapshot graph for every disk not excluded and export it over NBD.
+
+    Validates everything before touching the VM; on any failure, undoes what was added and
+    raises SetupError("<step> for <disk>: <message>"). ``on_step(step, disk)`` is called before
+    each step and awaited if it returns an awaitable (progress reports; tests inject faults).
+    The bitmap record lives in ``(state_dir or fleecing_dir)/bitmaps.json``.
+    """
+    if incremental is not None and (not _INCREMENTAL_RE.fullmatch(incremental)
+                                    or len(incremental) > 64
+                                    or incremental.endswith(("-next", "-frozen"))):
+        raise UsageError(f"invalid incremental id {incremental!r}: use letters, digits, "
+                         "'_', '.', '-' (at most 64)")
+
+    # (1) Look, validate, touch nothing.
+    version = await vm_facts(q)
+    disks, skipped = await scan_devices(q)
+    nodes: list[dict[str, Any]] = await q.execute("query-named-block-nodes", {"flat": True})
+    exports: list[dict[str, Any]] = await q.execute("query-block-exports")
+    status = await q.execute("query-status")
+    log.info("VM %s: QEMU %s, status %s, %d disk(s)", vmid, version, status["status"], len(disks))
+
+    leftovers = _session_leftovers(nodes, exports)
+    if leftovers:
+        raise StateError(f"a snapfs session is already active on VM {vmid} "
+                         f"({', '.join(leftovers)})")
+    if status["status"] in _MIGRATION_STATES:
+        raise StateError(f"VM {vmid} is {status['status']}; try again later")
+    known = {d.name for d in disks} | set(skipped)
+    unknown = [e for e in exclude if e not in known]
+    if unknown:
+        raise UsageError(f"--exclude: VM {vmid} has no disk {', '.join(sorted(unknown))} "
+                         f"(disks: {', '.join(sorted(d.name for d in disks)) or 'none'})")
+    disks = [d for d in disks if d.name not in exclude]
+    seen: set[str] = set()
+    for d in disks:
+        if d.name in seen:
+            raise SetupError(f"VM {vmid}: two disks are named {d.name}")
+        seen.add(d.name)
+        if d.read_only:
+            raise SetupError(f"disk {d.name} is read-only: the copy-before-write filter cannot "
+                             "be inserted (exclude it)")
+    if not disks:
+        raise SetupError(f"VM {vmid}: no disk to snapshot")
+
+    record_path = (state_dir or fleecing_dir) / "bitmaps.json"
+    record = _read_record(record_path) if incremental else {}
+    states: list[DiskState] = []
+    for i, d in enumerate(disks):
+        fl, cbw, acc = _node_names(d.name, i)
+        states.append(DiskState(
+            name=d.name, qom_path=d.qom_path, node=d.node, fmt=d.fmt, size=d.size,
+            fleecing_path=str(fleecing_dir / f"snapfs-{vmid}-{d.name}.qcow2"),
+            fleecing_node=fl, cbw_node=cbw, access_node=acc, export_id=f"{PREFIX}exp-{d.name}",
+            export_name=d.name,
+            bitmap=_plan_bitmap(d, nodes, record, vmid, incremental)))
+
+    undo = _Undo()
+    current: tuple[str, str | None] = ("validate", None)
+
+    async def step(what: str, disk: str | None = None) -> None:
+        nonlocal current
+        current = (what, disk)
+        log.info("setup: %s%s", what, f" for {disk}" if disk else "")
+        if on_step is not None:
+            pending = on_step(what, disk)
+            if pending is not None:
+                await pending
+
+    try:
+        # (2) NBD server first: a running one means we must not touch the graph.
+        await step("start NBD server")
+        # A stale socket file of ours; QEMU cannot bind over it.
+        await trio.Path(nbd_socket).unlink(missing_ok=True)
+        try:
+            await q.execute("nbd-server-start", {
+                "addr": {"type": "unix", "data": {"path": str(nbd_socket)}}})
+        except QMPCommandError as err:
+            if "already running" in err.desc:
+                raise StateError(f"an NBD server is already running in VM {vmid} (another backup "
+                                 "or export is active); nothing was changed") from err
+            raise
+        undo.push("stop NBD server", lambda: q.execute("nbd-server-stop"))
+
+        # (3) Fleecing images and nodes; the guest does not see any of this yet.
+        await step("create fleecing directory")
+        await trio.Path(fleecing_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        await _create_fleecing_files(states, undo, step)
+        for s in states:
+            await step("add fleecing node", s.name)
+            await q.execute("blockdev-add", {
+                "driver": "qcow2", "node-name": s.fleecing_node, "discard": "unmap",
+                "file": {"driver": "file", "filename": s.fleecing_path, "discard": "unmap"}})
+            undo.push(f"delete {s.fleecing_node}", _deleter(q, s.fleecing_node))
+            if s.bitmap.mode == "new" and s.bitmap.persistent in _bitmaps_of(nodes, s.node):
+                # Unusable (inconsistent, disabled, resized): start over.
+                await step("remove unusable bitmap", s.name)
+                await q.execute("block-dirty-bitmap-remove",
+                                {"node": s.node, "name": s.bitmap.persistent})
+
+        # (4) The snapshot point. Freezing F, adding N and inserting the filters happen while
+        # the guest is stopped, so F + the fleecing copy describe exactly the same instant:
+        # a write between freezing F and the filter going live would otherwise be in the
+        # snapshot but in neither F (this backup) nor... only N (the next one).
+        was_running = bool(status["running"])
+        pause_ms: float | None = None
+        stopped_at = 0.0
+        if was_running:
+            await step("stop VM")
+            stopped_at = trio.current_time()
+            await q.execute("stop")
+        try:
+            actions = [a for s in states for a in _bitmap_prepare_actions(s.bitmap, nodes)]
+            if actions:
+                await step("prepare bitmaps", None)
+                await q.execute("transaction", {"actions": actions})
+                for s in states:
+                    for name in (s.bitmap.next, s.bitmap.frozen):
+                        if name:
+                            undo.push(f"remove bitmap {name}",
+                                      _bitmap_remover(q, s.bitmap.node, name))
+            for s in states:
+                await step("add copy-before-write filter", s.name)
+                cbw_args: dict[str, Any] = {
+                    "driver": "copy-before-write", "node-name": s.cbw_node, "file": s.node,
+                    "target": s.fleecing_node, "on-cbw-error": "break-snapshot",
+                    "cbw-timeout": cbw_timeout}
+                if s.bitmap.mode == "reuse":
+                    cbw_args["bitmap"] = {"node": s.bitmap.node, "name": s.bitmap.frozen}
+                await q.execute("blockdev-add", cbw_args)
+                undo.push(f"delete {s.cbw_node}", _deleter(q, s.cbw_node))
+            for s in states:
+                await step("insert filter", s.name)
+                await q.execute("qom-set", {"path": s.qom_path, "property": "drive",
+                                            "value": s.cbw_node})
+                undo.push(f"restore drive of {s.name}", _drive_restorer(q, s))
+            snapshot_time = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        finally:
+            resume_error: QMPCommandError | None = None
+            if was_running:
+                # Resume even when a step failed: rollback does not need the guest stopped,
+                # and the guest must not wait for it.
+                log.info("setup: resume VM")
+                with trio.CancelScope(shield=True):
+                    try:
+                        await q.execute("cont")
+                    except QMPCommandError as err:
+                        resume_error = err
+                pause_ms = round((trio.current_time() - stopped_at) * 1000, 3)
+                log.info("VM %s was paused for %.1f ms", vmid, pause_ms)
+        if resume_error is not None:
+            current = ("resume VM (the VM is still paused)", None)
+            raise resume_error
+
+        # (5) Export the snapshot.
+        for s in states:
+            await step("add snapshot-access node", s.name)
+            await q.execute("blockdev-add", {"driver": "snapshot-access",
+                                             "node-name": s.access_node, "file": s.cbw_node,
+                                             "discard": "unmap"})
+            undo.push(f"delete {s.access_node}", _deleter(q, s.access_node))
+        for s in states:
+            await step("add NBD export", s.name)
+            export: dict[str, Any] = {"type": "nbd", "id": s.export_id,
+                                      "node-name": s.access_node, "name": s.export_name,
+                                      "writable": True}
+            if s.bitmap.mode == "reuse":
+                # By name QEMU 7.2 only looks down filter/COW children, and snapshot-access is
+                # neither: name the node explicitly.
+                export["bitmaps"] = [{"node": s.bitmap.node, "name": s.bitmap.frozen}]
+            await q.execute("block-export-add", export)
+            undo.push(f"delete export {s.export_id}", _export_deleter(q, s.export_id))
+    except BaseException as err:
+        await undo.run()
+        if isinstance(err, StateError | UsageError):
+            raise
+        if isinstance(err, VMGoneError):
+            raise
+        what, disk = current
+        cause = err.cause if isinstance(err, _StepFailed) else err
+        if isinstance(err, _StepFailed):
+            what, disk = err.step, err.disk
+        if not isinstance(cause, Exception):
+            raise
+        raise SetupError(f"{what}{f' for {disk}' if disk else ''}: {_message(cause)}") from cause
+
+    if incremental:
+        nodes = await q.execute("query-named-block-nodes", {"flat": True})
+        for s in states:
+            info = _bitmaps_of(nodes, s.bitmap.node).get(s.bitmap.frozen or s.bitmap.next)
+            if info is not None:
+                s.granularity = int(info["granularity"])
+    for s in states:
+        if s.bitmap.mode == "new":
+            log.info("%s: full (bitmap %s: %s)", s.name, s.bitmap.persistent, s.bitmap.reason)
+        elif s.bitmap.mode == "reuse":
+            log.info("%s: incremental since the last commit of %s", s.name, s.bitmap.persistent)
+    return GraphState(
+        vmid=vmid, qmp_socket=str(q.path), nbd_socket=str(nbd_socket), qemu_version=version,
+        snapshot_time=snapshot_time, pause_ms=pause_ms, disks=states, incremental=incremental,
+        fleecing_dir=str(fleecing_dir), bitmap_record=str(record_path) if incremental else "",
+        skipped=skipped)
+
+
+def _plan_bitmap(d: BlockDevice, nodes: list[dict[str, Any]], record: dict[str, Any],
+                 vmid: str, incremental: str | None) -> BitmapState:
+    """Decide new or reuse for one disk from what QEMU and the record say (no side effects)."""
+    if incremental is None:
+        return BitmapState()
+    b_name = f"{PREFIX}{incremental}"
+    state = BitmapState(mode="new", node=d.node, persistent=b_name, next=f"{b_name}-next",
+                        persist=d.fmt == "qcow2")
+    b = _bitmaps_of(nodes, d.node).get(b_name)
+    recorded = _recorded_size(record, vmid, incremental, d.name)
+    if b is None:
+        state.reason = f"no bitmap {b_name} on the disk"
+    elif b.get("inconsistent", False):
+        state.reason = f"bitmap {b_name} is inconsistent (QEMU did not exit cleanly)"
+    elif not b.get("recording", True):
+        state.reason = f"bitmap {b_name} is disabled"
+    elif b.get("busy", False):
+        state.reason = f"bitmap {b_name} is in use by another job"
+    elif recorded is None:
+        state.reason = f"no record of the last commit of {b_name}"
+    elif recorded != d.size:
+        state.reason = f"disk size changed from {recorded} to {d.size} since the last commit"
+    else:
+        state.mode = "reuse"
+        state.frozen = f"{b_name}-frozen"
+    return state
+
+
+def _bitmap_prepare_actions(b: BitmapState, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if b.mode == "none":
+        return []
+    next_args: dict[str, Any] = {"node": b.node, "name": b.next, "persistent": False}
+    if b.mode == "new":
+        return [{"type": "block-dirty-bitmap-add", "data": next_args}]
+    # Same granularity as B, so the merges at commit are exact.
+    granularity = _bitmaps_of(nodes, b.node)[b.persistent]["granularity"]
+    next_args["granularity"] = granularity
+    return [
+        {"type": "block-dirty-bitmap-add", "data": next_args},
+        {"type": "block-dirty-bitmap-add",
+         "data": {"node": b.node, "name": b.frozen, "persistent": False, "disabled": True,
+                  "granularity": granularity}},
+        {"type": "block-dirty-bitmap-merge",
+         "data": {"node": b.node, "target": b.frozen, "bitmaps": [b.persistent]}},
+    ]
+
+
+async def _create_fleecing_files(states: list[DiskState], undo: _Undo,
+                                 step: Callable[[str, str | None], Awaitable[None]]) -> None:
+    """Create every fleecing image (mode 0600) in parallel; raise _StepFailed for the first."""
+    failures: list[_StepFailed] = []
+
+    async def create(s: DiskState) -> None:
+        path = Path(s.fleecing_path)
+        try:
+            # Stale file of an earlier session of this VM: the VM holds no snapfs node, so it
+            # is unused. Created empty with 0600 first: qemu-img keeps the mode of a file.
+            await trio.Path(path).unlink(missing_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as err:
+            failures.append(_StepFailed("create fleecing image", s.name, err))
+            return
+        undo.push(f"remove {path}", _file_remover(path))
+        try:
+            await trio.run_process([QEMU_IMG, "create", "-q", "-f", "qcow2", str(path),
+                                    str(s.size)], capture_stdout=True, capture_stderr=True)
+        except OSError as err:
+            failures.append(_StepFailed("create fleecing image", s.name, err))
+        except Exception as err:  # CalledProcessError, reported below
+            stderr = getattr(err, "stderr", b"") or b""
+            msg = stderr.decode(errors="replace").strip() or str(err)
+            failures.append(_StepFailed("create fleecing image", s.name, RuntimeError(msg)))
+
+    for s in states:
+        await step("create fleecing image", s.name)
+    async with trio.open_nursery() as nursery:
+        for s in states:
+            nursery.start_soon(create, s)
+    if failures:
+        raise failures[0]
+
+
+def _deleter(q: QMP, node: str) -> Callable[[], Awaitable[Any]]:
+    return lambda: q.execute("blockdev-del", {"node-name": node})
+
+
+def _bitmap_remover(q: QMP, node: str, name: str) -> Callable[[], Awaitable[Any]]:
+    return lambda: q.execute("block-dirty-bitmap-remove", {"node": node, "name": name})
+
+
+def _drive_restorer(q: QMP, s: DiskState) -> Callable[[], Awaitable[Any]]:
+    return _qom_drive_setter(q, s.qom_path, s.node)
+
+
+def _qom_drive_setter(q: QMP, path: str, node: str) -> Callable[[], Awaitable[Any]]:
+    return lambda: q.execute("qom-set", {"path": path, "property": "drive", "value": node})
+
+
+def _export_deleter(q: QMP, export_id: str) -> Callable[[], Awaitable[None]]:
+    async def delete() -> None:
+        await _delete_export(q, export_id)
+    return delete
+
+
+def _file_remover(path: Path) -> Callable[[], Awaitable[None]]:
+    async def remove() -> None:
+        await trio.Path(path).unlink(missing_ok=True)
+    return remove
+
+
+async def _delete_export(q: QMP, export_id: str) -> None:
+    """Delete an export and wait until QEMU has let go of its node (deletion is asynchronous)."""
+    try:
+        await q.execute("block-export-del", {"id": export_id})
+    except QMPCommandError as err:
+        if "not found" in err.desc.lower():
+            return
+        # A client is still connected: cut it off, the session is over.
+        log.info("export %s in use (%s): deleting it with mode hard", export_id, err.desc)
+        await q.execute("block-export-del", {"id": export_id, "mode": "hard"})
+    with trio.move_on_after(_EXPORT_GONE_TIMEOUT):
+        delay = 0.001
+        while any(e["id"] == export_id for e in await q.execute("query-block-exports")):
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
+# -- teardown -----------------------------------------------------------------------------------
+
+
+async def teardown(q: QMP, state: GraphState, *, commit: bool) -> None:
+    """Remove what ``setup`` built and commit or abort the incremental bitmaps.
+
+    Tolerant and idempotent: pieces already gone are skipped. Every step is tried; whatever
+    could not be restored is listed in one TeardownError at the end.
+    """
+    problems: list[str] = []
+
+    async def attempt(what: str, fn: Callable[[], Awaitable[Any]]) -> bool:
+        log.info("teardown: %s", what)
+        try:
+            await fn()
+        except VMGoneError:
+            raise
+        except Exception as err:  # try every step, report them all
+            log.warning("teardown: %s failed: %s", what, _message(err))
+            problems.append(f"{what}: {_message(err)}")
+            return False
+        return True
+
+    # Shielded: a half-done teardown is what we must avoid most.
+    with trio.CancelScope(shield=True):
+        nodes = {n["node-name"]: n for n in
+                 await q.execute("query-named-block-nodes", {"flat": True})}
+        exports = {e["id"] for e in await q.execute("query-block-exports")}
+        drives = {}
+        for info in await q.execute("query-block"):
+            dev = _device_of(info)
+            if dev is not None and "inserted" in info:
+                drives[dev[1]] = info["inserted"]["node-name"]
+
+        keep_files: set[str] = set()
+        live = any(s.export_id in exports or s.access_node in nodes or s.cbw_node in nodes
+                   or s.fleecing_node in nodes for s in state.disks)
+        for s in state.disks:
+            if s.export_id in exports:
+                await attempt(f"delete export {s.export_id}",
+                              _export_deleter(q, s.export_id))
+        if live:
+            # Only while our session is live: after a restart the server would not be ours.
+            await attempt("stop NBD server", _nbd_stopper(q))
+        with contextlib.suppress(OSError):
+            await trio.Path(state.nbd_socket).unlink(missing_ok=True)
+        for s in state.disks:
+            # Order matters: while snapshot-access is a parent of the filter, the filter unshares
+            # writes on the disk node and moving the device back fails with a permission conflict.
+            if s.access_node in nodes:
+                await attempt(f"delete {s.access_node}", _deleter(q, s.access_node))
+            if drives.get(s.qom_path) == s.cbw_node:
+                await attempt(f"restore drive of {s.name} to {s.node}", _drive_restorer(q, s))
+            if s.cbw_node in nodes:
+                await attempt(f"delete {s.cbw_node}", _deleter(q, s.cbw_node))
+            if s.fleecing_node in nodes and not await attempt(
+                    f"delete {s.fleecing_node}", _deleter(q, s.fleecing_node)):
+                # QEMU still has the image open; a later teardown removes it.
+                keep_files.add(s.fleecing_path)
+        for s in state.disks:
+            if s.bitmap.mode != "none":
+                bitmaps = _bitmaps_of(list(nodes.values()), s.bitmap.node)
+                if commit:
+                    await attempt(f"commit bitmap {s.bitmap.persistent} of {s.name}",
+                                  _committer(q, state, s, bitmaps))
+                else:
+                    await attempt(f"abort bitmaps of {s.name}", _aborter(q, s, bitmaps))
+        for s in state.disks:
+            if s.fleecing_path not in keep_files:
+                await attempt(f"remove {s.fleecing_path}",
+                              _file_remover(Path(s.fleecing_path)))
+
+    if problems:
+        raise TeardownError(f"teardown of VM {state.vmid} left: " + "; ".join(problems))
+    log.info("teardown of VM %s complete", state.vmid)
+
+
+def _nbd_stopper(q: QMP) -> Callable[[], Awaitable[None]]:
+    async def stop() -> None:
+        try:
+            await q.execute("nbd-server-stop")
+        except QMPCommandError as err:
+            if "not running" not in err.desc:
+                raise
+    return stop
+
+
+def _aborter(q: QMP, s: DiskState,
+             bitmaps: dict[str, dict[str, Any]]) -> Callable[[], Awaitable[None]]:
+    """Drop N and F, keep B: the next incremental then covers this one and everything since."""
+    async def abort() -> None:
+        actions = [{"type": "block-dirty-bitmap-remove",
+                    "data": {"node": s.bitmap.node, "name": name}}
+                   for name in (s.bitmap.next, s.bitmap.frozen) if name and name in bitmaps]
+        if actions:
+            await q.execute("transaction", {"actions": actions})
+    return abort
+
+
+def _committer(q: QMP, state: GraphState, s: DiskState,
+               bitmaps: dict[str, dict[str, Any]]) -> Callable[[], Awaitable[None]]:
+    """Atomically make B = N (what changed since the snapshot point) and drop N and F."""
+    b = s.bitmap
+
+    async def commit() -> None:
+        if b.next not in bitmaps:
+            # Already committed, or QEMU restarted: B (if any) still covers everything since
+            # the last commit, so leaving it alone loses nothing.
+            log.warning("%s: bitmap %s is gone; not committing (the next incremental will be "
+                        "larger, nothing is lost)", s.name, b.next)
+            if b.frozen in bitmaps:
+                await q.execute("block-dirty-bitmap-remove",
+                                {"node": b.node, "name": b.frozen})
+            return
+        tail = [{"type": "block-dirty-bitmap-merge",
+                 "data": {"node": b.node, "target": b.persistent, "bitmaps": [b.next]}},
+                {"type": "block-dirty-bitmap-remove", "data": {"node": b.node, "name": b.next}}]
+        if b.frozen in bitmaps:
+            tail.append({"type": "block-dirty-bitmap-remove",
+                         "data": {"node": b.node, "name": b.frozen}})
+        if b.persistent in bitmaps:
+            head = [{"type": "block-dirty-bitmap-clear",
+                     "data": {"node": b.node, "name": b.persistent}}]
+            await q.execute("transaction", {"actions": head + tail})
+        else:
+            add: dict[str, Any] = {"node": b.node, "name": b.persistent,
+                                   "granularity": bitmaps[b.next]["granularity"]}
+            try:
+                await q.execute("transaction", {"actions": [
+                    {"type": "block-dirty-bitmap-add", "data": {**add, "persistent": b.persist}},
+                    *tail]})
+            except QMPCommandError as err:
+                if not b.persist:
+                    raise
+                # E.g. a qcow2 v2 image: keep a bitmap that lives as long as QEMU does.
+                log.warning("%s: cannot store bitmap %s in the image (%s); keeping it in "
+                            "memory only", s.name, b.persistent, err.desc)
+                await q.execute("transaction", {"actions": [
+                    {"type": "block-dirty-bitmap-add", "data": {**add, "persistent": False}},
+                    *tail]})
+        if state.incremental and state.bitmap_record:
+            path = Path(state.bitmap_record)
+            record = _read_record(path)
+            record.setdefault(state.vmid, {}).setdefault(state.incremental, {})[s.name] = s.size
+            _write_record(path, record)
+    return commit
+
+
+# -- orphans ------------------------------------------------------------------------------------
+
+
+async def cleanup_orphans(q: QMP) -> list[str]:
+    """Remove every snapfs session object from a VM (abort semantics); return what was removed.
+
+    For a process killed without a state file: the graph is rediscovered from QEMU
+    (``x-debug-query-block-graph`` gives the filter's original child). B is never touched.
+    """
+    removed: list[str] = []
+    problems: list[str] = []
+
+    async def attempt(what: str, fn: Callable[[], Awaitable[Any]]) -> None:
+        log.info("cleanup: %s", what)
+        try:
+            await fn()
+            removed.append(what)
+        except VMGoneError:
+            raise
+        except Exception as err:  # try every step, report them all
+            problems.append(f"{what}: {_message(err)}")
+
+    with trio.CancelScope(shield=True):
+        nodes: list[dict[str, Any]] = await q.execute("query-named-block-nodes", {"flat": True})
+        exports = [e["id"] for e in await q.execute("query-block-exports")
+                   if e["id"].startswith(PREFIX)]
+        graph = await q.execute("x-debug-query-block-graph")
+        names = {n["id"]: n["name"] for n in graph["nodes"]}
+        edges = [(names.get(e["parent"], ""), e["name"], names.get(e["child"], ""))
+                 for e in graph["edges"]]
+        for export_id in exports:
+            await attempt(f"delete export {export_id}", _export_deleter(q, export_id))
+        if exports:
+            await attempt("stop NBD server", _nbd_stopper(q))
+        ours = [n for n in nodes if n["node-name"].startswith(PREFIX)]
+        for n in ours:
+            if n["drv"] == "snapshot-access":
+                await attempt(f"delete {n['node-name']}", _deleter(q, n["node-name"]))
+        drives = {}
+        for info in await q.execute("query-block"):
+            dev = _device_of(info)
+            if dev is not None and "inserted" in info:
+                drives[info["inserted"]["node-name"]] = dev[1]
+        for n in ours:
+            if n["drv"] != "copy-before-write":
+                continue
+            cbw = n["node-name"]
+            below = [c for p, role, c in edges if p == cbw and role == "file"]
+            if cbw in drives and below:
+                await attempt(f"restore drive of {drives[cbw]} to {below[0]}",
+                              _qom_drive_setter(q, drives[cbw], below[0]))
+            await attempt(f"delete {cbw}", _deleter(q, cbw))
+        for n in ours:
+            if n["drv"] not in ("copy-before-write", "snapshot-access"):
+                await attempt(f"delete {n['node-name']}", _deleter(q, n["node-name"]))
+                filename = Path(n.get("file", ""))
+                if filename.name.startswith(PREFIX) and filename.suffix == ".qcow2":
+                    await attempt(f"remove {filename}", _file_remover(filename))
+        for n in nodes:
+            for b in n.get("dirty-bitmaps", []):
+                if _is_session_bitmap(b.get("name", "")):
+                    await attempt(f"remove bitmap {b['name']}",
+                                  _bitmap_remover(q, n["node-name"], b["name"]))
+    if problems:
+        raise TeardownError("cleanup left: " + "; ".join(problems))
+    return removed
