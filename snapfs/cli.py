@@ -136,21 +136,21 @@ def _mount(args: argparse.Namespace) -> int:
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         setup_logging(args, background=True)
-        code = 0
+        status = 0
         ready = _ReadyPipe(w)
         try:
             session.run_trio(session.Session(opts).serve, task_status=ready)
         except SnapfsError as err:
             log.error("VM %s: %s", opts.vmid, err)
-            code = err.exit_code
+            status = err.exit_code
             if ready.fd >= 0:
-                os.write(w, f"err {code} {err}\n".encode())
+                os.write(w, f"err {status} {err}\n".encode())
         except BaseException as err:
             log.exception("VM %s: serving process failed", opts.vmid)
-            code = 1
+            status = 1
             if ready.fd >= 0:
                 os.write(w, f"err 1 internal error: {err!r}\n".encode())
-        os._exit(code)
+        os._exit(status)
 
     os.close(w)
     with os.fdopen(r, "rb") as f:
@@ -162,7 +162,7 @@ def _mount(args: argparse.Namespace) -> int:
         _, code, msg = line.split(" ", 2)
         print(f"snapfs: error: {msg}", file=sys.stderr)
         os.waitpid(pid, 0)
-        return int(code)
+        return int(code) if code.isdigit() else 1
     _, status = os.waitpid(pid, 0)
     print(f"snapfs: error: the serving process died during set-up (status {status})",
           file=sys.stderr)

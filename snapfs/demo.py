@@ -52,7 +52,7 @@ def main() -> int:
         vm = TestVM(work, disks, contents={d.name: recognisable(d.name, d.size) for d in disks})
         print(f"demo: starting a paused QEMU VM in {work}", flush=True)
         with vm:
-            vmid = str(vm.pid)
+            vmid = vm.vmid
             mnt = work / "mnt"
             mnt.mkdir()
             graph = vm.graph()
@@ -83,7 +83,8 @@ def main() -> int:
                       f"(the live disk has since changed: {live[:16]}…)")
             restored = vm.graph() == graph
             ok &= restored
-            print(f"demo: block graph after umount {'is exactly as before' if restored else 'CHANGED'}")
+            verdict = "is exactly as before" if restored else "CHANGED"
+            print(f"demo: block graph after umount {verdict}")
         print(f"demo: {'success' if ok else 'FAILED'}")
         return 0 if ok else 1
 

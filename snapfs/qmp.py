@@ -108,7 +108,14 @@ class QMP:
             logging.getLogger(f"{__name__}.lib"), {})
 
         async def _connect() -> None:
-            await asyncio.wait_for(client.connect(str(path)), timeout)
+            try:
+                await asyncio.wait_for(client.connect(str(path)), timeout)
+            except BaseException:
+                # A failed or timed-out connect leaves the library's disconnect task
+                # scheduled; run it now, or it is lost when the loop closes.
+                with contextlib.suppress(Exception):
+                    await client.disconnect()
+                raise
 
         log.debug("connecting to QMP socket %s", path)
         try:

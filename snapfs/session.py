@@ -37,7 +37,14 @@ import trio
 import trio_asyncio
 
 from snapfs import nbd, qmp
-from snapfs.errors import FuseError, SnapfsError, StateError, TeardownError, UsageError
+from snapfs.errors import (
+    FuseError,
+    SnapfsError,
+    StateError,
+    TeardownError,
+    UsageError,
+    VMGoneError,
+)
 from snapfs.fs import TreeOperations
 from snapfs.fuse import kernel
 from snapfs.fuse.server import FuseServer
@@ -200,10 +207,11 @@ class Session:
     # -- facts ------------------------------------------------------------------------------------
 
     def facts(self) -> dict[str, Any]:
-        g = self.graph
-        assert g is not None and self.tree is not None
+        g, tree = self.graph, self.tree
+        assert g is not None
+        assert tree is not None
         disks = {}
-        for d, ds in zip(self.tree.disks, g.disks, strict=True):
+        for d, ds in zip(tree.disks, g.disks, strict=True):
             disks[d.name] = {
                 "size": d.size,
                 "format": ds.format,
@@ -247,11 +255,15 @@ class Session:
         except BaseException:
             self._remove_state_dir(sdir)
             raise
-        try:
-            await self._serve_graph(task_status)
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._teardown()
+        # The control socket outlives the tree: `snapfs umount` waits on it for the teardown.
+        async with trio.open_nursery() as control:
+            await control.start(self._control_server)
+            try:
+                await self._serve_graph(task_status)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._teardown()
+            control.cancel_scope.cancel()
         return self.result
 
     def _lock_state_dir(self, sdir: Path) -> None:
@@ -272,11 +284,7 @@ class Session:
         _write_private(self.opts.state_dir / "state.json", json.dumps(state, indent=1))
 
     def _remove_state_dir(self, sdir: Path) -> None:
-        for p in sdir.glob("*"):
-            with contextlib.suppress(OSError):
-                p.unlink()
-        with contextlib.suppress(OSError):
-            sdir.rmdir()
+        remove_dir(sdir)
         if self.created_mountpoint:
             with contextlib.suppress(OSError):
                 self.opts.mountpoint.rmdir()
@@ -299,7 +307,6 @@ class Session:
                                       allow_other=self.opts.allow_other)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._run_fuse, nursery)
-                await nursery.start(self._control_server)
                 nursery.start_soon(self._signals)
                 log.info("VM %s: %d disk(s) served at %s", g.vmid, len(disks),
                          self.opts.mountpoint)
@@ -398,17 +405,34 @@ class Session:
                 await trio.to_thread.run_sync(
                     lambda: kernel.unmount(self.opts.mountpoint, lazy=True))
         commit = self.commit and self.broken is None
+        keep_state = False
         try:
             async with _qmp_session(self.opts.qmp_path) as q:
                 await qmp.teardown(q, g, commit=commit)
+        except VMGoneError as err:
+            removed = forget_fleecing(g)
+            log.error("VM %s went away during the backup (%s); removed %d fleecing image(s)",
+                      g.vmid, err, len(removed))
+            self.result = {"ok": False, "committed": False, "exit": err.exit_code,
+                           "error": f"VM {g.vmid} went away during the backup; "
+                                    "nothing was committed"}
         except SnapfsError as err:
+            # Keep the state file: `snapfs cleanup` can retry what is left.
+            keep_state = True
             log.error("VM %s: teardown: %s", g.vmid, err)
             self.result = {"ok": False, "error": str(err), "exit": err.exit_code,
                            "committed": False}
         else:
             self.result = {"ok": True, "committed": commit}
+            if self.commit and not commit:
+                self.result = {"ok": False, "committed": False, "exit": StateError.exit_code,
+                               "error": f"the snapshot broke ({self.broken}); "
+                                        "nothing was committed"}
             log.info("VM %s: torn down (%s)", g.vmid, "committed" if commit else "aborted")
-        self._remove_state_dir(self.opts.state_dir)
+        if keep_state:
+            (self.opts.state_dir / "control.sock").unlink(missing_ok=True)
+        else:
+            self._remove_state_dir(self.opts.state_dir)
         self._done.set()
 
 
@@ -472,6 +496,42 @@ def umount(target: str, *, commit: bool) -> dict[str, Any]:
     return reply
 
 
+def _read_pid(sdir: Path) -> int | None:
+    try:
+        return int((sdir / "pid").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dir(path: Path) -> None:
+    """Remove a session directory and the files in it, if it exists."""
+    for p in path.glob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        path.rmdir()
+
+
+def forget_fleecing(graph: qmp.GraphState) -> list[str]:
+    """The VM is gone: its fleecing images protect nothing any more."""
+    removed = []
+    for d in graph.disks:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(d.fleecing_path)
+            removed.append(d.fleecing_path)
+    return removed
+
+
 async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
     """Tear down what a dead serving process left: the mount, the graph (abort), the state.
 
@@ -479,47 +539,69 @@ async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
     """
     check_vmid(vmid)
     sdir = state_dir(vmid)
-    done: list[str] = []
     st = _read_state(sdir)
-    pid_alive = False
-    if st is not None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(int(st["pid"]), 0)
-            pid_alive = True
-    if pid_alive:
-        raise StateError(f"VM {vmid}'s serving process is alive; use 'snapfs umount {vmid}'")
+    pid = _read_pid(sdir)
+    if pid is not None and pid != os.getpid() and _alive(pid):
+        raise StateError(f"VM {vmid}'s serving process ({pid}) is alive; "
+                         f"use 'snapfs umount {vmid}'")
+    done: list[str] = []
     if st is not None:
         mp = Path(st["mountpoint"])
         if kernel.is_mounted(mp):
             kernel.unmount(mp, lazy=True)
             done.append(f"unmounted {mp}")
         graph = qmp.GraphState.from_dict(st["graph"])
-        async with _qmp_session(Path(st["qmp"]) if qmp_path is None else qmp_path) as q:
-            await qmp.teardown(q, graph, commit=False)
-        done.append("restored the block graph")
+        try:
+            async with _qmp_session(qmp_path or Path(st["qmp"])) as q:
+                await qmp.teardown(q, graph, commit=False)
+            done.append("restored the block graph")
+        except VMGoneError:
+            done += [f"VM {vmid} is gone; removed {f}" for f in forget_fleecing(graph)]
         if st.get("created_mountpoint"):
             with contextlib.suppress(OSError):
-                mp.rmdir()
-    elif qmp_path is not None and qmp_path.exists():
-        async with _qmp_session(qmp_path) as q:
-            if await qmp.cleanup_orphans(q):
-                done.append("removed orphaned snapfs nodes")
-    if sdir.exists():
-        for p in sdir.glob("*"):
-            p.unlink()
-        sdir.rmdir()
+                await trio.Path(mp).rmdir()
+    else:
+        # Killed during set-up, before the state file: find our nodes by their prefix.
+        qp = qmp_path or DEFAULT_QMP_DIR / f"{vmid}.qmp"
+        if await trio.Path(qp).exists():
+            async with _qmp_session(qp) as q:
+                done += await qmp.cleanup_orphans(q)
+    if await trio.Path(sdir).exists():
+        await trio.to_thread.run_sync(remove_dir, sdir)
         done.append("removed the session state")
     return done
 
 
+def unwrap(exc: BaseException) -> BaseException:
+    """The error worth reporting from a (possibly nested) exception group: a lone leaf, or the
+    first snapfs error among several."""
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+            continue
+        ours = [e for e in exc.exceptions
+                if isinstance(unwrap(e), SnapfsError)]
+        if not ours:
+            return exc
+        exc = unwrap(ours[0])
+    return exc
+
+
 def run_trio(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run an async function under trio with an asyncio loop for qemu.qmp."""
+    """Run an async function under trio with an asyncio loop for qemu.qmp; errors come out of
+    nurseries' exception groups as the single error they stand for."""
 
     async def main() -> Any:
         async with trio_asyncio.open_loop():
             return await fn(*args, **kwargs)
 
-    return trio.run(main)
+    try:
+        return trio.run(main)
+    except BaseExceptionGroup as group:
+        err = unwrap(group)
+        if err is group:
+            raise
+        raise err from group
 
 
 def utc_now() -> tuple[str, float]:

@@ -213,7 +213,8 @@ class Tree:
             self._names[f"{d.name}.dirty"] = DISK_INO_BASE + 2 * i + 1
         for j, name in enumerate(self._extra):
             self._names[name] = EXTRA_INO_BASE + j
-        self._extra_by_ino = {EXTRA_INO_BASE + j: data for j, data in enumerate(self._extra.values())}
+        self._extra_by_ino = {EXTRA_INO_BASE + j: data
+                              for j, data in enumerate(self._extra.values())}
 
     # -- names -----------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm import DiskSpec, TestVM, poll
+from snapfs.devvm import DiskSpec, TestVM, poll
 
 MNT_DETACH = 2
 
@@ -86,8 +86,7 @@ class Snapfs:
 
 
 def vmid(vm: TestVM) -> str:
-    """Test VMs are named by their QEMU pid: unique while they run."""
-    return str(vm.pid)
+    return vm.vmid
 
 
 @pytest.fixture

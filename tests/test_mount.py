@@ -10,10 +10,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from snapfs.devvm import DiskSpec, Monitor, TestVM, file_sha256, sha256
 from tests.conftest import Snapfs, vmid, wait_gone
-from tests.vm import DiskSpec, TestVM, file_sha256, sha256
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]
 
@@ -52,7 +51,7 @@ def test_cp_of_each_disk_equals_the_disk_at_the_mount(
         assert d["size"] == spec.size
         assert d["bitmap"]["mode"] == "none"
         assert all(str(n).startswith("snapfs-") for k, n in d["nodes"].items()
-                   if k != "original")
+                   if k != "disk")
     # The guest's writes went to the guest's disks.
     vm.stop()
     for name in vm.disks:
@@ -101,10 +100,10 @@ def test_fusermount_u_tears_down(vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> 
 def test_another_qmp_client_works_while_mounted(
         vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
     with snapfs.mounted(vm, tmp_path / "mnt"):
-        mon = QEMUMonitorProtocol(str(vm.qmp_path))
-        mon.connect()
+        mon = Monitor(vm.qmp_path)
         try:
-            assert mon.cmd("query-status")["status"] == "prelaunch"
+            status = mon.cmd_raw("query-status")
+            assert status["return"]["status"] == "prelaunch"
         finally:
             mon.close()
 
@@ -125,12 +124,12 @@ def test_disk_files_are_read_only_but_open_read_write(
     with snapfs.mounted(vm, tmp_path / "mnt") as mnt:
         fd = os.open(mnt / "virtio0.raw", os.O_RDWR)
         try:
-            with pytest.raises(OSError) as e:
+            with pytest.raises(OSError, match="Read-only") as e:
                 os.pwrite(fd, b"x", 0)
             assert e.value.errno == errno.EROFS
         finally:
             os.close(fd)
-        with pytest.raises(OSError) as e:
+        with pytest.raises(OSError, match="Read-only") as e:
             os.open(mnt / "virtio0.dirty", os.O_WRONLY)
         assert e.value.errno == errno.EROFS
         st = os.stat(mnt)

@@ -1,4 +1,5 @@
-"""snapfs.qmp against a real, paused QEMU (tests/vm.py); each test runs trio under trio-asyncio."""
+"""snapfs.qmp against a real, paused QEMU (snapfs/devvm.py); each test runs trio under
+trio-asyncio."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import trio
 import trio_asyncio
 
+from snapfs.devvm import QEMU_IMG, DiskSpec, TestVM, running_vm, which_all
 from snapfs.errors import (
     QMPError,
     SetupError,
@@ -25,7 +27,6 @@ from snapfs.errors import (
 )
 from snapfs.qmp import QMP, GraphState, list_disks, setup, teardown
 from snapfs.qmp import cleanup_orphans as cleanup_orphans_
-from tests.vm import QEMU_IMG, DiskSpec, TestVM, running_vm, which_all
 
 pytestmark = [
     pytest.mark.qemu,

@@ -87,10 +87,10 @@ def test_regions_remove() -> None:
        st.integers(0, 300), st.integers(0, 80))
 def test_regions_remove_matches_a_set_of_bytes(
         spans: list[tuple[int, int]], off: int, length: int) -> None:
-    covered = set()
+    covered: set[int] = set()
     for s, n in spans:
         covered.update(range(s, s + n))
-    extents = []
+    extents: list[tuple[int, int]] = []
     for b in sorted(covered):
         if extents and extents[-1][0] + extents[-1][1] == b:
             extents[-1] = (extents[-1][0], extents[-1][1] + 1)

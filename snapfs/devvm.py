@@ -1,4 +1,4 @@
-"""A real, throwaway QEMU VM for tests and the demo.
+"""A real, throwaway QEMU VM for the tests, the demo and the benchmark.
 
 QEMU starts paused (``-S``): no guest OS is needed. It has two QMP monitors: ``qmp_path`` is for
 snapfs, the second one is the test's own, used for guest writes through HMP ``qemu-io`` (they go
@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
-
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 QEMU_IMG = shutil.which("qemu-img") or "/usr/bin/qemu-img"
@@ -45,6 +44,46 @@ def poll(condition: Any, timeout: float = 10.0, what: str = "condition") -> Any:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+class Monitor:
+    """A minimal synchronous QMP client for the test's own monitor.
+
+    Deliberately not qemu.qmp: its synchronous shim shares the thread's asyncio event loop with
+    the trio-asyncio loops that snapfs's own code runs in the same test process.
+    """
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rwb")
+        self._receive()  # the greeting
+        self.cmd_raw("qmp_capabilities")
+
+    def _receive(self) -> dict[str, Any]:
+        line = self.file.readline()
+        if not line:
+            raise EOFError("QEMU closed the monitor connection")
+        msg: dict[str, Any] = json.loads(line)
+        return msg
+
+    def cmd_raw(self, cmd: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Send a command; return QEMU's reply (with "return" or "error"), skipping events."""
+        req: dict[str, Any] = {"execute": cmd}
+        if args:
+            req["arguments"] = args
+        self.file.write(json.dumps(req).encode() + b"\n")
+        self.file.flush()
+        while True:
+            msg = self._receive()
+            if "return" in msg or "error" in msg:
+                return msg
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        self.sock.close()
 
 
 @dataclass
@@ -73,15 +112,19 @@ class TestVM:
     __test__ = False  # not a pytest class
 
     def __init__(self, workdir: Path, disks: list[DiskSpec], *, seed: int = 1,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None,
+                 contents: dict[str, bytes] | None = None) -> None:
         self.workdir = workdir
         self.disks = {d.name: d for d in disks}
         self.seed = seed
         self.extra_args = extra_args or []
+        self.contents = contents or {}
+        # A VMID that stays the same across restarts of this VM (bitmap records are per VMID).
+        self.vmid = str(random.Random(str(workdir)).randrange(100000, 999999999))
         self.qmp_path = workdir / "qmp.sock"
         self.test_qmp_path = workdir / "qmp-test.sock"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.monitor: QEMUMonitorProtocol | None = None
+        self.monitor: Monitor | None = None
         self.expected: dict[str, bytearray] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -90,7 +133,9 @@ class TestVM:
         rng = random.Random(self.seed)
         for disk in self.disks.values():
             raw = self.workdir / f"{disk.name}.init.raw"
-            if disk.fill is None:
+            if disk.name in self.contents:
+                content = bytearray(self.contents[disk.name])
+            elif disk.fill is None:
                 content = bytearray(rng.randbytes(disk.size))
             else:
                 content = bytearray(bytes([disk.fill]) * disk.size)
@@ -143,8 +188,7 @@ class TestVM:
             return self.qmp_path.exists() and self.test_qmp_path.exists()
 
         poll(ready, what="QEMU's QMP sockets")
-        self.monitor = QEMUMonitorProtocol(str(self.test_qmp_path))
-        self.monitor.connect()
+        self.monitor = Monitor(self.test_qmp_path)
         return self
 
     def __enter__(self) -> TestVM:
@@ -215,8 +259,9 @@ class TestVM:
                                b.get("inserted", {}).get("node-name")) for b in block),
             "nodes": sorted((n["node-name"], n["drv"], n["file"]) for n in nodes),
             "exports": self.qmp("query-block-exports"),
+            # Filters keep internal, anonymous bitmaps: only named ones are the VM's.
             "bitmaps": sorted((n["node-name"], b["name"], b.get("persistent", False))
-                              for n in nodes for b in n.get("dirty-bitmaps", [])),
+                              for n in nodes for b in n.get("dirty-bitmaps", []) if "name" in b),
         }
 
     # -- content -------------------------------------------------------------------------------
