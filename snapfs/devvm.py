@@ -96,6 +96,8 @@ class DiskSpec:
     size: int = 32 * MiB
     # None: random content over the whole disk; 0: an empty (all-zero, sparse) disk.
     fill: int | None = None
+    # False: an empty sparse image whose content is not tracked in memory (huge disks).
+    modelled: bool = True
     path: Path = field(default=Path(), init=False)
 
     @property
@@ -126,12 +128,19 @@ class TestVM:
         self.proc: subprocess.Popen[bytes] | None = None
         self.monitor: Monitor | None = None
         self.expected: dict[str, bytearray] = {}
+        self._created = False
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def create_images(self) -> None:
         rng = random.Random(self.seed)
+        self._created = True
         for disk in self.disks.values():
+            disk.path = self.workdir / f"{disk.name}.{disk.fmt}"
+            if not disk.modelled:
+                subprocess.run([QEMU_IMG, "create", "-q", "-f", disk.fmt, str(disk.path),
+                                str(disk.size)], check=True)
+                continue
             raw = self.workdir / f"{disk.name}.init.raw"
             if disk.name in self.contents:
                 content = bytearray(self.contents[disk.name])
@@ -145,7 +154,6 @@ class TestVM:
                 else:
                     f.write(content)
             self.expected[disk.name] = content
-            disk.path = self.workdir / f"{disk.name}.{disk.fmt}"
             if disk.fmt == "raw":
                 raw.rename(disk.path)
             else:
@@ -172,7 +180,7 @@ class TestVM:
         return args + self.extra_args
 
     def start(self) -> TestVM:
-        if not self.expected:
+        if not self._created:
             self.create_images()
         for sock in (self.qmp_path, self.test_qmp_path):
             with contextlib.suppress(FileNotFoundError):
@@ -243,7 +251,8 @@ class TestVM:
         out = self.hmp(f'qemu-io -d {spec.qom_io_path} "write -P {pattern:#x} {offset} {length}"')
         if out.strip():
             raise RuntimeError(f"guest write to {disk} failed: {out.strip()}")
-        self.expected[disk][offset:offset + length] = bytes([pattern]) * length
+        if spec.modelled:
+            self.expected[disk][offset:offset + length] = bytes([pattern]) * length
 
     def io_errors(self) -> list[str]:
         """Guest-visible I/O errors so far: qemu-io reports them on QEMU's stdout."""

@@ -295,9 +295,11 @@ class Session:
         async with contextlib.AsyncExitStack() as stack:
             disks = []
             for ds in g.disks:
-                contexts = ["base:allocation"]
-                if ds.export_bitmap:
-                    contexts.append(f"qemu:dirty-bitmap:{ds.export_bitmap}")
+                # QEMU answers a block-status request for all negotiated contexts at once,
+                # and base:allocation fails outside the copy-before-write access bitmap:
+                # an incremental view asks for its dirty bitmap only.
+                contexts = ([f"qemu:dirty-bitmap:{ds.export_bitmap}"] if ds.export_bitmap
+                            else ["base:allocation"])
                 client = await stack.enter_async_context(
                     nbd.NBDClient.open(str(g.nbd_socket), ds.export, meta_contexts=contexts))
                 disks.append(await self._disk(client, ds))
@@ -381,12 +383,14 @@ class Session:
                 reply: dict[str, Any] = {"ok": True, "status": self.facts()}
             elif op == "umount":
                 assert self._server is not None
+                # Decided before the unmount: teardown starts as soon as the mount is gone.
+                self.commit = bool(req.get("commit"))
                 try:
                     await self._server.unmount(lazy=False)
                 except FuseError as err:
+                    self.commit = False
                     reply = {"ok": False, "error": str(err), "exit": StateError.exit_code}
                 else:
-                    self.commit = bool(req.get("commit"))
                     self._stop.set()
                     with trio.CancelScope(shield=True):
                         await self._done.wait()
