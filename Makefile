@@ -3,7 +3,7 @@
 PYTHON   ?= /usr/bin/python3
 VENV     ?= .venv
 VPY      := $(VENV)/bin/python
-APT_PKGS := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin nbdkit fuse3 python3-venv rsync util-linux kmod
+APT_PKGS := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin fuse3 python3-venv rsync util-linux
 PYTEST_ARGS ?=
 
 .PHONY: all deps apt venv demo test lint bench install clean

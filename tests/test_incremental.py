@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from snapfs.devvm import QEMU_IMG, DiskSpec, TestVM
-from tests.conftest import Snapfs
+from tests.conftest import Snapfs, wait_gone
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]
 
@@ -53,7 +53,7 @@ def copy(snapfs: Snapfs, mnt: Path, dest: Path, vm: TestVM | None = None,
     try:
         if vm is not None and rng is not None:
             random_writes(vm, rng, 10)
-        out, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -116,8 +116,7 @@ def test_an_uncommitted_incremental_loses_nothing(
     third = vm.snapshot()
     mnt = snapfs.mount(vm, tmp_path / "m3", "--incremental", "n")
     subprocess.run(["umount", str(mnt)], check=True)
-    from snapfs.devvm import poll
-    poll(lambda: not (snapfs.run_dir / ".state" / vm.vmid).exists(), 20, "teardown")
+    wait_gone(snapfs.run_dir / ".state" / vm.vmid, timeout=20)
     with snapfs.mounted(vm, tmp_path / "m4", "--incremental", "n", commit=True) as mnt:
         copy(snapfs, mnt, dest)
     check_backup(dest, third)
@@ -150,7 +149,7 @@ def test_reads_seeks_and_blocks_follow_the_sidecar(
             assert os.pread(fd, 2 * G, 4 * G) == at_point["virtio0"][4 * G : 6 * G]
             # Across a readable/unreadable boundary: the whole read fails, no short read.
             for off in (6 * G - 4096, 4 * G - 512, 0):
-                with pytest.raises(OSError) as e:
+                with pytest.raises(OSError, match="No data available") as e:
                     os.pread(fd, 8192, off)
                 assert e.value.errno == errno.ENODATA
         finally:
