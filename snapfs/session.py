@@ -63,6 +63,8 @@ BITMAP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NBD_STATE_ZERO = 2
 # qemu:dirty-bitmap contexts: bit 0 set means dirty.
 NBD_STATE_DIRTY = 1
+# QEMU's smallest copy-before-write cluster (block-copy's default cluster size).
+CBW_CLUSTER = 65536
 
 
 def run_dir() -> Path:
@@ -328,8 +330,10 @@ class Session:
             data = (await _regions(client, "base:allocation",
                                    lambda f: not f & NBD_STATE_ZERO)
                     if client.can_meta_context("base:allocation") else None)
+        # Punches are aligned to what copy-before-write can drop: its cluster, which is never
+        # below 64 KiB, nor below the bitmap's granularity.
         return Disk(name=ds.name, size=client.size, source=NBDSource(client, ds.name),
-                    dirty=dirty, data=data, granularity=ds.granularity)
+                    dirty=dirty, data=data, granularity=max(ds.granularity, CBW_CLUSTER))
 
     async def _run_fuse(self, nursery: trio.Nursery, *,
                         task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

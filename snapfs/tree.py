@@ -341,6 +341,10 @@ class Tree:
         disk, _ = self._disk(ino)
         if offset < 0 or length <= 0:
             raise InvalidArgument("empty or negative range")
+        # The disk is a fixed-size device image: a punch that starts past its end is a
+        # provider's bug, not a no-op to let pass silently.
+        if offset >= disk.size:
+            raise InvalidArgument(f"punch at {offset} is past the end of {disk.name}")
         g = disk.granularity
         end = min(offset + length, disk.size)
         start = -(-offset // g) * g
