@@ -132,38 +132,41 @@ def test_bad_punches_are_refused_without_side_effects(
         assert os.stat(raw).st_blocks * 512 == size
 
 
+def racing_copy(vm: TestVM, mnt: Path, out: Path, *, discard: bool) -> tuple[int, int, int]:
+    """Copy virtio0 with the provider's code while guest writes land: four 64 KiB writes
+    anywhere on the disk after every 1 MiB copied. Returns fleecing (peak, final, written)."""
+    size = vm.disks["virtio0"].size
+    rng = random.Random(5)
+    peak = written = 0
+
+    def after_chunk(n: int) -> None:
+        nonlocal peak, written
+        for _ in range(4):
+            vm.guest_write("virtio0", rng.randrange(0, size // G) * G, G, 0x42)
+            written += G
+        peak = max(peak, fleecing_bytes(vm, "virtio0"))
+
+    src = os.open(mnt / "virtio0.raw", os.O_RDWR)
+    dst = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        DiskCopy(src, dst, in_place=False, discard=discard, granularity=G,
+                 progress=after_chunk).region(0, size)
+    finally:
+        os.close(src)
+        os.close(dst)
+    return peak, fleecing_bytes(vm, "virtio0"), written
+
+
 def test_provider_with_discard_keeps_fleecing_small(tmp_path: Path, snapfs: Snapfs) -> None:
     """Guest writes race a copy: with discard, fleecing space stays near one chunk plus the
     writes that raced it; without, it grows with every write. Figures go to stdout."""
-    size = 64 * MiB
     figures = {}
     for discard in (False, True):
         work = tmp_path / ("discard" if discard else "plain")
         work.mkdir()
-        vm = TestVM(work, [DiskSpec("virtio0", "qcow2", "virtio", size=size)])
+        vm = TestVM(work, [DiskSpec("virtio0", "qcow2", "virtio", size=64 * MiB)])
         with vm, snapfs.mounted(vm, work / "mnt") as mnt:
-            rng = random.Random(5)
-            peak = 0
-            written = 0
-            src = os.open(mnt / "virtio0.raw", os.O_RDWR)
-            dst = os.open(work / "copy.raw", os.O_WRONLY | os.O_CREAT, 0o600)
-
-            def after_chunk(n: int) -> None:
-                nonlocal peak, written
-                # Four 64 KiB guest writes anywhere on the disk after every 1 MiB copied.
-                for _ in range(4):
-                    vm.guest_write("virtio0", rng.randrange(0, size // G) * G, G, 0x42)
-                    written += G
-                peak = max(peak, fleecing_bytes(vm, "virtio0"))
-
-            try:
-                copier = DiskCopy(src, dst, in_place=False, discard=discard, granularity=G,
-                                  progress=after_chunk)
-                copier.region(0, size)
-            finally:
-                os.close(src)
-                os.close(dst)
-            figures[discard] = (peak, fleecing_bytes(vm, "virtio0"), written)
+            figures[discard] = racing_copy(vm, mnt, work / "copy.raw", discard=discard)
     print(f"\nfleecing peak/final bytes with {figures[True][2]} bytes of racing guest writes: "
           f"discard {figures[True][0]}/{figures[True][1]}, "
           f"no discard {figures[False][0]}/{figures[False][1]}")
