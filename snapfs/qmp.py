@@ -242,7 +242,10 @@ class DiskState:
                 "access": self.access_node, "export": self.export_id}
 
     def bitmap_facts(self) -> dict[str, Any]:
-        return asdict(self.bitmap)
+        """What snapfs.json shows: the mode, and for new/reuse the reason and bitmap names."""
+        if self.bitmap.mode == "none":
+            return {"mode": "none"}
+        return {k: v for k, v in asdict(self.bitmap).items() if v not in ("", None)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DiskState:
