@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class Monitor:
         self.sock.settimeout(timeout)
         self.sock.connect(str(path))
         self.file = self.sock.makefile("rwb")
+        # Tests write from a background thread while the main thread inspects the graph.
+        self.lock = threading.Lock()
         self._receive()  # the greeting
         self.cmd_raw("qmp_capabilities")
 
@@ -73,12 +76,13 @@ class Monitor:
         req: dict[str, Any] = {"execute": cmd}
         if args:
             req["arguments"] = args
-        self.file.write(json.dumps(req).encode() + b"\n")
-        self.file.flush()
-        while True:
-            msg = self._receive()
-            if "return" in msg or "error" in msg:
-                return msg
+        with self.lock:
+            self.file.write(json.dumps(req).encode() + b"\n")
+            self.file.flush()
+            while True:
+                msg = self._receive()
+                if "return" in msg or "error" in msg:
+                    return msg
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

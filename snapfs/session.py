@@ -39,6 +39,7 @@ import trio_asyncio
 from snapfs import nbd, qmp
 from snapfs.errors import (
     FuseError,
+    NBDError,
     SnapfsError,
     StateError,
     TeardownError,
@@ -56,7 +57,8 @@ log = logging.getLogger(__name__)
 DEFAULT_RUN_DIR = Path("/run/snapfs")
 DEFAULT_FLEECING_ROOT = Path("/var/lib/snapfs")
 DEFAULT_QMP_DIR = Path("/var/run/qemu-server")
-VMID_RE = re.compile(r"[1-9][0-9]{0,8}|[A-Za-z][A-Za-z0-9_.-]{0,63}")
+# Proxmox's VMID range; plain QEMU users pick any number in it.
+VMID_RE = re.compile(r"[1-9][0-9]{0,8}")
 BITMAP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 # NBD base:allocation flags (NBD protocol): a block with ZERO set reads as zeros.
@@ -84,6 +86,8 @@ class MountOptions:
     incremental: str | None = None
     allow_other: bool = False
     default_mountpoint: bool = False
+    # A dead serving process left this VM's session behind: clean it up first.
+    stale: bool = False
 
     @property
     def state_dir(self) -> Path:
@@ -96,7 +100,8 @@ def state_dir(vmid: str) -> Path:
 
 def check_vmid(vmid: str) -> str:
     if not VMID_RE.fullmatch(vmid):
-        raise UsageError(f"invalid VMID {vmid!r}: expected a number (1-999999999) or a name")
+        shown = vmid if len(vmid) <= 40 else vmid[:40] + "..."
+        raise UsageError(f"invalid VMID {shown!r}: expected a number from 1 to 999999999")
     return vmid
 
 
@@ -130,11 +135,21 @@ def validate(vmid: str, mountpoint: str | None, qmp_path: str | None,
         raise UsageError(f"QMP socket {qp} does not exist (is VM {vmid} running?)") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise UsageError(f"QMP socket {qp} is not a socket")
-    if not default_mp:
-        if not mp.is_dir():
-            raise UsageError(f"mountpoint {mp} does not exist or is not a directory")
+    stale_mp = None
+    sdir = state_dir(vmid)
+    pid = _read_pid(sdir)
+    if pid is not None and _alive(pid):
+        raise StateError(f"VM {vmid} is already mounted by snapfs (serving process {pid})")
+    if sdir.exists():
+        state = _read_state(sdir)
+        stale_mp = Path(state["mountpoint"]) if state else None
+    if stale_mp is not None and stale_mp == mp:
+        pass  # the dead mount there goes away with the clean-up
+    elif not default_mp:
         if kernel.is_mounted(mp):
             raise UsageError(f"mountpoint {mp} is already a mount point")
+        if not mp.is_dir():
+            raise UsageError(f"mountpoint {mp} does not exist or is not a directory")
         if any(mp.iterdir()):
             raise UsageError(f"mountpoint {mp} is not empty")
     elif kernel.is_mounted(mp):
@@ -144,27 +159,44 @@ def validate(vmid: str, mountpoint: str | None, qmp_path: str | None,
     for name in exclude:
         if not name or "/" in name:
             raise UsageError(f"invalid --exclude name {name!r}")
-    return MountOptions(vmid, mp, qp, fd, list(exclude), incremental, allow_other, default_mp)
+    return MountOptions(vmid, mp, qp, fd, list(exclude), incremental, allow_other, default_mp,
+                        stale=sdir.exists())
 
 
 class NBDSource:
-    """A disk's bytes from its NBD export; NBD failures become the tree's SourceError (EIO)."""
+    """A disk's bytes from its NBD export; NBD failures become the tree's SourceError (EIO).
 
-    def __init__(self, client: nbd.NBDClient, name: str) -> None:
+    The tree never asks for bytes outside the access bitmap, so any error QEMU answers means
+    the snapshot itself broke (copy-before-write could not save old data, e.g. the fleecing
+    storage is full; QEMU then refuses every snapshot read, with EINVAL over NBD):
+    ``on_broken`` is told.
+    """
+
+    def __init__(self, client: nbd.NBDClient, name: str,
+                 on_broken: Callable[[str], None]) -> None:
         self.client = client
         self.name = name
+        self.on_broken = on_broken
+
+    def _failed(self, what: str, err: NBDError) -> SourceError:
+        if not self.client.alive:
+            self.on_broken("the VM went away (its NBD server is gone)")
+        elif what == "reads":
+            self.on_broken(f"{self.name}: the snapshot broke: QEMU refuses {what} "
+                           "(fleecing storage full, or copy-before-write failed)")
+        return SourceError(f"{self.name}: {err}", errno.EIO)
 
     async def read_into(self, buf: bytearray, offset: int, length: int) -> None:
         try:
             await self.client.pread_into(buf, offset, length)
-        except SnapfsError as err:
-            raise SourceError(f"{self.name}: {err}", errno.EIO) from err
+        except NBDError as err:
+            raise self._failed("reads", err) from err
 
     async def discard(self, offset: int, length: int) -> None:
         try:
             await self.client.trim(offset, length)
-        except SnapfsError as err:
-            raise SourceError(f"{self.name}: {err}", errno.EIO) from err
+        except NBDError as err:
+            raise self._failed("discards", err) from err
 
 
 async def _regions(client: nbd.NBDClient, context: str, keep: Callable[[int], bool]) -> Regions:
@@ -178,6 +210,14 @@ async def _regions(client: nbd.NBDClient, context: str, keep: Callable[[int], bo
 async def _qmp_session(path: Path) -> AsyncIterator[qmp.QMP]:
     async with qmp.QMP.connect(path) as q:
         yield q
+
+
+def _allocated(path: str) -> int:
+    """Bytes a file occupies on its file system (0 if it is gone)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
 
 
 def _write_private(path: Path, data: str) -> None:
@@ -224,6 +264,7 @@ class Session:
                 "readable_bytes": d.readable.total,
                 "discarded_bytes": d.discarded,
                 "bytes_read": d.bytes_read,
+                "fleecing_bytes": _allocated(ds.fleecing_path),
             }
         return {
             "vmid": g.vmid,
@@ -243,6 +284,9 @@ class Session:
         the tree is served. Returns the teardown result."""
         opts = self.opts
         sdir = opts.state_dir
+        if opts.stale:
+            for line in await cleanup(opts.vmid, opts.qmp_path):
+                log.warning("VM %s: cleaned up after a dead session: %s", opts.vmid, line)
         self._lock_state_dir(sdir)
         try:
             if opts.default_mountpoint and not opts.mountpoint.exists():
@@ -296,6 +340,7 @@ class Session:
         assert g is not None
         async with contextlib.AsyncExitStack() as stack:
             disks = []
+            clients: list[nbd.NBDClient] = []
             for ds in g.disks:
                 # QEMU answers a block-status request for all negotiated contexts at once,
                 # and base:allocation fails outside the copy-before-write access bitmap:
@@ -304,12 +349,15 @@ class Session:
                             else ["base:allocation"])
                 client = await stack.enter_async_context(
                     nbd.NBDClient.open(str(g.nbd_socket), ds.export, meta_contexts=contexts))
+                clients.append(client)
                 disks.append(await self._disk(client, ds))
             self.tree = Tree(disks, self.facts, mtime_ns=int(g.snapshot_epoch * 1e9))
             ops = TreeOperations(self.tree)
             self._server = FuseServer(ops, self.opts.mountpoint, name=g.vmid,
                                       allow_other=self.opts.allow_other)
             async with trio.open_nursery() as nursery:
+                for client in clients:
+                    nursery.start_soon(self._watch, client)
                 await nursery.start(self._run_fuse, nursery)
                 nursery.start_soon(self._signals)
                 log.info("VM %s: %d disk(s) served at %s", g.vmid, len(disks),
@@ -332,8 +380,20 @@ class Session:
                     if client.can_meta_context("base:allocation") else None)
         # Punches are aligned to what copy-before-write can drop: its cluster, which is never
         # below 64 KiB, nor below the bitmap's granularity.
-        return Disk(name=ds.name, size=client.size, source=NBDSource(client, ds.name),
+        return Disk(name=ds.name, size=client.size,
+                    source=NBDSource(client, ds.name, self._mark_broken),
                     dirty=dirty, data=data, granularity=max(ds.granularity, CBW_CLUSTER))
+
+    def _mark_broken(self, why: str) -> None:
+        """Remember why the snapshot can no longer be read; a broken backup never commits."""
+        if self.broken is None:
+            log.error("VM %s: %s", self.opts.vmid, why)
+            self.broken = why
+
+    async def _watch(self, client: nbd.NBDClient) -> None:
+        await client.wait_lost()
+        if not self._stop.is_set():
+            self._mark_broken("the VM went away (its NBD server is gone)")
 
     async def _run_fuse(self, nursery: trio.Nursery, *,
                         task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -512,13 +572,14 @@ def _read_pid(sdir: Path) -> int | None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (dead, not yet reaped by its new parent) does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    except PermissionError:
-        return True
-    return True
+    # The state follows the command name, which is in parentheses and may contain any byte.
+    return stat_line[stat_line.rindex(b")") + 2 : stat_line.rindex(b")") + 3] not in (b"Z", b"X")
 
 
 def remove_dir(path: Path) -> None:
