@@ -199,8 +199,19 @@ class TestVM:
                 raise RuntimeError(f"QEMU exited: {(self.workdir / 'qemu.log').read_text()}")
             return self.qmp_path.exists() and self.test_qmp_path.exists()
 
-        poll(ready, what="QEMU's QMP sockets")
-        self.monitor = Monitor(self.test_qmp_path)
+        def connected() -> Monitor | None:
+            # The socket file appears at bind(), a moment before QEMU listens on it.
+            try:
+                return Monitor(self.test_qmp_path)
+            except ConnectionRefusedError:
+                return None
+
+        try:
+            poll(ready, what="QEMU's QMP sockets")
+            self.monitor = poll(connected, what="QEMU's test monitor")
+        except BaseException:
+            self.stop(kill=True)
+            raise
         return self
 
     def __enter__(self) -> TestVM:
