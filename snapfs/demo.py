@@ -68,8 +68,11 @@ def main() -> int:
                     vm.guest_write(d.name, 0, MiB, 0xEE)
                 show("rsync", "-a", "--sparse", "--stats", f"{mnt}/", f"{work / 'backup'}/")
                 show("cat", str(mnt / "snapfs.json"))
-            finally:
-                show(*snapfs, "umount", str(mnt))
+            except BaseException:
+                # Unmount before anything else (even printing may fail, e.g. a closed pipe).
+                subprocess.run([*snapfs, "umount", str(mnt)], capture_output=True)
+                raise
+            show(*snapfs, "umount", str(mnt))
             print()
             ok = True
             for d in disks:
