@@ -34,22 +34,24 @@ class Regions:
     def from_extents(cls, extents: Iterable[tuple[int, int]]) -> Regions:
         """Build from ``(offset, length)`` pairs in ascending order; adjacent ones are merged."""
         r = cls()
-        starts, ends = r._starts, r._ends
-        total = 0
         for offset, length in extents:
-            if length <= 0:
-                continue
-            end = offset + length
-            if ends and offset < ends[-1]:
-                raise ValueError(f"extent at {offset} is not in ascending order")
-            if ends and offset == ends[-1]:
-                ends[-1] = end
-            else:
-                starts.append(offset)
-                ends.append(end)
-            total += length
-        r._total = total
+            r.append(offset, length)
         return r
+
+    def append(self, offset: int, length: int) -> None:
+        """Add a range after all others (merged with the last one if adjacent), so a set can
+        be built while streaming extents without an intermediate list."""
+        if length <= 0:
+            return
+        starts, ends = self._starts, self._ends
+        if ends and offset < ends[-1]:
+            raise ValueError(f"extent at {offset} is not in ascending order")
+        if ends and offset == ends[-1]:
+            ends[-1] = offset + length
+        else:
+            starts.append(offset)
+            ends.append(offset + length)
+        self._total += length
 
     def __len__(self) -> int:
         return len(self._starts)

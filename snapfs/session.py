@@ -201,9 +201,11 @@ class NBDSource:
 
 async def _regions(client: nbd.NBDClient, context: str, keep: Callable[[int], bool]) -> Regions:
     """The ranges whose block-status flags satisfy ``keep``, walking the whole export."""
-    return Regions.from_extents(
-        [(off, length) async for off, length, flags in nbd.extents(client, context)
-         if keep(flags)])
+    regions = Regions()
+    async for off, length, flags in nbd.extents(client, context):
+        if keep(flags):
+            regions.append(off, length)
+    return regions
 
 
 @contextlib.asynccontextmanager
