@@ -230,3 +230,21 @@ def test_snapfs_json_and_mount_listing(vm: TestVM, snapfs: Snapfs, tmp_path: Pat
                             capture_output=True, text=True, check=True)
         assert int(du.stdout.split()[0]) == vm.disks["scsi0"].size
     assert not os.path.ismount(mnt)
+
+
+def test_a_disk_that_cannot_be_snapshotted_fails_the_mount_unless_excluded(
+        tmp_path: Path, snapfs: Snapfs) -> None:
+    ro = tmp_path / "ro.raw"
+    ro.write_bytes(b"\1" * MiB)
+    extra = ["-drive", f"file={ro},if=none,id=drive-scsi1,format=raw,readonly=on",
+             "-device", "scsi-hd,bus=scsihw0.0,drive=drive-scsi1,id=scsi1"]
+    with TestVM(tmp_path, [DiskSpec("scsi0", "raw", "scsi", size=4 * MiB)],
+                extra_args=extra) as machine:
+        graph = machine.graph()
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        assert_refused(snapfs, machine, ["mount", vmid(machine), str(mnt), "--qmp",
+                                         str(machine.qmp_path)], "scsi1")
+        assert machine.graph() == graph
+        with snapfs.mounted(machine, mnt, "--exclude", "scsi1") as m:
+            assert sorted(os.listdir(m)) == ["scsi0.dirty", "scsi0.raw", "snapfs.json"]
