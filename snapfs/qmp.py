@@ -439,7 +439,8 @@ class _StepFailed(Exception):
 
 def _message(err: BaseException) -> str:
     if isinstance(err, QMPCommandError):
-        return err.desc
+        # The command's name helps most when QEMU's words are unfamiliar (another version).
+        return f"{err.desc} ({err.cmd})"
     if isinstance(err, OSError) and err.strerror:
         return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
     return str(err)

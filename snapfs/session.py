@@ -490,8 +490,8 @@ class Session:
             # Keep the state file: `snapfs cleanup` can retry what is left.
             keep_state = True
             log.error("VM %s: teardown: %s", g.vmid, err)
-            self.result = {"ok": False, "error": str(err), "exit": err.exit_code,
-                           "committed": False}
+            self.result = {"ok": False, "exit": err.exit_code, "committed": False,
+                           "error": f"{err} (run 'snapfs cleanup {g.vmid}' to retry)"}
         else:
             self.result = {"ok": True, "committed": commit}
             if self.commit and not commit:
@@ -612,6 +612,11 @@ async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
     sdir = state_dir(vmid)
     st = _read_state(sdir)
     pid = _read_pid(sdir)
+    if pid is not None and pid != os.getpid():
+        # A serving process that just answered a failed umount is still on its way out.
+        with trio.move_on_after(5):
+            while _alive(pid):
+                await trio.sleep(0.05)
     if pid is not None and pid != os.getpid() and _alive(pid):
         raise StateError(f"VM {vmid}'s serving process ({pid}) is alive; "
                          f"use 'snapfs umount {vmid}'")
