@@ -5,6 +5,7 @@ VENV     ?= .venv
 VPY      := $(VENV)/bin/python
 APT_PKGS := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin fuse3 python3-venv rsync util-linux
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: all deps apt venv demo test lint bench install clean
 
@@ -42,11 +43,31 @@ lint: deps
 	$(VENV)/bin/mypy
 
 bench: deps
-	$(VPY) -m snapfs.bench
+	$(VPY) -m snapfs.bench $(BENCH_ARGS)
 
-PREFIX ?= /usr/local
+# make install [PREFIX=/usr/local]: snapfs in its own venv ($(PREFIX)/lib/snapfs, seeing Debian's
+# python3-libnbd), the command, man page, bash completion, systemd units and the rsync provider.
+PREFIX  ?= /usr/local
+BINDIR  := $(PREFIX)/bin
+APPDIR  := $(PREFIX)/lib/snapfs
+MANDIR  := $(PREFIX)/share/man/man1
+COMPDIR := $(PREFIX)/share/bash-completion/completions
+UNITDIR := $(PREFIX)/lib/systemd/system
+DOCDIR  := $(PREFIX)/share/doc/snapfs
 install: deps
-	$(VPY) -m pip install -q --prefix $(PREFIX) .
+	$(VPY) -m snapfs.manpage --check contrib
+	$(PYTHON) -m venv --system-site-packages $(APPDIR)
+	$(APPDIR)/bin/pip install -q --no-build-isolation .
+	install -d $(BINDIR) $(MANDIR) $(COMPDIR) $(UNITDIR) $(DOCDIR)
+	ln -sf $(APPDIR)/bin/snapfs $(BINDIR)/snapfs
+	install -m 0755 contrib/snapfs-rsync-remote $(BINDIR)/snapfs-rsync-remote
+	install -m 0644 contrib/snapfs.1 $(MANDIR)/snapfs.1
+	install -m 0644 contrib/snapfs.bash-completion $(COMPDIR)/snapfs
+	for unit in snapfs-backup@.service snapfs-backup@.timer; do \
+	  sed 's|@BINDIR@|$(BINDIR)|g' contrib/$$unit > $(UNITDIR)/$$unit && chmod 0644 $(UNITDIR)/$$unit; \
+	done
+	sed 's|/usr/local/bin|$(BINDIR)|g' contrib/snapfs.default > $(DOCDIR)/snapfs.default
+	@echo "installed into $(PREFIX); copy $(DOCDIR)/snapfs.default to /etc/default/snapfs to configure the timer"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -3,24 +3,73 @@
 Only this module prints and exits. ``snapfs mount`` forks the serving process before any event
 loop starts and waits on a pipe until the tree is served (or set-up failed), so it returns only
 once the view is ready, with the set-up's own error message and exit code if not.
+
+``snapfs run`` is ``mount``, then COMMAND with the view, then ``umount`` (``--commit`` only if
+COMMAND exited 0 and no signal came): the one line for a cron job or a systemd timer. SIGINT,
+SIGTERM and SIGHUP are relayed to COMMAND; the view is always unmounted, without commit.
+
+Logging goes to stderr in the foreground; a serving process in the background logs to the
+systemd journal if there is one, else to syslog; ``SNAPFS_LOG_FILE`` overrides both (tests).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import io
 import json
 import logging
 import logging.handlers
 import os
+import signal
+import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from types import FrameType
+from typing import Any, NoReturn, TextIO
 
-from snapfs import __version__, provider, session
-from snapfs.errors import SnapfsError, UsageError
+from snapfs import __version__, agent, provider, session
+from snapfs.errors import SnapfsError, StateError, UsageError
 
 log = logging.getLogger("snapfs")
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+RELAYED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+# -- arguments ------------------------------------------------------------------------------------
+
+
+def _verbosity(p: argparse.ArgumentParser, *, top: bool) -> None:
+    # On subcommands too ("snapfs run 100 -v -- ..."); SUPPRESS keeps the top level's value.
+    default: Any = False if top else argparse.SUPPRESS
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="log debugging details")
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="log only errors; no progress bar")
+
+
+def _mount_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--qmp", metavar="SOCKET",
+                   help="the VM's QMP socket (default: /var/run/qemu-server/VMID.qmp)")
+    p.add_argument("--fleecing-dir", metavar="DIR",
+                   help="where fleecing images go (default: /var/lib/snapfs/VMID)")
+    p.add_argument("--exclude", metavar="DISK", action="append", default=[],
+                   help="leave out this disk (repeatable)")
+    p.add_argument("--incremental", metavar="ID",
+                   help="incremental backup: only regions changed since the last committed "
+                        "backup with this ID are readable")
+    p.add_argument("-o", dest="options", metavar="OPT", action="append", default=[],
+                   help="mount option; only allow_other is known")
+    p.add_argument("--no-freeze", action="store_true",
+                   help="do not freeze the guest's file systems through the guest agent")
+    p.add_argument("--agent", metavar="SOCKET",
+                   help="the guest agent's socket (default: /var/run/qemu-server/VMID.qga)")
+    p.add_argument("--freeze-timeout", metavar="SECONDS", type=float, default=10.0,
+                   help="how long the guest may take to freeze (default: 10)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,63 +77,144 @@ def build_parser() -> argparse.ArgumentParser:
         prog="snapfs",
         description="Consistent point-in-time views of a running QEMU VM's disks, as files.")
     p.add_argument("--version", action="version", version=f"snapfs {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log debugging details")
-    p.add_argument("-q", "--quiet", action="store_true", help="log only errors")
+    _verbosity(p, top=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    m = sub.add_parser("mount", help="mount a point-in-time view of a VM's disks")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        _verbosity(c, top=False)
+        return c
+
+    m = command("mount", "mount a point-in-time view of a VM's disks")
     m.add_argument("vmid", help="the VM's ID (Proxmox) or name")
     m.add_argument("mountpoint", nargs="?",
                    help="an existing empty directory (default: /run/snapfs/VMID)")
-    m.add_argument("--qmp", metavar="SOCKET",
-                   help="the VM's QMP socket (default: /var/run/qemu-server/VMID.qmp)")
-    m.add_argument("--fleecing-dir", metavar="DIR",
-                   help="where fleecing images go (default: /var/lib/snapfs/VMID)")
-    m.add_argument("--exclude", metavar="DISK", action="append", default=[],
-                   help="leave out this disk (repeatable)")
-    m.add_argument("--incremental", metavar="ID",
-                   help="incremental backup: only regions changed since the last committed "
-                        "backup with this ID are readable")
-    m.add_argument("-o", dest="options", metavar="OPT", action="append", default=[],
-                   help="mount option; only allow_other is known")
+    _mount_options(m)
     m.add_argument("-f", "--foreground", action="store_true",
-                   help="stay attached and log to stderr (debugging, systemd)")
+                   help="stay attached and log to stderr (debugging)")
 
-    u = sub.add_parser("umount", help="unmount and tear down a view")
+    r = command("run", "mount, run COMMAND on the view, commit if it succeeds, unmount")
+    r.usage = ("%(prog)s [-v] [-q] [--mountpoint DIR] [--incremental ID] [mount options] VMID "
+               "-- COMMAND [ARGS...]")
+    r.epilog = ("COMMAND runs with the mountpoint in $SNAPFS_MOUNT and '{}' in its arguments "
+                "replaced by it. Exit status: COMMAND's, 128+N after signal N, or snapfs's own "
+                "error code if the view could not be mounted or committed.")
+    r.add_argument("vmid", help="the VM's ID (Proxmox) or name")
+    r.add_argument("--mountpoint", metavar="DIR",
+                   help="an existing empty directory (default: /run/snapfs/VMID)")
+    _mount_options(r)
+    r.add_argument("argv", nargs="*", metavar="-- COMMAND [ARGS...]",
+                   help="the backup command, after '--'")
+
+    u = command("umount", "unmount and tear down a view")
     u.add_argument("target", help="VMID or mountpoint")
     u.add_argument("--commit", action="store_true",
                    help="the backup succeeded: the next incremental starts from this snapshot")
 
-    c = sub.add_parser("cleanup", help="remove what a crashed session left behind")
-    c.add_argument("vmid")
+    c = command("cleanup", "remove what a crashed session left behind")
+    c.add_argument("vmid", help="the VM's ID or name")
     c.add_argument("--qmp", metavar="SOCKET", help="the VM's QMP socket")
 
-    cp = sub.add_parser("copy", help="back up a mounted view into a directory (the reference "
-                        "provider): full views make sparse images, incremental views update "
-                        "them in place")
+    cp = command("copy", "back up a mounted view into a directory (the reference provider)")
+    cp.epilog = ("Full views make sparse images; incremental views update them in place. "
+                 "A progress bar is shown on a terminal.")
     cp.add_argument("view", help="a mounted snapfs view")
     cp.add_argument("dest", help="the backup directory")
     cp.add_argument("--discard", action="store_true",
                     help="punch each copied range in the view, freeing fleecing space")
 
-    s = sub.add_parser("status", help="show active sessions")
-    s.add_argument("vmid", nargs="?")
+    s = command("status", "show active sessions")
+    s.add_argument("vmid", nargs="?", help="only this VM")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """argparse cannot take options before a '--' and a command line after it: split first."""
+    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    if "--" in words:
+        i = words.index("--")
+        args = parser.parse_args(words[:i])
+        if args.command == "run":
+            args.argv = [*args.argv, *words[i + 1:]]
+            return args
+    args = parser.parse_args(words)
+    if args.command == "run" and args.argv and args.argv[0].startswith("-"):
+        parser.error("put the command after '--'")
+    return args
+
+
+# -- logging --------------------------------------------------------------------------------------
+
+
+def _priority(levelno: int) -> int:
+    """syslog priority of a logging level."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
+class JournalHandler(logging.Handler):
+    """Sends records to the systemd journal's native socket, with structured fields."""
+
+    def __init__(self, path: str = JOURNAL_SOCKET, identifier: str = "snapfs") -> None:
+        super().__init__()
+        self.path = path
+        self.identifier = identifier
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+
+    @staticmethod
+    def encode(fields: dict[str, str]) -> bytes:
+        out = bytearray()
+        for key, value in fields.items():
+            data = value.encode(errors="replace")
+            if b"\n" in data:
+                out += key.encode() + b"\n" + len(data).to_bytes(8, "little") + data + b"\n"
+            else:
+                out += key.encode() + b"=" + data + b"\n"
+        return bytes(out)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = {"MESSAGE": self.format(record), "PRIORITY": str(_priority(record.levelno)),
+                      "SYSLOG_IDENTIFIER": self.identifier, "SYSLOG_PID": str(os.getpid()),
+                      "LOGGER": record.name, "CODE_FILE": record.pathname,
+                      "CODE_LINE": str(record.lineno), "CODE_FUNC": record.funcName}
+            self.sock.sendto(self.encode(fields), self.path)
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        self.sock.close()
+        super().close()
 
 
 def setup_logging(args: argparse.Namespace, *, background: bool = False) -> None:
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO
     root = logging.getLogger()
-    root.handlers.clear()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+        old.close()
     root.setLevel(level)
     logfile = os.environ.get("SNAPFS_LOG_FILE")
     handler: logging.Handler
     if logfile:
         handler = logging.FileHandler(logfile)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    elif background and os.path.exists(JOURNAL_SOCKET):
+        handler = JournalHandler()
     elif background and os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler = logging.handlers.SysLogHandler(
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
         handler.setFormatter(logging.Formatter("snapfs[%(process)d]: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -102,6 +232,14 @@ def fail(err: SnapfsError) -> NoReturn:
     sys.exit(err.exit_code)
 
 
+def _error(message: str) -> None:
+    log.debug("error: %s", message)
+    print(f"snapfs: error: {message}", file=sys.stderr)
+
+
+# -- mount ----------------------------------------------------------------------------------------
+
+
 class _ReadyPipe:
     """Stands in for trio's task_status: tells the waiting parent the tree is served."""
 
@@ -114,24 +252,41 @@ class _ReadyPipe:
         self.fd = -1
 
 
-def _mount(args: argparse.Namespace) -> int:
+def freeze_config(args: argparse.Namespace) -> agent.FreezeConfig | None:
+    """The guest freeze asked for: None with --no-freeze."""
+    if args.no_freeze:
+        return None
+    if args.freeze_timeout <= 0:
+        raise UsageError("--freeze-timeout must be positive")
+    sock = Path(args.agent) if args.agent else agent.default_socket(args.vmid)
+    return agent.FreezeConfig(sock, timeout=args.freeze_timeout)
+
+
+def mount_options(args: argparse.Namespace, mountpoint: str | None) -> session.MountOptions:
     unknown = [o for opt in args.options for o in opt.split(",") if o != "allow_other"]
     if unknown:
         raise UsageError(f"unknown mount option {unknown[0]!r}")
-    opts = session.validate(args.vmid, args.mountpoint, args.qmp, args.fleecing_dir,
+    opts = session.validate(args.vmid, mountpoint, args.qmp, args.fleecing_dir,
                             args.exclude, args.incremental,
                             allow_other=any("allow_other" in o for o in args.options))
-    if args.foreground:
-        setup_logging(args)
-        sess = session.Session(opts)
-        result = session.run_trio(sess.serve)
-        return 0 if result.get("ok") else int(result.get("exit", 1))
+    # Options the session takes once it knows them (MountOptions.freeze: the guest freeze).
+    extras: dict[str, Any] = {"freeze": freeze_config(args)}
+    known = {f.name for f in dataclasses.fields(opts)}
+    wired = {k: v for k, v in extras.items() if k in known}
+    return dataclasses.replace(opts, **wired) if wired else opts
 
+
+def _serve_in_background(args: argparse.Namespace, opts: session.MountOptions) -> int:
+    """Fork the serving process and wait until it serves the tree; the exit code of the mount."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the serving process
         os.close(r)
         os.setsid()
+        # Not `snapfs run`'s relay: the session installs its own handlers while serving.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
@@ -160,43 +315,218 @@ def _mount(args: argparse.Namespace) -> int:
         return 0
     if line.startswith("err "):
         _, code, msg = line.split(" ", 2)
-        print(f"snapfs: error: {msg}", file=sys.stderr)
+        _error(msg)
         os.waitpid(pid, 0)
         return int(code) if code.isdigit() else 1
     _, status = os.waitpid(pid, 0)
-    print(f"snapfs: error: the serving process died during set-up (status {status})",
-          file=sys.stderr)
+    _error(f"the serving process died during set-up (status {status})")
     return 1
 
 
-def _status(args: argparse.Namespace) -> int:
+def _mount(args: argparse.Namespace) -> int:
+    opts = mount_options(args, args.mountpoint)
+    if args.foreground:
+        setup_logging(args)
+        sess = session.Session(opts)
+        result = session.run_trio(sess.serve)
+        return 0 if result.get("ok") else int(result.get("exit", 1))
+    return _serve_in_background(args, opts)
+
+
+# -- run ------------------------------------------------------------------------------------------
+
+
+class SignalRelay:
+    """While installed: remembers the first SIGINT/SIGTERM/SIGHUP and passes each to the child.
+
+    The handlers only record and forward, so a mount or an umount in progress is never
+    interrupted half-way (the umount after COMMAND must complete: it restores the VM).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.child: subprocess.Popen[bytes] | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum = signum
+        child = self.child
+        if child is not None and child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    def __enter__(self) -> SignalRelay:
+        for s in RELAYED_SIGNALS:
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def command_line(argv: Sequence[str], mountpoint: Path) -> list[str]:
+    """COMMAND with every '{}' in it replaced by the mountpoint (also inside words: '{}/')."""
+    return [a.replace("{}", str(mountpoint)) for a in argv]
+
+
+def _run(args: argparse.Namespace) -> int:
+    if not args.argv:
+        raise UsageError("snapfs run needs a command: snapfs run VMID [options] -- COMMAND ...")
+    opts = mount_options(args, args.mountpoint)
+    argv = command_line(args.argv, opts.mountpoint)
+    with SignalRelay() as relay:
+        code = _serve_in_background(args, opts)
+        if code != 0:
+            return code
+        status = 0
+        if relay.signum is None:
+            env = dict(os.environ, SNAPFS_MOUNT=str(opts.mountpoint), SNAPFS_VMID=opts.vmid)
+            log.info("VM %s: running %s", opts.vmid, " ".join(argv))
+            try:
+                relay.child = subprocess.Popen(argv, env=env)
+            except OSError as err:
+                _error(f"cannot run {argv[0]}: {err.strerror or err}")
+                status = 127 if isinstance(err, FileNotFoundError) else 126
+            else:
+                rc = relay.child.wait()
+                status = 128 - rc if rc < 0 else rc
+        if relay.signum is not None:
+            log.warning("VM %s: got %s: aborting the backup", opts.vmid,
+                        signal.Signals(relay.signum).name)
+            if status == 0:
+                status = 128 + relay.signum
+        commit = status == 0
+        if not commit and relay.signum is None:
+            log.warning("VM %s: %s exited with status %d: aborting the backup (the next "
+                        "incremental still contains everything)", opts.vmid, argv[0], status)
+        try:
+            reply = session.umount(opts.vmid, commit=commit)
+        except StateError as err:
+            _error(f"{err}; nothing was committed")
+            return status or err.exit_code
+        except SnapfsError as err:
+            _error(f"{err}")
+            return status or err.exit_code
+        log.info("VM %s: unmounted (%s)", opts.vmid,
+                 "committed" if reply.get("committed") else "aborted")
+        return status
+
+
+# -- status ---------------------------------------------------------------------------------------
+
+
+def _fleecing_usage(path: str) -> dict[str, Any]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return {"fleecing_path": path, "fleecing_bytes": None, "fleecing_apparent_bytes": None}
+    return {"fleecing_path": path, "fleecing_bytes": st.st_blocks * 512,
+            "fleecing_apparent_bytes": st.st_size}
+
+
+def session_status(vmid: str) -> dict[str, Any]:
+    """One session's status: the serving process's facts (over its control socket, not QMP)
+    and the fleecing images' allocated size (from the state file's paths)."""
+    vmid, state = session.find_session(vmid)
+    graph_disks = {d["name"]: d for d in state.get("graph", {}).get("disks", [])}
+    out: dict[str, Any] = {"vmid": vmid, "pid": state.get("pid"),
+                           "mountpoint": state.get("mountpoint")}
+    try:
+        facts: dict[str, Any] = session.request(vmid, {"op": "status"}, timeout=10)["status"]
+    except (StateError, OSError) as err:
+        # The serving process is gone or hung: report what the state file knows.
+        graph = state.get("graph", {})
+        out.update(state="stale", error=str(err), snapshot_time=graph.get("snapshot_time"),
+                   incremental=graph.get("incremental"), broken=None, freeze=None)
+        out["disks"] = {name: {"size": d.get("size"),
+                               "bitmap_mode": d.get("bitmap", {}).get("mode"),
+                               "broken": None, **_fleecing_usage(d["fleecing_path"])}
+                        for name, d in graph_disks.items()}
+        return out
+    broken = facts.get("broken")
+    out.update(state="active", error=None, mountpoint=facts.get("mountpoint"),
+               snapshot_time=facts.get("snapshot_time"), incremental=facts.get("incremental"),
+               pause_ms=facts.get("pause_ms"), broken=broken, freeze=facts.get("freeze"))
+    disks: dict[str, Any] = {}
+    for name, d in facts.get("disks", {}).items():
+        gd = graph_disks.get(name, {})
+        disk_broken = d.get("broken", broken)
+        disks[name] = {
+            "size": d["size"],
+            "bitmap_mode": d["bitmap"]["mode"],
+            "bitmap": d["bitmap"],
+            "dirty_bytes": d["dirty_bytes"],
+            "readable_bytes": d["readable_bytes"],
+            "bytes_read": d["bytes_read"],
+            "discarded_bytes": d["discarded_bytes"],
+            "broken": bool(disk_broken),
+            **_fleecing_usage(gd.get("fleecing_path", "")),
+        }
+    out["disks"] = disks
+    return out
+
+
+def _all_vmids() -> list[str]:
     root = session.run_dir() / ".state"
-    vmids = [args.vmid] if args.vmid else sorted(p.name for p in root.glob("*")
-                                                  if (p / "state.json").exists())
-    out: list[dict[str, Any]] = []
-    for vmid in vmids:
-        reply = session.request(session.check_vmid(vmid), {"op": "status"}, timeout=10)
-        out.append(reply["status"])
+    return sorted(p.name for p in root.glob("*") if (p / "state.json").exists())
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    vmids = [session.check_vmid(args.vmid)] if args.vmid else _all_vmids()
+    sessions = [session_status(v) for v in vmids]
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps(sessions, indent=2), file=out)
         return 0
-    for st in out:
-        print(f"VM {st['vmid']} at {st['mountpoint']}, snapshot {st['snapshot_time']}"
-              + (f", BROKEN: {st['broken']}" if st["broken"] else ""))
+    if not sessions:
+        print("no active snapfs sessions", file=out)
+    for st in sessions:
+        head = f"VM {st['vmid']}: {st['state']}, at {st['mountpoint']}, snapshot " \
+               f"{st['snapshot_time']}"
+        if st["incremental"]:
+            head += f", incremental {st['incremental']}"
+        if st["broken"]:
+            head += f", BROKEN: {st['broken']}"
+        if st["error"]:
+            head += f" ({st['error']})"
+        print(head, file=out)
         for name, d in st["disks"].items():
-            print(f"  {name}: {d['size']} bytes, bitmap {d['bitmap']['mode']}, dirty "
-                  f"{d['dirty_bytes']}, read {d['bytes_read']}, discarded {d['discarded_bytes']}")
+            line = f"  {name}: {_size(d['size'])}, bitmap {d['bitmap_mode']}"
+            if st["state"] == "active":
+                line += (f", dirty {_size(d['dirty_bytes'])}, read {_size(d['bytes_read'])}, "
+                         f"discarded {_size(d['discarded_bytes'])}")
+            line += f", fleecing {_size(d['fleecing_bytes'])}"
+            if d["broken"]:
+                line += ", BROKEN"
+            print(line, file=out)
     return 0
 
 
+# -- main -----------------------------------------------------------------------------------------
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_logging(args)
-    if os.geteuid() != 0 and args.command in ("mount", "umount", "cleanup"):
+    if os.geteuid() != 0 and args.command in ("mount", "run", "umount", "cleanup"):
         fail(UsageError("snapfs must run as root (it mounts FUSE and talks to QEMU)"))
     try:
         if args.command == "mount":
             sys.exit(_mount(args))
+        if args.command == "run":
+            sys.exit(_run(args))
         if args.command == "umount":
             reply = session.umount(args.target, commit=args.commit)
             log.info("unmounted (%s)", "committed" if reply.get("committed") else "aborted")
@@ -207,7 +537,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
                 log.info("%s", line)
             sys.exit(0)
         if args.command == "copy":
-            stats = provider.copy_view(Path(args.view), Path(args.dest), discard=args.discard)
+            stream: TextIO = io.StringIO() if args.quiet else sys.stderr
+            stats = provider.copy_view(Path(args.view), Path(args.dest), discard=args.discard,
+                                       progress_stream=stream)
             for name, st in stats.items():
                 log.info("%s: read %d, wrote %d, zero %d, holes %d, discarded %d bytes", name,
                          st["read"], st["written"], st["zero"], st["holes"], st["discarded"])

@@ -62,6 +62,8 @@ _MIGRATION_STATES = {"inmigrate", "postmigrate", "finish-migrate", "save-vm", "r
 
 BitmapMode = Literal["none", "new", "reuse"]
 OnStep = Callable[[str, str | None], Awaitable[None] | None]
+# Wraps the snapshot point (stop .. cont); gets whether the guest runs (the guest freeze).
+AroundSnapshot = Callable[[bool], contextlib.AbstractAsyncContextManager[Any]]
 
 
 # -- the connection -----------------------------------------------------------------------------
@@ -449,7 +451,8 @@ def _message(err: BaseException) -> str:
 async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
                 exclude: Sequence[str] = (), incremental: str | None = None,
                 on_step: OnStep | None = None, cbw_timeout: int = 60,
-                state_dir: Path | None = None) -> GraphState:
+                state_dir: Path | None = None,
+                around_snapshot: AroundSnapshot | None = None) -> GraphState:
     """Build the snapshot graph for every disk not excluded and export it over NBD.
 
     Validates everything before touching the VM; on any failure, undoes what was added and
@@ -554,51 +557,60 @@ async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
         # a write between freezing F and the filter going live would otherwise be in the
         # snapshot but in neither F (this backup) nor... only N (the next one).
         was_running = bool(status["running"])
-        pause_ms: float | None = None
-        stopped_at = 0.0
-        if was_running:
-            await step("stop VM")
-            stopped_at = trio.current_time()
-            await q.execute("stop")
+        # The guest freeze (snapfs.agent) wraps the stop .. cont window: it needs a running
+        # guest, so it freezes before the stop and thaws after the cont, whatever happens.
+        around = contextlib.AsyncExitStack()
         try:
-            actions = [a for s in states for a in _bitmap_prepare_actions(s.bitmap, nodes)]
-            if actions:
-                await step("prepare bitmaps", None)
-                await q.execute("transaction", {"actions": actions})
-                for s in states:
-                    for name in (s.bitmap.next, s.bitmap.frozen):
-                        if name:
-                            undo.push(f"remove bitmap {name}",
-                                      _bitmap_remover(q, s.bitmap.node, name))
-            for s in states:
-                await step("add copy-before-write filter", s.name)
-                cbw_args: dict[str, Any] = {
-                    "driver": "copy-before-write", "node-name": s.cbw_node, "file": s.node,
-                    "target": s.fleecing_node, "on-cbw-error": "break-snapshot",
-                    "cbw-timeout": cbw_timeout}
-                if s.bitmap.mode == "reuse":
-                    cbw_args["bitmap"] = {"node": s.bitmap.node, "name": s.bitmap.frozen}
-                await q.execute("blockdev-add", cbw_args)
-                undo.push(f"delete {s.cbw_node}", _deleter(q, s.cbw_node))
-            for s in states:
-                await step("insert filter", s.name)
-                await q.execute("qom-set", {"path": s.qom_path, "property": "drive",
-                                            "value": s.cbw_node})
-                undo.push(f"restore drive of {s.name}", _drive_restorer(q, s))
-            snapshot_time = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-        finally:
-            resume_error: QMPCommandError | None = None
+            if around_snapshot is not None:
+                await step("freeze guest")
+                await around.enter_async_context(around_snapshot(was_running))
+            pause_ms: float | None = None
+            stopped_at = 0.0
             if was_running:
-                # Resume even when a step failed: rollback does not need the guest stopped,
-                # and the guest must not wait for it.
-                log.info("setup: resume VM")
-                with trio.CancelScope(shield=True):
-                    try:
-                        await q.execute("cont")
-                    except QMPCommandError as err:
-                        resume_error = err
-                pause_ms = round((trio.current_time() - stopped_at) * 1000, 3)
-                log.info("VM %s was paused for %.1f ms", vmid, pause_ms)
+                await step("stop VM")
+                stopped_at = trio.current_time()
+                await q.execute("stop")
+            try:
+                actions = [a for s in states for a in _bitmap_prepare_actions(s.bitmap, nodes)]
+                if actions:
+                    await step("prepare bitmaps", None)
+                    await q.execute("transaction", {"actions": actions})
+                    for s in states:
+                        for name in (s.bitmap.next, s.bitmap.frozen):
+                            if name:
+                                undo.push(f"remove bitmap {name}",
+                                          _bitmap_remover(q, s.bitmap.node, name))
+                for s in states:
+                    await step("add copy-before-write filter", s.name)
+                    cbw_args: dict[str, Any] = {
+                        "driver": "copy-before-write", "node-name": s.cbw_node, "file": s.node,
+                        "target": s.fleecing_node, "on-cbw-error": "break-snapshot",
+                        "cbw-timeout": cbw_timeout}
+                    if s.bitmap.mode == "reuse":
+                        cbw_args["bitmap"] = {"node": s.bitmap.node, "name": s.bitmap.frozen}
+                    await q.execute("blockdev-add", cbw_args)
+                    undo.push(f"delete {s.cbw_node}", _deleter(q, s.cbw_node))
+                for s in states:
+                    await step("insert filter", s.name)
+                    await q.execute("qom-set", {"path": s.qom_path, "property": "drive",
+                                                "value": s.cbw_node})
+                    undo.push(f"restore drive of {s.name}", _drive_restorer(q, s))
+                snapshot_time = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+            finally:
+                resume_error: QMPCommandError | None = None
+                if was_running:
+                    # Resume even when a step failed: rollback does not need the guest stopped,
+                    # and the guest must not wait for it.
+                    log.info("setup: resume VM")
+                    with trio.CancelScope(shield=True):
+                        try:
+                            await q.execute("cont")
+                        except QMPCommandError as err:
+                            resume_error = err
+                    pause_ms = round((trio.current_time() - stopped_at) * 1000, 3)
+                    log.info("VM %s was paused for %.1f ms", vmid, pause_ms)
+        finally:
+            await around.aclose()
         if resume_error is not None:
             current = ("resume VM (the VM is still paused)", None)
             raise resume_error

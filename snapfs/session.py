@@ -36,7 +36,7 @@ from typing import Any
 import trio
 import trio_asyncio
 
-from snapfs import nbd, qmp
+from snapfs import agent, nbd, pve, qmp
 from snapfs.errors import (
     FuseError,
     NBDError,
@@ -88,6 +88,8 @@ class MountOptions:
     default_mountpoint: bool = False
     # A dead serving process left this VM's session behind: clean it up first.
     stale: bool = False
+    # The guest freeze through the guest agent; None: --no-freeze.
+    freeze: agent.FreezeConfig | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -243,6 +245,8 @@ class Session:
         self.commit = False
         self.created_mountpoint = False
         self.broken: str | None = None
+        self.freeze: agent.FreezeResult | None = None
+        self.guest_files: dict[str, bytes] = {}
         self._stop = trio.Event()
         self._server: FuseServer | None = None
         self._done = trio.Event()
@@ -276,6 +280,7 @@ class Session:
             "incremental": g.incremental,
             "mountpoint": str(self.opts.mountpoint),
             "broken": self.broken,
+            "freeze": self.freeze.facts() if self.freeze else None,
             "disks": disks,
         }
 
@@ -298,7 +303,7 @@ class Session:
                 self.graph = await qmp.setup(
                     q, vmid=opts.vmid, fleecing_dir=opts.fleecing_dir,
                     nbd_socket=sdir / "nbd.sock", exclude=opts.exclude,
-                    incremental=opts.incremental)
+                    incremental=opts.incremental, around_snapshot=self._around_snapshot)
             self._save_state()
         except BaseException:
             self._remove_state_dir(sdir)
@@ -313,6 +318,17 @@ class Session:
                     await self._teardown()
             control.cancel_scope.cancel()
         return self.result
+
+    @contextlib.asynccontextmanager
+    async def _around_snapshot(self, guest_running: bool) -> AsyncIterator[None]:
+        """qmp.setup's snapshot point runs inside this: the Proxmox config is read and the
+        guest frozen right before it, the guest thawed right after it."""
+        self.guest_files = await pve.read_guest_files(self.opts.vmid)
+        async with agent.frozen(self.opts.freeze, vmid=self.opts.vmid,
+                                skip=None if guest_running else "the VM is not running"
+                                ) as result:
+            self.freeze = result
+            yield
 
     def _lock_state_dir(self, sdir: Path) -> None:
         sdir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -353,7 +369,8 @@ class Session:
                     nbd.NBDClient.open(str(g.nbd_socket), ds.export, meta_contexts=contexts))
                 clients.append(client)
                 disks.append(await self._disk(client, ds))
-            self.tree = Tree(disks, self.facts, mtime_ns=int(g.snapshot_epoch * 1e9))
+            self.tree = Tree(disks, self.facts, extra_files=self.guest_files,
+                             mtime_ns=int(g.snapshot_epoch * 1e9))
             ops = TreeOperations(self.tree)
             self._server = FuseServer(ops, self.opts.mountpoint, name=g.vmid,
                                       allow_other=self.opts.allow_other)
@@ -584,6 +601,19 @@ def _alive(pid: int) -> bool:
     return stat_line[stat_line.rindex(b")") + 2 : stat_line.rindex(b")") + 3] not in (b"Z", b"X")
 
 
+async def _wait_exit(pid: int, timeout: float) -> None:
+    """Wait until ``pid`` has exited (a pidfd turns readable then), at most ``timeout`` s."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        with trio.move_on_after(timeout):
+            await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
 def remove_dir(path: Path) -> None:
     """Remove a session directory and the files in it, if it exists."""
     for p in path.glob("*"):
@@ -614,9 +644,7 @@ async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
     pid = _read_pid(sdir)
     if pid is not None and pid != os.getpid():
         # A serving process that just answered a failed umount is still on its way out.
-        with trio.move_on_after(5):
-            while _alive(pid):
-                await trio.sleep(0.05)
+        await _wait_exit(pid, timeout=5)
     if pid is not None and pid != os.getpid() and _alive(pid):
         raise StateError(f"VM {vmid}'s serving process ({pid}) is alive; "
                          f"use 'snapfs umount {vmid}'")
