@@ -601,15 +601,14 @@ def _alive(pid: int) -> bool:
     return stat_line[stat_line.rindex(b")") + 2 : stat_line.rindex(b")") + 3] not in (b"Z", b"X")
 
 
-async def _wait_exit(pid: int, timeout: float) -> None:
-    """Wait until ``pid`` has exited (a pidfd turns readable then), at most ``timeout`` s."""
+async def _wait_exit(pid: int) -> None:
+    """Wait until ``pid`` has exited (its pidfd turns readable then)."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return
     try:
-        with trio.move_on_after(timeout):
-            await trio.lowlevel.wait_readable(fd)
+        await trio.lowlevel.wait_readable(fd)
     finally:
         os.close(fd)
 
@@ -644,7 +643,8 @@ async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
     pid = _read_pid(sdir)
     if pid is not None and pid != os.getpid():
         # A serving process that just answered a failed umount is still on its way out.
-        await _wait_exit(pid, timeout=5)
+        with trio.move_on_after(5):
+            await _wait_exit(pid)
     if pid is not None and pid != os.getpid() and _alive(pid):
         raise StateError(f"VM {vmid}'s serving process ({pid}) is alive; "
                          f"use 'snapfs umount {vmid}'")
