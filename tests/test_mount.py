@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,12 @@ def test_a_disk_that_cannot_be_snapshotted_fails_the_mount_unless_excluded(
         assert machine.graph() == graph
         with snapfs.mounted(machine, mnt, "--exclude", "scsi1") as m:
             assert sorted(os.listdir(m)) == ["scsi0.dirty", "scsi0.raw", "snapfs.json"]
+
+
+def test_non_root_gets_a_clear_error(tmp_path: Path) -> None:
+    proc = subprocess.run(["runuser", "-u", "nobody", "--", sys.executable, "-m", "snapfs",
+                           "mount", "100", str(tmp_path)], capture_output=True, text=True,
+                          cwd="/", timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "snapfs: error: snapfs must run as root (it mounts FUSE and talks to QEMU)"]
