@@ -4,6 +4,10 @@ This is the only place where domain errors become errno values (``TreeError.errn
 reads go into buffers from a small pool and are handed to the FUSE layer without a copy; the
 buffer returns to the pool once the reply is written.
 
+Sequential reads of a disk file are read ahead by one request (see ``ReadAhead``): a reader
+that issues one read at a time (``dd iflag=direct``, ``cp``) then overlaps the NBD round trip
+of its next request with the FUSE reply of the current one.
+
 Concurrency rule: everything runs on the trio thread; ``read``/``fallocate`` may be in flight
 several at a time, which the tree allows (see ``tree.py``).
 """
@@ -16,12 +20,16 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 
+import trio
+
 from snapfs.fuse.ops import Attr, DirEntry, FuseErrno, OpenReply, ReadResult, StatFs
-from snapfs.tree import Tree, TreeError
+from snapfs.tree import Disk, Tree, TreeError
 
 log = logging.getLogger(__name__)
 
 MAX_READ = 1 << 20
+#: Reads at least this large that continue the previous read of the same file start a read-ahead.
+READ_AHEAD_MIN = 128 * 1024
 
 
 @contextlib.contextmanager
@@ -48,12 +56,119 @@ class BufferPool:
             self._free.append(buf)
 
 
+class _Ahead:
+    """One read-ahead in flight or done: ``length`` bytes at ``offset`` of inode ``ino``.
+
+    Ownership of ``buf``: the read-ahead task until ``done`` is set; then whoever claims it (a
+    matching read) or, if it was dropped, the pool. ``error`` is set if the read failed.
+    """
+
+    __slots__ = ("buf", "done", "dropped", "error", "ino", "length", "offset")
+
+    def __init__(self, ino: int, offset: int, length: int, buf: bytearray) -> None:
+        self.ino = ino
+        self.offset = offset
+        self.length = length
+        self.buf = buf
+        self.done = trio.Event()
+        self.dropped = False
+        self.error: BaseException | None = None
+
+
+class ReadAhead:
+    """At most one read-ahead per disk inode, started when a read continues the previous one.
+
+    Only bytes of the readable set are read ahead, and a read-ahead is used only by a read that
+    passed the tree's checks at its own time: a range punched meanwhile is refused as it would
+    be without read-ahead (punching only ever shrinks the readable set, and the snapshot's bytes
+    never change, so data read before a check that still passes is the snapshot's data).
+
+    Read-ahead tasks are trio system tasks: they are fire-and-forget, never raise, and are
+    cancelled with the run. Concurrency rule: the trio thread only.
+    """
+
+    def __init__(self, pool: BufferPool) -> None:
+        self.pool = pool
+        self._ahead: dict[int, _Ahead] = {}
+        self._next: dict[int, int] = {}  # ino -> where its last read ended
+        self.hits = 0
+        self.misses = 0
+
+    async def read(self, ino: int, disk: Disk, offset: int, length: int) -> bytearray:
+        """The ``length`` (> 0, checked by the tree) bytes at ``offset``, in a pool buffer that
+        the caller must give back; starts the next read-ahead if the access is sequential."""
+        sequential = self._next.get(ino) == offset
+        self._next[ino] = offset + length
+        buf = None
+        ahead = self._ahead.pop(ino, None)
+        if ahead is not None:
+            if ahead.offset == offset and ahead.length == length:
+                try:
+                    await ahead.done.wait()
+                except BaseException:
+                    self._drop(ahead)
+                    raise
+                if ahead.error is None:
+                    buf = ahead.buf
+                    self.hits += 1
+                else:
+                    self.pool.put(ahead.buf)
+            else:
+                self._drop(ahead)
+                self.misses += 1
+        if sequential and length >= READ_AHEAD_MIN:
+            self._start(ino, disk, offset + length, length)
+        if buf is None:
+            buf = self.pool.get()
+            try:
+                await disk.source.read_into(buf, offset, length)
+            except BaseException:
+                self.pool.put(buf)
+                raise
+        return buf
+
+    def _start(self, ino: int, disk: Disk, offset: int, length: int) -> None:
+        length = min(length, disk.size - offset)
+        if length <= 0 or not disk.readable.contains(offset, length):
+            return
+        ahead = _Ahead(ino, offset, length, self.pool.get())
+        self._ahead[ino] = ahead
+        trio.lowlevel.spawn_system_task(self._run, ahead, disk, name="snapfs-read-ahead")
+
+    async def _run(self, ahead: _Ahead, disk: Disk) -> None:
+        try:
+            await disk.source.read_into(ahead.buf, ahead.offset, ahead.length)
+        except Exception as err:  # the read proper retries and reports it
+            ahead.error = err
+        except BaseException as err:  # cancelled with the run: nobody waits any more
+            ahead.error = err
+            raise
+        finally:
+            ahead.done.set()
+            if ahead.dropped:
+                self.pool.put(ahead.buf)
+
+    def _drop(self, ahead: _Ahead) -> None:
+        if ahead.done.is_set():
+            self.pool.put(ahead.buf)
+        else:
+            ahead.dropped = True
+
+    def forget(self, ino: int) -> None:
+        """Drop the read-ahead of ``ino`` and its sequential streak (its file was released)."""
+        ahead = self._ahead.pop(ino, None)
+        if ahead is not None:
+            self._drop(ahead)
+        self._next.pop(ino, None)
+
+
 class TreeOperations:
     """``Operations`` for a snapfs ``Tree``. ``on_destroy`` runs when the kernel lets go."""
 
     def __init__(self, tree: Tree, on_destroy: object = None) -> None:
         self.tree = tree
         self.pool = BufferPool()
+        self.read_ahead = ReadAhead(self.pool)
         self._on_destroy = on_destroy
         self.destroyed = False
 
@@ -97,7 +212,9 @@ class TreeOperations:
         return OpenReply(fh=0, direct_io=True)
 
     def release(self, ino: int, fh: int) -> None:
-        pass
+        # Frees the read-ahead buffer of a file nobody reads any more; should another handle
+        # still read it, that only costs one request without read-ahead.
+        self.read_ahead.forget(ino)
 
     async def read(self, ino: int, fh: int, offset: int, size: int) -> ReadResult:
         tree = self.tree
@@ -106,19 +223,21 @@ class TreeOperations:
                 return ReadResult(tree.read_text(ino, offset, size))
         if size > self.pool.size:
             raise FuseErrno(errno.EINVAL, "read larger than the negotiated maximum")
-        buf = self.pool.get()
-        try:
-            with _errno():
-                n = await tree.read_disk(ino, buf, offset, size)
-        except BaseException:
-            self.pool.put(buf)
-            raise
-        return ReadResult(memoryview(buf)[:n], release=lambda: self.pool.put(buf))
+        with _errno():
+            # The tree's checks, at the time of this read (see ReadAhead for why that matters).
+            disk, length = tree.disk_read_length(ino, offset, size)
+            if not length:
+                return ReadResult(b"")
+            buf = await self.read_ahead.read(ino, disk, offset, length)
+        disk.bytes_read += length
+        return ReadResult(memoryview(buf)[:length], release=lambda: self.pool.put(buf))
 
     def write(self, ino: int, fh: int, offset: int, data: bytes) -> int:
         raise FuseErrno(errno.EROFS, "snapfs is read-only")
 
     async def fallocate(self, ino: int, fh: int, offset: int, length: int, mode: int) -> None:
+        # The read-ahead is kept: a read of a punched range fails the tree's check before it
+        # could use one, and `snapfs copy --discard` punches right behind a sequential read.
         with _errno():
             await self.tree.punch(ino, offset, length, mode)
 

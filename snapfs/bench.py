@@ -1,0 +1,728 @@
+"""``make bench``: snapfs side by side with nbdfuse, QEMU's FUSE export and nbdcopy.
+
+All tools read the SAME snapshot: snapfs is mounted first, and the references connect to the
+NBD exports (or, for QEMU's FUSE export, the snapshot-access nodes) named in its state file.
+Tools alternate within every round (the order rotates), the page cache is dropped before every
+measured run, and only medians are reported: the machine is small and noisy.
+
+Figures per run: wall time, bytes, CPU seconds of the reader (dd, cp, nbdcopy: from wait4) and
+of the serving process (snapfs or nbdfuse: /proc/PID/stat deltas), and QEMU's CPU seconds
+separately (QEMU is the NBD server of every tool and the FUSE server of its own export).
+
+Invariant: whatever fails, every mount, nbdfuse and QEMU process started here is gone when
+``main`` returns (``Bench.close`` in ``finally``), and the number of runs is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snapfs.devvm import DiskSpec, MiB, TestVM, poll
+
+GiB = 1024 * MiB
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+REGION = 64 * 1024
+
+SNAPFS = "snapfs"
+NBDFUSE = "nbdfuse"
+QEMU_FUSE = "qemu-fuse"
+NBDCOPY = "nbdcopy"
+
+# A reader that copies the regions of a .dirty-style list with pread/pwrite: the (d) reference.
+_PREAD_LOOP = """
+import os, sys
+src = os.open(sys.argv[1], os.O_RDONLY)
+dst = os.open(sys.argv[3], os.O_WRONLY | os.O_CREAT, 0o600)
+with open(sys.argv[2]) as f:
+    for line in f:
+        off, n = map(int, line.split())
+        while n:
+            k = min(n, 1 << 20)
+            data = os.pread(src, k, off)
+            if len(data) != k:
+                sys.exit(f"short read at {off}")
+            os.pwrite(dst, data, off)
+            off += k
+            n -= k
+os.fsync(dst)
+"""
+
+
+def parse_size(text: str) -> int:
+    """``2G``, ``512M``, ``64K`` or bytes."""
+    units = {"K": 1024, "M": MiB, "G": GiB}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def peak_rss(pid: int) -> int:
+    """VmHWM of a live process, in bytes (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def _has_text(path: Path) -> bool:
+    return path.exists() and bool(path.read_text().strip())
+
+
+def drop_caches() -> None:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as err:  # not root, or a container: say so once in the output
+        print(f"warning: cannot drop the page cache: {err}", file=sys.stderr)
+
+
+@dataclass
+class Run:
+    """One measured run of one tool on one workload."""
+
+    workload: str
+    tool: str
+    round: int
+    nbytes: int
+    wall: float
+    cpu_reader: float
+    cpu_server: float
+    cpu_qemu: float
+
+    @property
+    def mib_s(self) -> float:
+        return self.nbytes / MiB / self.wall
+
+    @property
+    def cpu_per_gib(self) -> float:
+        return (self.cpu_reader + self.cpu_server) / (self.nbytes / GiB)
+
+    @property
+    def qemu_per_gib(self) -> float:
+        return self.cpu_qemu / (self.nbytes / GiB)
+
+
+@dataclass
+class Results:
+    args: dict[str, Any]
+    runs: list[Run] = field(default_factory=list)
+    mount_s: list[float] = field(default_factory=list)
+    umount_s: list[float] = field(default_factory=list)
+    rss: dict[str, list[int]] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    dirty_regions: int = 0
+
+
+def _wait_all(procs: Sequence[subprocess.Popen[bytes]]) -> float:
+    """Wait for the processes; fail if one failed; return their CPU seconds (wait4 rusage)."""
+    cpu = 0.0
+    failed = []
+    for proc in procs:
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        cpu += usage.ru_utime + usage.ru_stime
+        if proc.returncode != 0:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            failed.append(f"{proc.args!r} exited {proc.returncode}: {err.strip()}")
+    if failed:
+        raise RuntimeError("; ".join(failed))
+    return cpu
+
+
+class BenchVM(TestVM):
+    """A TestVM whose disks are written with random data in chunks, never held in memory."""
+
+    def create_images(self) -> None:
+        rng = random.Random(self.seed)
+        chunk = 16 * MiB
+        for disk in self.disks.values():
+            raw = self.workdir / f"{disk.name}.init.raw"
+            with open(raw, "wb") as f:
+                for pos in range(0, disk.size, chunk):
+                    f.write(rng.randbytes(min(chunk, disk.size - pos)))
+            self.expected[disk.name] = bytearray()  # not tracked: the bench checks no content
+            disk.path = self.workdir / f"{disk.name}.{disk.fmt}"
+            if disk.fmt == "raw":
+                raw.rename(disk.path)
+            else:
+                subprocess.run(
+                    [
+                        "qemu-img",
+                        "convert",
+                        "-q",
+                        "-f",
+                        "raw",
+                        "-O",
+                        "qcow2",
+                        str(raw),
+                        str(disk.path),
+                    ],
+                    check=True,
+                )
+                raw.unlink()
+
+
+class Bench:
+    """Owns the VM, the snapfs mount and every reference mount; ``close`` undoes all of it."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.size: int = args.size_bytes
+        self.names = [f"virtio{i}" for i in range(args.disks)]
+        self.run_dir = workdir / "r"  # short: QEMU's NBD socket lives below it (108-byte limit)
+        self.mnt = workdir / "snapfs"
+        self.env = dict(
+            os.environ,
+            SNAPFS_RUN_DIR=str(self.run_dir),
+            SNAPFS_LOG_FILE=str(workdir / "snapfs.log"),
+        )
+        self.vm = BenchVM(
+            workdir,
+            [DiskSpec(n, args.format, "virtio", size=self.size) for n in self.names],
+            seed=7,
+        )
+        self.results = Results(args={k: v for k, v in vars(args).items() if k != "func"})
+        self.state: dict[str, Any] = {}
+        self.snapfs_pid = 0
+        self.nbdfuse: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+        self.qemu_fuse: dict[str, Path] = {}
+        self.has_qemu_fuse = False
+
+    # -- processes -------------------------------------------------------------------------------
+
+    def snapfs(self, *argv: str, timeout: float = 600) -> float:
+        """Run the snapfs CLI; return its wall time."""
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "snapfs", *argv],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"snapfs {' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}"
+            )
+        return wall
+
+    def mount(self, *extra: str) -> float:
+        self.mnt.mkdir(exist_ok=True)
+        wall = self.snapfs(
+            "mount",
+            self.vm.vmid,
+            str(self.mnt),
+            "--qmp",
+            str(self.vm.qmp_path),
+            "--fleecing-dir",
+            str(self.workdir / "fleecing"),
+            *extra,
+        )
+        sdir = self.run_dir / ".state" / self.vm.vmid
+        self.state = json.loads((sdir / "state.json").read_text())
+        self.snapfs_pid = int((sdir / "pid").read_text())
+        return wall
+
+    def umount(self, *extra: str) -> float:
+        wall = self.snapfs("umount", str(self.mnt), *extra)
+        self.snapfs_pid = 0
+        return wall
+
+    def disk_state(self, name: str) -> dict[str, Any]:
+        for d in self.state["graph"]["disks"]:
+            if d["name"] == name:
+                return dict(d)
+        raise KeyError(name)
+
+    def uri(self, name: str) -> str:
+        sock = self.state["graph"]["nbd_socket"]
+        return f"nbd+unix:///{self.disk_state(name)['export_name']}?socket={sock}"
+
+    def start_nbdfuse(self, names: Sequence[str]) -> None:
+        for name in names:
+            mnt = self.workdir / "nbdfuse" / name
+            mnt.mkdir(parents=True, exist_ok=True)
+            pidfile = self.workdir / "nbdfuse" / f"{name}.pid"
+            pidfile.unlink(missing_ok=True)
+            # -r: read-only, as a backup reader would mount it. nbdfuse stays in the foreground.
+            proc = subprocess.Popen(
+                ["nbdfuse", "-r", "-P", str(pidfile), str(mnt / "disk"), self.uri(name)],
+                stdin=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            self.nbdfuse[name] = (proc, mnt)
+            poll(lambda p=pidfile: _has_text(p), 30, "nbdfuse to be ready")
+
+    def stop_nbdfuse(self) -> None:
+        for proc, mnt in self.nbdfuse.values():
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stderr:
+                proc.stderr.close()
+        self.nbdfuse.clear()
+
+    def start_qemu_fuse(self, names: Sequence[str]) -> None:
+        if not self.has_qemu_fuse:
+            return
+        for name in names:
+            target = self.workdir / "qemu-fuse" / f"{name}.raw"
+            target.parent.mkdir(exist_ok=True)
+            target.touch()
+            self.vm.qmp(
+                "block-export-add",
+                type="fuse",
+                id=f"bench-fuse-{name}",
+                **{"node-name": self.disk_state(name)["access_node"]},
+                mountpoint=str(target),
+                writable=False,
+            )
+            self.qemu_fuse[name] = target
+
+    def stop_qemu_fuse(self) -> None:
+        for name in list(self.qemu_fuse):
+            with contextlib.suppress(RuntimeError):
+                self.vm.qmp("block-export-del", id=f"bench-fuse-{name}")
+            del self.qemu_fuse[name]
+        if self.vm.monitor is not None:
+            # Deletion is asynchronous: snapfs's teardown must not find the node still in use.
+            poll(
+                lambda: (
+                    not any(
+                        e["id"].startswith("bench-fuse-")
+                        for e in self.vm.qmp("query-block-exports")
+                    )
+                ),
+                30,
+                "QEMU's FUSE exports to go away",
+            )
+
+    def close(self) -> None:
+        """Undo everything, whatever state it is in. Never raises."""
+        with contextlib.suppress(Exception):
+            self.stop_qemu_fuse()
+        with contextlib.suppress(Exception):
+            self.stop_nbdfuse()
+        if self.snapfs_pid:
+            try:
+                self.umount()
+            except Exception as err:
+                print(f"bench: snapfs umount failed ({err}); killing it", file=sys.stderr)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.snapfs_pid, 9)
+                subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+                with contextlib.suppress(Exception):
+                    self.snapfs("cleanup", self.vm.vmid, "--qmp", str(self.vm.qmp_path))
+        self.vm.stop()
+
+    # -- measuring -------------------------------------------------------------------------------
+
+    def file_of(self, tool: str, name: str) -> str:
+        if tool == SNAPFS:
+            return str(self.mnt / f"{name}.raw")
+        if tool == NBDFUSE:
+            return str(self.nbdfuse[name][1] / "disk")
+        if tool == QEMU_FUSE:
+            return str(self.qemu_fuse[name])
+        return self.uri(name)
+
+    def server_pids(self, tool: str, names: Sequence[str]) -> list[int]:
+        tool = tool.split("-")[0]  # (d)'s labels: "snapfs-copy", "nbdfuse-pread"
+        if tool == SNAPFS:
+            return [self.snapfs_pid]
+        if tool == NBDFUSE:
+            return [self.nbdfuse[n][0].pid for n in names]
+        return []  # QEMU's FUSE export and nbdcopy: QEMU is the server, counted apart
+
+    def reader(self, workload: str, tool: str, name: str) -> list[str]:
+        src = self.file_of(tool, name)
+        if tool == NBDCOPY:
+            return ["nbdcopy", src, "null:"]
+        if workload == "b-cp":
+            return ["cp", "--sparse=always", src, "/dev/null"]
+        return ["dd", f"if={src}", "of=/dev/null", "bs=1M", "iflag=direct", "status=none"]
+
+    def argv(self, workload: str, tool: str) -> Callable[[str], list[str]]:
+        return lambda name: self.reader(workload, tool, name)
+
+    def measure(
+        self,
+        workload: str,
+        tool: str,
+        rnd: int,
+        names: Sequence[str],
+        argv: Callable[[str], list[str]],
+        nbytes: int,
+    ) -> Run:
+        """Run one reader per disk in ``names`` at once and account for it."""
+        if not self.args.no_drop_caches:
+            drop_caches()
+        servers = self.server_pids(tool, names)
+        s0 = sum(cpu_seconds(p) for p in servers)
+        q0 = cpu_seconds(self.vm.pid)
+        t0 = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                argv(n), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
+            for n in names
+        ]
+        try:
+            cpu_reader = _wait_all(procs)
+        finally:
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.kill()
+                    proc.wait()
+                if proc.stderr:
+                    proc.stderr.close()
+        wall = time.perf_counter() - t0
+        run = Run(
+            workload,
+            tool,
+            rnd,
+            nbytes,
+            wall,
+            cpu_reader,
+            sum(cpu_seconds(p) for p in servers) - s0,
+            cpu_seconds(self.vm.pid) - q0,
+        )
+        self.results.runs.append(run)
+        print(
+            f"  round {rnd} {workload:10} {tool:9} {run.mib_s:8.0f} MiB/s  "
+            f"cpu {run.cpu_per_gib:5.2f} s/GiB  qemu {run.qemu_per_gib:5.2f} s/GiB",
+            flush=True,
+        )
+        return run
+
+    # -- the phases ------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        t0 = time.perf_counter()
+        print(
+            f"creating {len(self.names)} disk(s) of {self.size // MiB} MiB of random data "
+            f"in {self.workdir}",
+            flush=True,
+        )
+        self.vm.start()
+        schema = self.vm.qmp("query-qmp-schema")
+        self.has_qemu_fuse = any(
+            e.get("meta-type") == "enum"
+            and "fuse" in e.get("values", [])
+            and "nbd" in e.get("values", [])
+            for e in schema
+        )
+        if not self.has_qemu_fuse:
+            self.results.unavailable[QEMU_FUSE] = "this QEMU build has no FUSE export"
+        print(f"VM ready in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    def rounds(self) -> None:
+        tools = [SNAPFS, NBDFUSE] + ([QEMU_FUSE] if self.has_qemu_fuse else []) + [NBDCOPY]
+        first = self.names[0]
+        for rnd in range(self.args.rounds):
+            print(f"round {rnd + 1}/{self.args.rounds}", flush=True)
+            drop_caches()
+            self.results.mount_s.append(self.mount())
+            try:
+                self.start_nbdfuse(self.names)
+                self.start_qemu_fuse(self.names)
+                order = tools[rnd % len(tools) :] + tools[: rnd % len(tools)]
+                for tool in order:
+                    self.measure("a-dd", tool, rnd, [first], self.argv("a-dd", tool), self.size)
+                    if tool == SNAPFS:
+                        self.results.rss.setdefault(SNAPFS, []).append(peak_rss(self.snapfs_pid))
+                    elif tool == NBDFUSE:
+                        self.results.rss.setdefault(NBDFUSE, []).append(
+                            peak_rss(self.nbdfuse[first][0].pid)
+                        )
+                for tool in order:
+                    if tool != NBDCOPY:  # cp needs a file
+                        self.measure("b-cp", tool, rnd, [first], self.argv("b-cp", tool), self.size)
+                for tool in order:
+                    self.measure(
+                        "c-parallel",
+                        tool,
+                        rnd,
+                        self.names,
+                        self.argv("c-parallel", tool),
+                        self.size * len(self.names),
+                    )
+            finally:
+                self.stop_qemu_fuse()
+                self.stop_nbdfuse()
+            self.results.umount_s.append(self.umount())
+            print(
+                f"  mount {self.results.mount_s[-1]:.2f} s, "
+                f"umount {self.results.umount_s[-1]:.2f} s",
+                flush=True,
+            )
+
+    def incremental(self) -> None:
+        """(d): an incremental view with scattered 64 KiB dirty regions, copied by the
+        reference provider, against a pread/pwrite loop over the same regions via nbdfuse."""
+        first = self.names[0]
+        exclude = [a for n in self.names[1:] for a in ("--exclude", n)]
+        dest = self.workdir / "backup"
+        shutil.rmtree(dest, ignore_errors=True)
+        print("(d) full backup of the incremental chain's base", flush=True)
+        self.mount("--incremental", "bench", *exclude)
+        self.snapfs("copy", str(self.mnt), str(dest))
+        self.umount("--commit")
+        slots = self.size // REGION
+        # Every other 64 KiB slot at most, so no two dirty regions touch and merge.
+        count = min(self.args.dirty_regions, slots // 2)
+        picks = sorted(random.Random(3).sample(range(slots // 2), count))
+        print(f"(d) {count} guest writes of 64 KiB", flush=True)
+        qom = self.vm.disks[first].qom_io_path
+        for i, slot in enumerate(picks):
+            out = self.vm.hmp(
+                f'qemu-io -d {qom} "write -P {i % 250 + 1} {slot * 2 * REGION} {REGION}"'
+            )
+            if out.strip():
+                raise RuntimeError(f"guest write failed: {out.strip()}")
+        self.mount("--incremental", "bench", *exclude)
+        try:
+            facts = json.loads((self.mnt / "snapfs.json").read_text())
+            disk = facts["disks"][first]
+            if disk["bitmap"]["mode"] != "reuse":
+                raise RuntimeError(f"expected an incremental (reuse) view, got {disk['bitmap']}")
+            self.results.dirty_regions = disk["dirty_regions"]
+            nbytes = disk["dirty_bytes"]
+            regions = self.workdir / "regions.txt"
+            shutil.copyfile(self.mnt / f"{first}.dirty", regions)
+            self.start_nbdfuse([first])
+            ref = self.workdir / "ref.raw"
+            for rnd in range(self.args.rounds):
+                runs: list[tuple[str, Callable[[str], list[str]]]] = [
+                    (
+                        "snapfs-copy",
+                        lambda n: [
+                            sys.executable,
+                            "-m",
+                            "snapfs",
+                            "copy",
+                            str(self.mnt),
+                            str(dest),
+                        ],
+                    ),
+                    (
+                        "snapfs-pread",
+                        lambda n: [
+                            sys.executable,
+                            "-c",
+                            _PREAD_LOOP,
+                            self.file_of(SNAPFS, n),
+                            str(regions),
+                            str(ref),
+                        ],
+                    ),
+                    (
+                        "nbdfuse-pread",
+                        lambda n: [
+                            sys.executable,
+                            "-c",
+                            _PREAD_LOOP,
+                            self.file_of(NBDFUSE, n),
+                            str(regions),
+                            str(ref),
+                        ],
+                    ),
+                ]
+                if rnd % 2:
+                    runs.reverse()
+                for label, argv in runs:
+                    self.measure("d-incr", label, rnd, [first], argv, nbytes)
+        finally:
+            self.stop_nbdfuse()
+        self.umount()
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def _med(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(res: Results) -> dict[str, Any]:
+    """Medians per (workload, tool), and snapfs's ratio to each reference."""
+    out: dict[str, Any] = {}
+    for workload in dict.fromkeys(r.workload for r in res.runs):
+        rows: dict[str, Any] = {}
+        for tool in dict.fromkeys(r.tool for r in res.runs if r.workload == workload):
+            runs = [r for r in res.runs if r.workload == workload and r.tool == tool]
+            rows[tool] = {
+                "rounds": len(runs),
+                "mib_s": _med([r.mib_s for r in runs]),
+                "cpu_s_per_gib": _med([r.cpu_per_gib for r in runs]),
+                "qemu_cpu_s_per_gib": _med([r.qemu_per_gib for r in runs]),
+            }
+        ours = next((v for k, v in rows.items() if k.startswith(SNAPFS)), None)
+        for row in rows.values():
+            row["snapfs_ratio"] = ours["mib_s"] / row["mib_s"] if ours else None
+        out[workload] = rows
+    out["mount_s"] = _med(res.mount_s)
+    out["umount_s"] = _med(res.umount_s)
+    out["peak_rss_mib"] = {k: max(v) / MiB for k, v in res.rss.items()}
+    return out
+
+
+WORKLOAD_TITLES = {
+    "a-dd": "(a) dd bs=1M iflag=direct",
+    "b-cp": "(b) cp --sparse=always to /dev/null",
+    "c-parallel": "(c) 4 disks in parallel, dd bs=1M iflag=direct (aggregate)",
+    "d-incr": "(d) incremental view, 64 KiB regions",
+}
+
+
+def markdown(res: Results, summary: dict[str, Any]) -> str:
+    a = res.args
+    lines = [
+        f"{a['disks']} disk(s) x {a['size']} of random data ({a['format']}), "
+        f"{a['rounds']} alternated rounds, medians; page cache dropped before every run"
+        + (" (not)" if a["no_drop_caches"] else "")
+        + ".",
+        "",
+        "| workload | tool | MiB/s | CPU s/GiB (reader+server) | QEMU CPU s/GiB | snapfs ratio |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for workload, rows in summary.items():
+        if not isinstance(rows, dict) or workload not in WORKLOAD_TITLES:
+            continue
+        title = WORKLOAD_TITLES[workload]
+        if workload == "c-parallel":
+            title = title.replace("4 disks", f"{a['disks']} disks")
+        if workload == "d-incr":
+            title += f" ({res.dirty_regions} regions)"
+        for tool, row in rows.items():
+            lines.append(
+                f"| {title} | {tool} | {row['mib_s']:.0f} | {row['cpu_s_per_gib']:.2f} "
+                f"| {row['qemu_cpu_s_per_gib']:.2f} | {row['snapfs_ratio']:.2f} |"
+            )
+            title = ""
+    for tool, why in res.unavailable.items():
+        lines.append(f"| all | {tool} | not available: {why} | | | |")
+    lines += [
+        "",
+        f"(e) `snapfs mount` {summary['mount_s']:.2f} s, `snapfs umount` "
+        f"{summary['umount_s']:.2f} s for {a['disks']} disks (median wall time).",
+    ]
+    rss = summary["peak_rss_mib"]
+    lines.append(
+        "(f) peak RSS during (a): " + ", ".join(f"{k} {v:.0f} MiB" for k, v in rss.items()) + "."
+    )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m snapfs.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--size", default="2G", help="size of each disk (default 2G)")
+    p.add_argument("--disks", type=int, default=4, help="disks in the VM (default 4)")
+    p.add_argument("--rounds", type=int, default=5, help="alternated rounds (default 5)")
+    p.add_argument(
+        "--format",
+        choices=["raw", "qcow2"],
+        default="raw",
+        help="image format of the disks (default raw)",
+    )
+    p.add_argument(
+        "--dirty-regions",
+        type=int,
+        default=10000,
+        help="64 KiB dirty regions of the incremental view (default 10000; 0 skips)",
+    )
+    p.add_argument(
+        "--workdir",
+        default="/var/tmp",
+        help="where the images go (a fresh directory below it; default /var/tmp)",
+    )
+    p.add_argument("--json", default="bench-results.json", help="raw figures (JSON)")
+    p.add_argument(
+        "--no-drop-caches", action="store_true", help="do not drop the page cache before every run"
+    )
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    return p
+
+
+def run(args: argparse.Namespace) -> Results:
+    """Run the whole benchmark; cleans up everything it started, even on failure."""
+    args.size_bytes = parse_size(args.size)
+    if args.size_bytes % REGION or args.size_bytes <= 0:
+        raise SystemExit("--size must be a positive multiple of 64 KiB")
+    if args.rounds < 1 or args.disks < 1:
+        raise SystemExit("--rounds and --disks must be at least 1")
+    workdir = Path(tempfile.mkdtemp(prefix="snapfs-bench-", dir=args.workdir))
+    bench = Bench(args, workdir)
+    try:
+        bench.setup()
+        bench.rounds()
+        if args.dirty_regions:
+            bench.incremental()
+    finally:
+        bench.close()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return bench.results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    res = run(args)
+    summary = summarize(res)
+    table = markdown(res, summary)
+    print()
+    print(table)
+    data = {
+        "args": res.args,
+        "summary": summary,
+        "runs": [asdict(r) for r in res.runs],
+        "mount_s": res.mount_s,
+        "umount_s": res.umount_s,
+        "peak_rss": res.rss,
+        "unavailable": res.unavailable,
+        "dirty_regions": res.dirty_regions,
+        "markdown": table,
+    }
+    Path(args.json).write_text(json.dumps(data, indent=1, default=str) + "\n")
+    print(f"\nraw figures: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

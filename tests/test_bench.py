@@ -1,0 +1,83 @@
+"""``python -m snapfs.bench`` end to end on tiny disks: it runs, reports and cleans up.
+
+No timing is asserted anywhere (the benchmark is a separate command, ``make bench``); this only
+proves that every workload runs against the same snapshot and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapfs import bench
+from tests.conftest import mounts_below
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.mount,
+    pytest.mark.skipif(
+        not shutil.which("nbdfuse") or not shutil.which("nbdcopy"),
+        reason="needs libnbd-bin (nbdfuse, nbdcopy)",
+    ),
+]
+
+
+def test_parse_size() -> None:
+    assert bench.parse_size("2G") == 2 << 30
+    assert bench.parse_size("512MiB") == 512 << 20
+    assert bench.parse_size("65536") == 65536
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A work directory with a short path: QEMU's NBD socket goes below it (108-byte limit)."""
+    path = Path(tempfile.mkdtemp(prefix="sb-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_bench_runs_every_workload_and_cleans_up(short_tmp: Path) -> None:
+    tmp_path = short_tmp
+    out = tmp_path / "bench.json"
+    argv = [
+        "--size",
+        "4M",
+        "--disks",
+        "2",
+        "--rounds",
+        "2",
+        "--dirty-regions",
+        "8",
+        "--workdir",
+        str(tmp_path),
+        "--json",
+        str(out),
+        "--no-drop-caches",
+    ]
+    assert bench.main(argv) == 0
+    data = json.loads(out.read_text())
+    summary = data["summary"]
+    tools = {"snapfs", "nbdfuse", "nbdcopy"} | ({"qemu-fuse"} if not data["unavailable"] else set())
+    assert set(summary["a-dd"]) == tools
+    assert set(summary["b-cp"]) == tools - {"nbdcopy"}
+    assert set(summary["c-parallel"]) == tools
+    assert set(summary["d-incr"]) == {"snapfs-copy", "snapfs-pread", "nbdfuse-pread"}
+    assert summary["a-dd"]["snapfs"]["snapfs_ratio"] == 1.0
+    assert data["dirty_regions"] == 8
+    assert len(data["mount_s"]) == 2
+    assert len(data["umount_s"]) == 2
+    assert summary["peak_rss_mib"]["snapfs"] > 0
+    assert "| (a) dd bs=1M iflag=direct | snapfs |" in data["markdown"]
+    # Every run moved the bytes it claims: 2 disks of 4 MiB in (c), 8 regions of 64 KiB in (d).
+    assert {r["nbytes"] for r in data["runs"] if r["workload"] == "c-parallel"} == {8 << 20}
+    assert {r["nbytes"] for r in data["runs"] if r["workload"] == "d-incr"} == {8 << 16}
+    # Nothing left: no mount, no work directory (QEMU is stopped by Bench.close).
+    assert mounts_below(tmp_path) == []
+    assert [p for p in tmp_path.iterdir() if p.name.startswith("snapfs-bench-")] == []
