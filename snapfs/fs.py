@@ -83,12 +83,13 @@ class ReadAhead:
     be without read-ahead (punching only ever shrinks the readable set, and the snapshot's bytes
     never change, so data read before a check that still passes is the snapshot's data).
 
-    Read-ahead tasks are trio system tasks: they are fire-and-forget, never raise, and are
-    cancelled with the run. Concurrency rule: the trio thread only.
+    Read-ahead tasks run in the session's nursery (a system task without one, as in model
+    tests): they never raise, and end with the session. Concurrency rule: the trio thread only.
     """
 
-    def __init__(self, pool: BufferPool) -> None:
+    def __init__(self, pool: BufferPool, nursery: trio.Nursery | None = None) -> None:
         self.pool = pool
+        self.nursery = nursery
         self._ahead: dict[int, _Ahead] = {}
         self._next: dict[int, int] = {}  # ino -> where its last read ended
         self.hits = 0
@@ -133,7 +134,10 @@ class ReadAhead:
             return
         ahead = _Ahead(ino, offset, length, self.pool.get())
         self._ahead[ino] = ahead
-        trio.lowlevel.spawn_system_task(self._run, ahead, disk, name="snapfs-read-ahead")
+        if self.nursery is not None:
+            self.nursery.start_soon(self._run, ahead, disk, name="snapfs-read-ahead")
+        else:
+            trio.lowlevel.spawn_system_task(self._run, ahead, disk, name="snapfs-read-ahead")
 
     async def _run(self, ahead: _Ahead, disk: Disk) -> None:
         try:
@@ -165,10 +169,11 @@ class ReadAhead:
 class TreeOperations:
     """``Operations`` for a snapfs ``Tree``. ``on_destroy`` runs when the kernel lets go."""
 
-    def __init__(self, tree: Tree, on_destroy: object = None) -> None:
+    def __init__(self, tree: Tree, on_destroy: object = None,
+                 nursery: trio.Nursery | None = None) -> None:
         self.tree = tree
         self.pool = BufferPool()
-        self.read_ahead = ReadAhead(self.pool)
+        self.read_ahead = ReadAhead(self.pool, nursery)
         self._on_destroy = on_destroy
         self.destroyed = False
 

@@ -371,10 +371,10 @@ class Session:
                 disks.append(await self._disk(client, ds))
             self.tree = Tree(disks, self.facts, extra_files=self.guest_files,
                              mtime_ns=int(g.snapshot_epoch * 1e9))
-            ops = TreeOperations(self.tree)
-            self._server = FuseServer(ops, self.opts.mountpoint, name=g.vmid,
-                                      allow_other=self.opts.allow_other)
             async with trio.open_nursery() as nursery:
+                ops = TreeOperations(self.tree, nursery=nursery)
+                self._server = FuseServer(ops, self.opts.mountpoint, name=g.vmid,
+                                          allow_other=self.opts.allow_other)
                 for client in clients:
                     nursery.start_soon(self._watch, client)
                 await nursery.start(self._run_fuse, nursery)
