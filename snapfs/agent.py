@@ -110,13 +110,7 @@ class Agent:
 
     async def _line(self) -> bytes:
         while (end := self._buf.find(b"\n")) < 0:
-            try:
-                chunk = await self.stream.receive_some(65536)
-            except (trio.BrokenResourceError, OSError) as err:
-                raise AgentError(f"lost the connection to {self.path}: {err}") from err
-            if not chunk:
-                raise AgentError(f"{self.path} closed the connection")
-            self._buf += chunk
+            await self._more()
         line = bytes(self._buf[:end])
         del self._buf[:end + 1]
         return line

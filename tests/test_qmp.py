@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
-import trio_asyncio
 
 from snapfs.devvm import QEMU_IMG, DiskSpec, TestVM, running_vm, which_all
 from snapfs.errors import (
@@ -27,6 +26,7 @@ from snapfs.errors import (
 )
 from snapfs.qmp import QMP, GraphState, list_disks, setup, teardown
 from snapfs.qmp import cleanup_orphans as cleanup_orphans_
+from snapfs.session import run_trio
 
 pytestmark = [
     pytest.mark.qemu,
@@ -40,22 +40,9 @@ CDROM = ["-drive", "if=none,id=drive-ide2,media=cdrom",
 
 
 def run(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run ``fn`` in trio with an asyncio loop open, as snapfs's CLI does.
-
-    open_loop's nurseries wrap an error in exception groups; unwrap a lone one.
-    """
-    async def main() -> T:
-        async with trio_asyncio.open_loop():
-            return await fn()
-    try:
-        return trio.run(main)
-    except BaseExceptionGroup as group:
-        err: BaseException = group
-        while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:
-            err = err.exceptions[0]
-        if err is group:
-            raise
-        raise err from None
+    """Run ``fn`` as snapfs's CLI does: trio with an asyncio loop, errors out of their groups."""
+    result: T = run_trio(fn)
+    return result
 
 
 def two_disks() -> list[DiskSpec]:
