@@ -323,6 +323,15 @@ def _serve_in_background(args: argparse.Namespace, opts: session.MountOptions) -
     return 1
 
 
+def _outcome(reply: dict[str, Any]) -> str:
+    """What an unmount did, in the words that matter for the next backup."""
+    if not reply.get("incremental"):
+        return "unmounted"
+    if reply.get("committed"):
+        return "unmounted; committed: the next incremental starts from this snapshot"
+    return "unmounted; not committed: the next incremental still contains these changes"
+
+
 def _mount(args: argparse.Namespace) -> int:
     opts = mount_options(args, args.mountpoint)
     if args.foreground:
@@ -409,8 +418,7 @@ def _run(args: argparse.Namespace) -> int:
         except SnapfsError as err:
             _error(f"{err}")
             return status or err.exit_code
-        log.info("VM %s: unmounted (%s)", opts.vmid,
-                 "committed" if reply.get("committed") else "aborted")
+        log.info("VM %s: %s", opts.vmid, _outcome(reply))
         return status
 
 
@@ -529,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             sys.exit(_run(args))
         if args.command == "umount":
             reply = session.umount(args.target, commit=args.commit)
-            log.info("unmounted (%s)", "committed" if reply.get("committed") else "aborted")
+            log.info("%s", _outcome(reply))
             sys.exit(0)
         if args.command == "cleanup":
             for line in session.run_trio(session.cleanup, session.check_vmid(args.vmid),

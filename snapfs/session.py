@@ -516,6 +516,7 @@ class Session:
                                "error": f"the snapshot broke ({self.broken}); "
                                         "nothing was committed"}
             log.info("VM %s: torn down (%s)", g.vmid, "committed" if commit else "aborted")
+        self.result["incremental"] = g.incremental
         if keep_state:
             (self.opts.state_dir / "control.sock").unlink(missing_ok=True)
         else:
