@@ -141,6 +141,8 @@ class Results:
     rss: dict[str, list[int]] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
     dirty_regions: int = 0
+    # (g) guest pause at the snapshot point, ms: full views and incremental (reuse) views.
+    pause_ms: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _wait_all(procs: Sequence[subprocess.Popen[bytes]]) -> float:
@@ -493,6 +495,19 @@ class Bench:
                 flush=True,
             )
 
+    def pause(self) -> None:
+        """(g): how long a running guest stays paused at the snapshot point, for a full view
+        and for an incremental one (the bitmap hand-over happens inside the pause)."""
+        self.vm.qmp("cont")  # no guest OS: the firmware idles, which is all a pause needs
+        for _ in range(self.args.rounds):
+            for kind, extra in (("full", ()), ("incremental", ("--incremental", "pause"))):
+                self.mount(*extra)
+                facts = json.loads((self.mnt / "snapfs.json").read_text())
+                self.umount("--commit")
+                if kind == "full" or any(d["bitmap"]["mode"] == "reuse"
+                                         for d in facts["disks"].values()):
+                    self.results.pause_ms.setdefault(kind, []).append(float(facts["pause_ms"]))
+
     def incremental(self) -> None:
         """(d): an incremental view with scattered 64 KiB dirty regions, copied by the
         reference provider, against a pread/pwrite loop over the same regions via nbdfuse."""
@@ -600,6 +615,7 @@ def summarize(res: Results) -> dict[str, Any]:
     out["mount_s"] = _med(res.mount_s)
     out["umount_s"] = _med(res.umount_s)
     out["peak_rss_mib"] = {k: max(v) / MiB for k, v in res.rss.items()}
+    out["pause_ms"] = {k: _med(v) for k, v in res.pause_ms.items()}
     return out
 
 
@@ -647,6 +663,12 @@ def markdown(res: Results, summary: dict[str, Any]) -> str:
     lines.append(
         "(f) peak RSS during (a): " + ", ".join(f"{k} {v:.0f} MiB" for k, v in rss.items()) + "."
     )
+    if summary["pause_ms"]:
+        lines.append(
+            f"(g) a running guest is paused at the snapshot point for {a['disks']} disks: "
+            + ", ".join(f"{k} view {v:.1f} ms" for k, v in summary["pause_ms"].items())
+            + " (median)."
+        )
     return "\n".join(lines)
 
 
@@ -694,6 +716,7 @@ def run(args: argparse.Namespace) -> Results:
         bench.rounds()
         if args.dirty_regions:
             bench.incremental()
+        bench.pause()
     finally:
         bench.close()
         if not args.keep:
@@ -717,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss": res.rss,
         "unavailable": res.unavailable,
         "dirty_regions": res.dirty_regions,
+        "pause_ms": res.pause_ms,
         "markdown": table,
     }
     Path(args.json).write_text(json.dumps(data, indent=1, default=str) + "\n")

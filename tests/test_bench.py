@@ -74,6 +74,9 @@ def test_bench_runs_every_workload_and_cleans_up(short_tmp: Path) -> None:
     assert len(data["mount_s"]) == 2
     assert len(data["umount_s"]) == 2
     assert summary["peak_rss_mib"]["snapfs"] > 0
+    assert set(data["pause_ms"]) == {"full", "incremental"}
+    assert all(len(v) == 2 and all(ms > 0 for ms in v) for v in data["pause_ms"].values())
+    assert "(g) a running guest is paused" in data["markdown"]
     assert "| (a) dd bs=1M iflag=direct | snapfs |" in data["markdown"]
     # Every run moved the bytes it claims: 2 disks of 4 MiB in (c), 8 regions of 64 KiB in (d).
     assert {r["nbytes"] for r in data["runs"] if r["workload"] == "c-parallel"} == {8 << 20}
