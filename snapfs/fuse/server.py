@@ -9,11 +9,10 @@ its reply is written, so a full house stops the reader instead of queueing witho
 
 Every reply is ONE ``os.writev`` of the header and the payload (a write to /dev/fuse completes
 synchronously, and the kernel wants a whole reply per write). ENOENT from that write means the
-request was interrupted meanwhile and is ignored. Large READ replies are written from a worker
-thread: the kernel's copy into the reader's buffer is the single biggest cost of a read, and
-``os.writev`` releases the GIL, so the trio thread meanwhile receives the next NBD reply (the
-read-ahead of ``fs.py``) on the other core. Replies may reach the kernel in any order; the
-descriptor stays open until every request task, hence every writer thread, has finished.
+request was interrupted meanwhile and is ignored. Replies are written on the trio thread:
+writing large READ replies from worker threads (to overlap the kernel's copy with the next NBD
+receive) cost about a quarter more CPU per GiB and gained nothing measurable (`make bench`).
+Replies may reach the kernel in any order.
 
 INTERRUPT cancels the cancel scope of the in-flight request with that ``unique``; a cancelled
 request is answered EINTR. A ``FuseErrno`` from ops is answered with its errno; any other
@@ -46,10 +45,6 @@ MAX_WRITE = MAX_PAGES * p.PAGE_SIZE
 #: once; above the congestion threshold the kernel throttles readahead and async I/O.
 MAX_BACKGROUND = 64
 CONGESTION_THRESHOLD = 48
-#: READ replies at least this large are written from a worker thread, at most WRITER_THREADS
-#: at once (see the module docstring).
-THREAD_WRITE_MIN = 256 * 1024
-WRITER_THREADS = 4
 
 #: Names are cached 1 s: the tree of a snapshot does not change while mounted.
 ENTRY_VALID = p.split_timeout(1.0)
@@ -111,7 +106,6 @@ class FuseServer:
         self._mounted = False  # True from mount(2) until the kernel reports the end
         self._buf = bytearray(MAX_PAGES * p.PAGE_SIZE + p.PAGE_SIZE)
         self._slots = trio.Semaphore(max_background)
-        self._writers = trio.CapacityLimiter(WRITER_THREADS)
         self._inflight: dict[int, trio.CancelScope] = {}
         self._dirs: dict[int, list[DirEntry] | None] = {}
         self._next_dir_fh = 1
@@ -362,13 +356,8 @@ class FuseServer:
                 self._reply_err(unique, errno.EINTR)
                 return
             data = result.data
-            iov = (p.OUT_HEADER.pack(_OUT_HEADER_SIZE + len(data), 0, unique), data)
             try:
-                if len(data) >= THREAD_WRITE_MIN:
-                    # Not cancellable: the buffer goes back to the pool only once it is written.
-                    await trio.to_thread.run_sync(self._write, iov, limiter=self._writers)
-                else:
-                    self._write(iov)
+                self._write((p.OUT_HEADER.pack(_OUT_HEADER_SIZE + len(data), 0, unique), data))
             finally:
                 if result.release is not None:
                     result.release()
