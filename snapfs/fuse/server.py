@@ -11,7 +11,7 @@ Every reply is ONE ``os.writev`` of the header and the payload (a write to /dev/
 synchronously, and the kernel wants a whole reply per write). ENOENT from that write means the
 request was interrupted meanwhile and is ignored. Replies are written on the trio thread:
 writing large READ replies from worker threads (to overlap the kernel's copy with the next NBD
-receive) cost about a quarter more CPU per GiB and gained nothing measurable (`make bench`).
+receive) was tried: it cost more CPU per GiB and gained no throughput.
 Replies may reach the kernel in any order.
 
 INTERRUPT cancels the cancel scope of the in-flight request with that ``unique``; a cancelled
