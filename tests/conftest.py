@@ -8,7 +8,6 @@ mounted below its tmp_path, so nothing outlives a test.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -19,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from snapfs.devvm import DiskSpec, TestVM, poll
-
-MNT_DETACH = 2
+from snapfs.errors import FuseError
+from snapfs.fuse import kernel
 
 
 def mounts_below(path: Path) -> list[str]:
@@ -34,8 +33,8 @@ def mounts_below(path: Path) -> list[str]:
 
 
 def lazy_umount(path: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.umount2(path.encode(), MNT_DETACH)
+    with contextlib.suppress(FuseError):
+        kernel.unmount(path, lazy=True)
 
 
 class Snapfs:
