@@ -4,9 +4,14 @@ This is the only place where domain errors become errno values (``TreeError.errn
 reads go into buffers from a small pool and are handed to the FUSE layer without a copy; the
 buffer returns to the pool once the reply is written.
 
+A disk whose source can answer READs itself (``DirectSource``: the splice data path of
+``snapfs.datapath``) gets the request's ``unique`` and replies without handing bytes back; the
+tree's checks run here first either way.
+
 Sequential reads of a disk file are read ahead by one request (see ``ReadAhead``): a reader
 that issues one read at a time (``dd iflag=direct``, ``cp``) then overlaps the NBD round trip
-of its next request with the FUSE reply of the current one.
+of its next request with the FUSE reply of the current one. A direct source is only told which
+range to read ahead; it keeps the bytes itself.
 
 Concurrency rule: everything runs on the trio thread; ``read``/``fallocate`` may be in flight
 several at a time, which the tree allows (see ``tree.py``).
@@ -19,10 +24,19 @@ import errno
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import trio
 
-from snapfs.fuse.ops import Attr, DirEntry, FuseErrno, OpenReply, ReadResult, StatFs
+from snapfs.fuse.ops import (
+    Attr,
+    DirEntry,
+    FuseErrno,
+    OpenReply,
+    ReadDone,
+    ReadResult,
+    StatFs,
+)
 from snapfs.tree import Disk, Tree, TreeError
 
 log = logging.getLogger(__name__)
@@ -38,6 +52,21 @@ def _errno() -> Iterator[None]:
         yield
     except TreeError as err:
         raise FuseErrno(err.errno, str(err)) from err
+
+
+class DirectSource(Protocol):
+    """A disk source that can answer a READ request itself."""
+
+    def can_read_direct(self) -> bool:
+        """Whether ``start_read_direct`` may be tried now."""
+        ...
+
+    def start_read_direct(self, unique: int, offset: int, length: int,
+                          ahead: tuple[int, int] | None, done: ReadDone) -> None:
+        """Answer READ ``unique`` with ``length`` bytes at ``offset`` (checked by the tree),
+        reading ``ahead`` ahead if given; then ``done(None)``, or ``done(ReadPlain())`` if
+        the read should go the plain way, or ``done(SourceError)``, on the trio thread."""
+        ...
 
 
 class BufferPool:
@@ -95,11 +124,23 @@ class ReadAhead:
         self.hits = 0
         self.misses = 0
 
+    def follow(self, ino: int, disk: Disk, offset: int, length: int) -> tuple[int, int] | None:
+        """Note a read of ``length`` (> 0, checked by the tree) bytes at ``offset``; return the
+        range to read ahead (sequential, large enough, readable now) or None."""
+        sequential = self._next.get(ino) == offset
+        self._next[ino] = offset + length
+        if not sequential or length < READ_AHEAD_MIN:
+            return None
+        start = offset + length
+        ahead = min(length, disk.size - start)
+        if ahead <= 0 or not disk.readable.contains(start, ahead):
+            return None
+        return start, ahead
+
     async def read(self, ino: int, disk: Disk, offset: int, length: int) -> bytearray:
         """The ``length`` (> 0, checked by the tree) bytes at ``offset``, in a pool buffer that
         the caller must give back; starts the next read-ahead if the access is sequential."""
-        sequential = self._next.get(ino) == offset
-        self._next[ino] = offset + length
+        next_range = self.follow(ino, disk, offset, length)
         buf = None
         ahead = self._ahead.pop(ino, None)
         if ahead is not None:
@@ -117,8 +158,8 @@ class ReadAhead:
             else:
                 self._drop(ahead)
                 self.misses += 1
-        if sequential and length >= READ_AHEAD_MIN:
-            self._start(ino, disk, offset + length, length)
+        if next_range is not None:
+            self._start(ino, disk, *next_range)
         if buf is None:
             buf = self.pool.get()
             try:
@@ -129,9 +170,6 @@ class ReadAhead:
         return buf
 
     def _start(self, ino: int, disk: Disk, offset: int, length: int) -> None:
-        length = min(length, disk.size - offset)
-        if length <= 0 or not disk.readable.contains(offset, length):
-            return
         ahead = _Ahead(ino, offset, length, self.pool.get())
         self._ahead[ino] = ahead
         if self.nursery is not None:
@@ -220,6 +258,31 @@ class TreeOperations:
         # Frees the read-ahead buffer of a file nobody reads any more; should another handle
         # still read it, that only costs one request without read-ahead.
         self.read_ahead.forget(ino)
+
+    def start_read(self, ino: int, fh: int, offset: int, size: int, unique: int,
+                   done: ReadDone) -> bool:
+        """Hand a disk READ to its direct source (after the tree's checks, as ``read``)."""
+        tree = self.tree
+        if size > self.pool.size or not tree.is_disk(ino):
+            return False
+        with _errno():
+            disk, length = tree.disk_read_length(ino, offset, size)
+        source = disk.source
+        can_read_direct = getattr(source, "can_read_direct", None)
+        if not length or can_read_direct is None or not can_read_direct():
+            return False
+        direct: DirectSource = source  # type: ignore[assignment]
+
+        def finished(outcome: Exception | None) -> None:
+            if outcome is None:
+                disk.bytes_read += length
+            elif isinstance(outcome, TreeError):
+                outcome = FuseErrno(outcome.errno, str(outcome))
+            done(outcome)
+
+        direct.start_read_direct(unique, offset, length,
+                                 self.read_ahead.follow(ino, disk, offset, length), finished)
+        return True
 
     async def read(self, ino: int, fh: int, offset: int, size: int) -> ReadResult:
         tree = self.tree

@@ -37,6 +37,7 @@ import trio
 import trio_asyncio
 
 from snapfs import agent, nbd, pve, qmp
+from snapfs.datapath import DiskReader
 from snapfs.errors import (
     FuseError,
     NBDError,
@@ -48,6 +49,7 @@ from snapfs.errors import (
 )
 from snapfs.fs import TreeOperations
 from snapfs.fuse import kernel
+from snapfs.fuse.ops import ReadDone, ReadPlain
 from snapfs.fuse.server import FuseServer
 from snapfs.regions import Regions
 from snapfs.tree import Disk, SourceError, Tree
@@ -172,6 +174,10 @@ class NBDSource:
     the snapshot itself broke (copy-before-write could not save old data, e.g. the fleecing
     storage is full; QEMU then refuses every snapshot read, with EINVAL over NBD):
     ``on_broken`` is told.
+
+    Once ``reader`` (the splice data path, a second connection) runs, READs go through it
+    (``read_direct``); should it stop, reads go through ``client`` again, which then reports
+    what happened.
     """
 
     def __init__(self, client: nbd.NBDClient, name: str,
@@ -179,6 +185,7 @@ class NBDSource:
         self.client = client
         self.name = name
         self.on_broken = on_broken
+        self.reader: DiskReader | None = None
 
     def _failed(self, what: str, err: NBDError) -> SourceError:
         if not self.client.alive:
@@ -187,6 +194,23 @@ class NBDSource:
             self.on_broken(f"{self.name}: the snapshot broke: QEMU refuses {what} "
                            "(fleecing storage full, or copy-before-write failed)")
         return SourceError(f"{self.name}: {err}", errno.EIO)
+
+    def can_read_direct(self) -> bool:
+        return self.reader is not None and self.reader.alive
+
+    def start_read_direct(self, unique: int, offset: int, length: int,
+                          ahead: tuple[int, int] | None, done: ReadDone) -> None:
+        assert self.reader is not None
+
+        def finished(err: NBDError | None) -> None:
+            if err is None:
+                done(None)
+            elif isinstance(err, nbd.StreamLost):
+                done(ReadPlain())  # the libnbd connection reads it, and tells what is wrong
+            else:
+                done(self._failed("reads", err))
+
+        self.reader.submit(unique, offset, length, ahead, finished)
 
     async def read_into(self, buf: bytearray, offset: int, length: int) -> None:
         try:
@@ -249,6 +273,7 @@ class Session:
         self.guest_files: dict[str, bytes] = {}
         self._stop = trio.Event()
         self._server: FuseServer | None = None
+        self._readers: list[DiskReader] = []
         self._done = trio.Event()
         self.result: dict[str, Any] = {}
 
@@ -378,12 +403,19 @@ class Session:
                 for client in clients:
                     nursery.start_soon(self._watch, client)
                 await nursery.start(self._run_fuse, nursery)
-                nursery.start_soon(self._signals)
-                log.info("VM %s: %d disk(s) served at %s", g.vmid, len(disks),
-                         self.opts.mountpoint)
-                task_status.started()
-                await self._stop.wait()
-                nursery.cancel_scope.cancel()
+                try:
+                    for ds, disk in zip(g.disks, disks, strict=True):
+                        await self._start_reader(nursery, ds, disk)
+                    nursery.start_soon(self._signals)
+                    log.info("VM %s: %d disk(s) served at %s", g.vmid, len(disks),
+                             self.opts.mountpoint)
+                    task_status.started()
+                    await self._stop.wait()
+                    nursery.cancel_scope.cancel()
+                finally:
+                    # The readers' threads end only when told to, so the nursery can close.
+                    for reader in self._readers:
+                        reader.close()
 
     async def _disk(self, client: nbd.NBDClient, ds: qmp.DiskState) -> Disk:
         if ds.export_bitmap:
@@ -402,6 +434,22 @@ class Session:
         return Disk(name=ds.name, size=client.size,
                     source=NBDSource(client, ds.name, self._mark_broken),
                     dirty=dirty, data=data, granularity=max(ds.granularity, CBW_CLUSTER))
+
+    async def _start_reader(self, nursery: trio.Nursery, ds: qmp.DiskState, disk: Disk) -> None:
+        """Start the splice data path of a disk; without it the disk is read through libnbd."""
+        source = disk.source
+        assert isinstance(source, NBDSource)
+        assert self._server is not None
+        assert self.graph is not None
+        reader = DiskReader(str(self.graph.nbd_socket), ds.export, self._server.reply_pipe)
+        try:
+            await nursery.start(reader.run)
+        except (NBDError, FuseError) as err:
+            log.warning("VM %s: %s is read without splice: %s", self.opts.vmid, source.name, err)
+            return
+        source.reader = reader
+        self._readers.append(reader)
+        log.debug("VM %s: %s: splice data path ready", self.opts.vmid, source.name)
 
     def _mark_broken(self, why: str) -> None:
         """Remember why the snapshot can no longer be read; a broken backup never commits."""

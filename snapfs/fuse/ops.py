@@ -78,6 +78,25 @@ class ReadResult:
     release: Callable[[], None] | None = None
 
 
+class ReadPlain(Exception):
+    """Passed to a ``start_read`` callback: answer this read through ``read`` after all."""
+
+
+ReadDone = Callable[[Exception | None], None]
+"""How a started read ended, on the trio thread: None (answered), ``ReadPlain``, or an
+exception to answer with (``FuseErrno``: its errno; anything else: EIO)."""
+
+
+class DirectReads(Protocol):
+    """Optional for ``Operations``: reads answered without handing bytes to the server."""
+
+    def start_read(self, ino: int, fh: int, offset: int, size: int, unique: int,
+                   done: ReadDone) -> bool:
+        """Start answering READ ``unique`` (e.g. through a ``ReplyPipe``) and return True;
+        ``done`` follows once. False: not this one, use ``read``. May raise FuseErrno."""
+        ...
+
+
 class Operations(Protocol):
     """A file system as the FUSE layer sees it. Inode 1 is the root directory."""
 

@@ -22,6 +22,7 @@ exception is logged at ERROR and answered EIO, and the server keeps serving.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
@@ -34,7 +35,16 @@ import trio
 from snapfs.errors import FuseError
 from snapfs.fuse import kernel
 from snapfs.fuse import protocol as p
-from snapfs.fuse.ops import ROOT_INODE, Attr, DirEntry, FuseErrno, Operations, ReadResult
+from snapfs.fuse.ops import (
+    ROOT_INODE,
+    Attr,
+    DirEntry,
+    FuseErrno,
+    Operations,
+    ReadPlain,
+    ReadResult,
+)
+from snapfs.fuse.splice import ReplyPipe
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +122,7 @@ class FuseServer:
         self._nursery: trio.Nursery | None = None
         self._destroyed = False
         self._handlers: list[Handler] = self._build_handlers()
+        self._start_read: Callable[..., bool] | None = getattr(ops, "start_read", None)
 
     @property
     def mounted(self) -> bool:
@@ -153,6 +164,13 @@ class FuseServer:
                 except Exception as err:  # a bug in ops must not hide how serving ended
                     log.error("ops.destroy() failed: %s", err)
                     log.debug("ops.destroy() failed", exc_info=True)
+
+    def reply_pipe(self, size: int) -> ReplyPipe:
+        """A pipe through which any thread can answer this server's READs (see
+        ``snapfs.fuse.splice``); valid from ``task_status.started()`` on."""
+        if self._fd < 0:
+            raise FuseError(f"the FUSE server for {self.mountpoint} is not mounted")
+        return ReplyPipe(self._fd, size)
 
     async def unmount(self, *, lazy: bool = False) -> None:
         """Unmount from inside the program; ``serve()`` then returns. Raises FuseError ("busy")
@@ -407,6 +425,31 @@ class FuseServer:
 
     def _op_read(self, unique: int, nodeid: int, body: memoryview) -> bool:
         fh, offset, size, _, _, _, _ = p.READ_IN.unpack_from(body)
+        # The lean path: no task; the slot is kept until the read reports back.
+        start = self._start_read
+        if start is not None and start(
+            nodeid, fh, offset, size, unique,
+            functools.partial(self._started_read_done, unique, nodeid, fh, offset, size),
+        ):
+            return True
+        return self._spawn_read(unique, nodeid, fh, offset, size)
+
+    def _started_read_done(self, unique: int, nodeid: int, fh: int, offset: int, size: int,
+                           outcome: Exception | None) -> None:
+        # Runs as a trio callback: it must never raise.
+        try:
+            if self._fd < 0 or self._nursery is None:
+                pass  # the connection is gone: nobody to answer
+            elif isinstance(outcome, ReadPlain):
+                self._spawn_read(unique, nodeid, fh, offset, size)
+                return  # the task took over the slot
+            elif outcome is not None:
+                self._reply_failure(unique, p.Opcode.READ, outcome)
+        except Exception as exc:
+            log.error("FUSE READ failed after it started: %r", exc)
+        self._slots.release()
+
+    def _spawn_read(self, unique: int, nodeid: int, fh: int, offset: int, size: int) -> bool:
         assert self._nursery is not None
         scope = trio.CancelScope()
         self._inflight[unique] = scope

@@ -1,0 +1,423 @@
+"""The splice data path: snapshot bytes from QEMU's NBD socket into /dev/fuse, never in Python.
+
+One :class:`DiskReader` per disk owns a worker thread, an :class:`~snapfs.nbd.NBDStream` and
+a few pipes. For a READ the trio thread checks the range against the tree (as for every read)
+and submits a job; the worker sends the NBD request, splices the payload of each data chunk of
+the reply from the socket into the request's pipe (holes become zeros written into it), and
+then splices header plus payload into /dev/fuse (:mod:`snapfs.fuse.splice`).
+The kernel copies the bytes once, into the reader's pages; libnbd's path copies them twice and
+wakes the trio thread for every socket chunk. Workers of different disks run in parallel (the
+GIL is released in every syscall).
+
+Read-ahead: a job may name the range that follows it if the trio thread found it readable when
+it submitted the job (a sequential reader). The worker asks QEMU for it right away, before it
+sends the current reply, and keeps its payload in the second payload pipe; a later job for
+exactly that range uses it. That job passed the tree's checks at its own time, so a range
+punched meanwhile is refused as without read-ahead (the snapshot's bytes never change, and
+punching only shrinks the readable set). A read-ahead that fails or is not used is dropped.
+
+Whenever bytes do not fit the splice way (a full pipe, chunks out of order, more requests in
+flight than pipes), that request continues in a buffer and its reply is written by copying.
+
+Errors: an NBD error chunk fails that job with the server's errno (a broken snapshot); a lost
+connection or a protocol violation fails the job and every later one with
+:class:`~snapfs.nbd.StreamLost`. Callers then read the libnbd way, which reports what happened.
+
+Threads: ``submit``/``read``/``close`` on the trio thread; everything else in the worker. Jobs
+cross over through a ``queue.SimpleQueue``; results come back with ``TrioToken.run_sync_soon``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import struct
+from collections.abc import Callable
+from typing import Final
+
+import trio
+
+from snapfs.errors import NBDError, SnapfsError
+from snapfs.fuse.splice import Pipe, ReplyPipe
+from snapfs.nbd import (
+    CHUNK_ERROR_BIT,
+    CHUNK_FLAG_DONE,
+    CHUNK_NONE,
+    CHUNK_OFFSET_DATA,
+    CHUNK_OFFSET_HOLE,
+    NBDStream,
+    StreamLost,
+)
+
+log = logging.getLogger(__name__)
+
+#: Bytes a pipe must take: one whole 1 MiB READ reply (and the unprivileged maximum).
+PIPE_SIZE: Final = 1 << 20
+#: Payload pipes: a request, its read-ahead, and a read-ahead dropped while in flight.
+PAYLOAD_PIPES: Final = 3
+_ZEROS: Final = bytes(1 << 16)
+_OFFSET: Final = struct.Struct(">Q")
+_HOLE: Final = struct.Struct(">QI")
+_ERROR: Final = struct.Struct(">IH")
+
+ReplyPipeFactory = Callable[[int], ReplyPipe]
+"""Makes a ReplyPipe of the given size on the mounted FUSE connection."""
+
+
+Done = Callable[[NBDError | None], None]
+"""Told on the trio thread how a read ended: None (answered) or why not."""
+
+
+class _Job:
+    __slots__ = ("ahead", "done", "length", "offset", "result", "unique")
+
+    def __init__(self, unique: int, offset: int, length: int,
+                 ahead: tuple[int, int] | None, done: Done) -> None:
+        self.unique = unique
+        self.offset = offset
+        self.length = length
+        self.ahead = ahead
+        self.done = done
+        self.result: NBDError | None = None
+
+
+class _Request:
+    """One NBD read in flight or answered, reassembled from its reply chunks.
+
+    Invariant: in pipe mode (``buf`` None) the pipe holds exactly the first ``filled`` bytes of
+    the payload; in buffer mode ``buf`` holds every byte received so far at its place (holes
+    are the buffer's zeros). ``wanted`` is false for a read-ahead nobody will use.
+    """
+
+    __slots__ = ("buf", "done", "error", "filled", "handle", "length", "offset", "pipe",
+                 "wanted")
+
+    def __init__(self, handle: int, offset: int, length: int, pipe: Pipe | None) -> None:
+        self.handle = handle
+        self.offset = offset
+        self.length = length
+        self.pipe = pipe
+        self.buf: bytearray | None = None if pipe is not None else bytearray(length)
+        self.filled = 0
+        self.error = 0
+        self.done = False
+        self.wanted = True
+
+    def to_buffer(self) -> bytearray:
+        """Switch to buffer mode (the pipe's bytes move into the buffer)."""
+        if self.buf is None:
+            assert self.pipe is not None
+            self.buf = bytearray(self.length)
+            self.pipe.read_exact(memoryview(self.buf)[: self.filled])
+        return self.buf
+
+
+class DiskReader:
+    """Serves READs of one disk through its own NBD connection in a worker thread.
+
+    Lifecycle: ``await run(task_status)`` in a nursery connects (in the thread) and serves until
+    :meth:`close`; ``read`` may be called once ``run`` has started. After a lost connection or
+    an unexpected failure the reader is ``alive`` no more and callers should read another way.
+    """
+
+    def __init__(self, socket_path: str, export: str, reply_pipe: ReplyPipeFactory,
+                 *, pipe_size: int = PIPE_SIZE) -> None:
+        self.name = f"{socket_path}:{export}"
+        self._socket_path = socket_path
+        self._export = export
+        self._reply_pipe = reply_pipe
+        self._pipe_size = pipe_size
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stream: NBDStream | None = None
+        self._alive = False
+        self._closed = False
+        # Worker state.
+        self._handle = 0
+        self._inflight: dict[int, _Request] = {}
+        self._ahead: _Request | None = None
+        self._pipes: list[Pipe] = []  # all of them, to close
+        self._free: list[Pipe] = []
+        self._reply: ReplyPipe | None = None
+        #: Counters for tests and the log: read-aheads used, and replies sent by copying.
+        self.hits = 0
+        self.copied = 0
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    # -- trio side ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, report started, serve in the worker thread until ``close``. Raises
+        NBDError or FuseError if the connection or the pipes cannot be set up."""
+        self._token = trio.lowlevel.current_trio_token()
+        await trio.to_thread.run_sync(self._setup, abandon_on_cancel=False)
+        self._alive = True
+        task_status.started()
+        try:
+            with trio.CancelScope(shield=True):  # the thread ends only through close()
+                await trio.to_thread.run_sync(self._serve, abandon_on_cancel=False)
+        finally:
+            self._alive = False
+
+    def submit(self, unique: int, offset: int, length: int, ahead: tuple[int, int] | None,
+               done: Done) -> None:
+        """Answer READ ``unique`` with ``length`` bytes at ``offset``, reading ``ahead``
+        ahead; ``done`` is called on the trio thread once the reply went out (None) or with
+        the NBDError that stopped it (the server's errno, or StreamLost). A job cannot be
+        cancelled; one that ends after its request was interrupted finds it gone.
+        """
+        if not self._alive:
+            done(StreamLost(f"{self.name}: the splice reader is not running"))
+            return
+        self._jobs.put(_Job(unique, offset, length, ahead, done))
+
+    async def read(self, unique: int, offset: int, length: int,
+                   ahead: tuple[int, int] | None) -> None:
+        """``submit`` and wait; raises what ``done`` would get."""
+        finished = trio.Event()
+        outcome: list[NBDError | None] = []
+
+        def done(err: NBDError | None) -> None:
+            outcome.append(err)
+            finished.set()
+
+        self.submit(unique, offset, length, ahead, done)
+        await finished.wait()
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def close(self) -> None:
+        """Stop the worker: jobs still queued fail, a blocked receive is broken off."""
+        if self._closed:
+            return
+        self._closed = True
+        self._alive = False
+        self._jobs.put(None)
+        if self._stream is not None:
+            self._stream.shutdown()
+
+    # -- worker side --------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        self._stream = NBDStream.connect(self._socket_path, self._export)
+        try:
+            self._reply = self._reply_pipe(self._pipe_size)
+            for _ in range(PAYLOAD_PIPES):
+                pipe = Pipe(self._pipe_size)
+                self._pipes.append(pipe)
+                os.set_blocking(pipe.w, False)  # holes are written; a full pipe must not block
+            self._free = list(self._pipes)
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        for pipe in self._pipes:
+            pipe.close()
+        if self._reply is not None:
+            self._reply.close()
+        self._pipes = self._free = []
+        self._reply = None
+        self._inflight.clear()
+        self._ahead = None
+        if self._stream is not None:
+            self._stream.close()
+
+    def _serve(self) -> None:
+        token = self._token
+        assert token is not None
+        failure: StreamLost | None = None
+        try:
+            while True:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    if failure is None and self._inflight:
+                        # Idle with a read-ahead on its way: take it off the socket now. QEMU
+                        # can only put ~200 KiB into the socket before it waits for us, so
+                        # this is what makes the read-ahead a whole request deep.
+                        try:
+                            self._receive()
+                        except (OSError, SnapfsError) as err:
+                            failure = self._failed(err)
+                        continue
+                    job = self._jobs.get()
+                if job is None:
+                    return
+                if failure is None:
+                    try:
+                        self._serve_job(job)
+                    except NBDError as err:
+                        job.result = err
+                        if isinstance(err, StreamLost):
+                            failure = err
+                    except (OSError, SnapfsError) as err:
+                        failure = job.result = self._failed(err)
+                else:
+                    job.result = failure
+                if failure is not None:
+                    self._alive = False  # read by the trio thread: a plain bool store
+                token.run_sync_soon(job.done, job.result)
+        finally:
+            self._release()
+            # Jobs queued after the end fail; close() put the None that ended the loop.
+            while True:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job.result = StreamLost(f"{self.name}: the splice reader stopped")
+                    token.run_sync_soon(job.done, job.result)
+
+    def _failed(self, err: BaseException) -> StreamLost:
+        """What ends the data path, as StreamLost; anything but a lost stream is a bug."""
+        if isinstance(err, StreamLost):
+            return err
+        log.error("%s: the splice data path failed: %s", self.name, err)
+        return StreamLost(f"{self.name}: {err}")
+
+    def _request(self, offset: int, length: int) -> _Request:
+        assert self._stream is not None
+        self._handle += 1
+        req = _Request(self._handle, offset, length, self._free.pop() if self._free else None)
+        self._inflight[req.handle] = req
+        self._stream.send_read(req.handle, offset, length)
+        return req
+
+    def _serve_job(self, job: _Job) -> None:
+        ahead, self._ahead = self._ahead, None
+        current = None
+        if ahead is not None:
+            if (ahead.offset, ahead.length) == (job.offset, job.length) and not ahead.error:
+                current = ahead
+            else:
+                self._drop(ahead)
+        if current is None:
+            current = self._request(job.offset, job.length)
+        if job.ahead is not None:
+            # Asked for now, so QEMU reads it while this reply goes out.
+            self._ahead = self._request(*job.ahead)
+        while not current.done:
+            self._receive()
+        if current.error and current is ahead:
+            # The read-ahead failed after all (punched meanwhile?): read it the plain way.
+            self._free_pipe(current)
+            current = self._request(job.offset, job.length)
+            while not current.done:
+                self._receive()
+        elif current is ahead:
+            self.hits += 1
+        try:
+            if current.error:
+                raise NBDError(f"{self.name}: read of {job.length} bytes at {job.offset}: "
+                               f"{os.strerror(current.error)}", current.error)
+            self._send(job.unique, current)
+        finally:
+            self._free_pipe(current)
+
+    def _receive(self) -> None:
+        """Take one reply chunk off the socket and put it where it belongs."""
+        stream = self._stream
+        assert stream is not None
+        handle, ctype, flags, length = stream.recv_chunk()
+        req = self._inflight.get(handle)
+        if req is None:
+            raise StreamLost(f"{self.name}: a reply to unknown request {handle}")
+        if ctype == CHUNK_OFFSET_DATA and length >= _OFFSET.size:
+            (offset,) = _OFFSET.unpack(stream.read_exact(_OFFSET.size))
+            self._data(req, offset - req.offset, length - _OFFSET.size)
+        elif ctype == CHUNK_OFFSET_HOLE and length == _HOLE.size:
+            offset, size = _HOLE.unpack(stream.read_exact(_HOLE.size))
+            self._hole(req, offset - req.offset, size)
+        elif ctype & CHUNK_ERROR_BIT and length >= _ERROR.size:
+            error, _ = _ERROR.unpack(stream.read_exact(_ERROR.size))
+            stream.read_exact(length - _ERROR.size)  # message (and offset): not needed
+            req.error = req.error or error or errno.EIO
+        elif ctype != CHUNK_NONE or length:
+            raise StreamLost(f"{self.name}: unexpected reply chunk type {ctype}")
+        if flags & CHUNK_FLAG_DONE:
+            del self._inflight[handle]
+            req.done = True
+            if not req.error and req.buf is None and req.filled != req.length:
+                raise StreamLost(f"{self.name}: a reply covered {req.filled} of {req.length} "
+                                 "bytes")
+            if not req.wanted:
+                self._free_pipe(req)
+
+    def _data(self, req: _Request, at: int, size: int) -> None:
+        stream = self._stream
+        assert stream is not None
+        if at < 0 or at + size > req.length:
+            raise StreamLost(f"{self.name}: a reply chunk outside its request")
+        if req.buf is None and at == req.filled:
+            assert req.pipe is not None
+            moved = stream.splice_into(req.pipe.w, size)
+            req.filled += moved
+            if moved == size:
+                return
+            at += moved
+            size -= moved
+        stream.recv_into(memoryview(req.to_buffer())[at : at + size])
+
+    def _hole(self, req: _Request, at: int, size: int) -> None:
+        if at < 0 or at + size > req.length:
+            raise StreamLost(f"{self.name}: a reply chunk outside its request")
+        if req.buf is not None:
+            return  # a fresh buffer is zeros already
+        if at != req.filled:
+            req.to_buffer()
+            return
+        assert req.pipe is not None
+        while size:
+            try:
+                n = os.write(req.pipe.w, _ZEROS[: min(size, len(_ZEROS))])
+            except BlockingIOError:
+                req.to_buffer()
+                return
+            req.filled += n
+            size -= n
+
+    def _send(self, unique: int, req: _Request) -> None:
+        reply = self._reply
+        assert reply is not None
+        length = req.length
+        if req.buf is not None:
+            self.copied += 1
+            reply.write_copy(unique, req.buf)
+            return
+        assert req.pipe is not None
+        moved = req.pipe.move_to(reply.start(unique, length), length)
+        if moved == length:
+            req.filled = 0  # the pipe is empty now
+            reply.finish(length)
+            return
+        # The reply pipe ran out of slots: take it all back and copy.
+        buf = bytearray(length)
+        view = memoryview(buf)
+        reply.take_back(view[:moved])
+        req.pipe.read_exact(view[moved:])
+        req.filled = 0
+        self.copied += 1
+        reply.write_copy(unique, buf)
+
+    def _drop(self, req: _Request) -> None:
+        """A read-ahead nobody will use: free it now, or when its reply is complete."""
+        req.wanted = False
+        if req.done:
+            self._free_pipe(req)
+
+    def _free_pipe(self, req: _Request) -> None:
+        """Give the request's pipe back, emptied. Idempotent."""
+        pipe, req.pipe = req.pipe, None
+        if pipe is None:
+            return
+        if req.buf is None and req.filled:
+            pipe.discard(req.filled)
+        req.filled = 0
+        self._free.append(pipe)
