@@ -24,7 +24,7 @@ connection or a protocol violation fails the job and every later one with
 :class:`~snapfs.nbd.StreamLost`. Callers then read the libnbd way, which reports what happened.
 
 Threads: ``submit``/``read``/``close`` on the trio thread; everything else in the worker. Jobs
-cross over through a ``queue.SimpleQueue``; results come back with ``TrioToken.run_sync_soon``.
+cross over through a ``queue.SimpleQueue``; failures come back with ``TrioToken.run_sync_soon``.
 """
 
 from __future__ import annotations
@@ -71,15 +71,16 @@ Done = Callable[[NBDError | None], None]
 
 
 class _Job:
-    __slots__ = ("ahead", "done", "length", "offset", "result", "unique")
+    __slots__ = ("ahead", "done", "length", "offset", "result", "tell_success", "unique")
 
-    def __init__(self, unique: int, offset: int, length: int,
-                 ahead: tuple[int, int] | None, done: Done) -> None:
+    def __init__(self, unique: int, offset: int, length: int, ahead: tuple[int, int] | None,
+                 done: Done, tell_success: bool) -> None:
         self.unique = unique
         self.offset = offset
         self.length = length
         self.ahead = ahead
         self.done = done
+        self.tell_success = tell_success
         self.result: NBDError | None = None
 
 
@@ -165,16 +166,18 @@ class DiskReader:
             self._alive = False
 
     def submit(self, unique: int, offset: int, length: int, ahead: tuple[int, int] | None,
-               done: Done) -> None:
+               done: Done, *, tell_success: bool = False) -> None:
         """Answer READ ``unique`` with ``length`` bytes at ``offset``, reading ``ahead``
-        ahead; ``done`` is called on the trio thread once the reply went out (None) or with
-        the NBDError that stopped it (the server's errno, or StreamLost). A job cannot be
-        cancelled; one that ends after its request was interrupted finds it gone.
+        ahead. If that fails, ``done`` gets the NBDError (the server's errno, or StreamLost)
+        on the trio thread; a reply that went out is not reported unless ``tell_success``
+        (``done(None)``): sparing the trio thread a wakeup per read is much of the point.
+        A job cannot be cancelled; one that ends after its request was interrupted finds it
+        gone. ``done`` may be called before ``submit`` returns.
         """
         if not self._alive:
             done(StreamLost(f"{self.name}: the splice reader is not running"))
             return
-        self._jobs.put(_Job(unique, offset, length, ahead, done))
+        self._jobs.put(_Job(unique, offset, length, ahead, done, tell_success))
 
     async def read(self, unique: int, offset: int, length: int,
                    ahead: tuple[int, int] | None) -> None:
@@ -186,7 +189,7 @@ class DiskReader:
             outcome.append(err)
             finished.set()
 
-        self.submit(unique, offset, length, ahead, done)
+        self.submit(unique, offset, length, ahead, done, tell_success=True)
         await finished.wait()
         if outcome[0] is not None:
             raise outcome[0]
@@ -262,7 +265,8 @@ class DiskReader:
                     job.result = failure
                 if failure is not None:
                     self._alive = False  # read by the trio thread: a plain bool store
-                token.run_sync_soon(job.done, job.result)
+                if job.result is not None or job.tell_success:
+                    token.run_sync_soon(job.done, job.result)
         finally:
             self._release()
             # Jobs queued after the end fail; close() put the None that ended the loop.

@@ -64,8 +64,8 @@ class DirectSource(Protocol):
     def start_read_direct(self, unique: int, offset: int, length: int,
                           ahead: tuple[int, int] | None, done: ReadDone) -> None:
         """Answer READ ``unique`` with ``length`` bytes at ``offset`` (checked by the tree),
-        reading ``ahead`` ahead if given; then ``done(None)``, or ``done(ReadPlain())`` if
-        the read should go the plain way, or ``done(SourceError)``, on the trio thread."""
+        reading ``ahead`` ahead if given. If it cannot, ``done(ReadPlain())`` (read it the
+        plain way) or ``done(SourceError)`` on the trio thread; success is not reported."""
         ...
 
 
@@ -272,16 +272,17 @@ class TreeOperations:
         if not length or can_read_direct is None or not can_read_direct():
             return False
         direct: DirectSource = source  # type: ignore[assignment]
+        # Counted now: a read that goes well is not reported back.
+        disk.bytes_read += length
 
-        def finished(outcome: Exception | None) -> None:
-            if outcome is None:
-                disk.bytes_read += length
-            elif isinstance(outcome, TreeError):
+        def failed(outcome: Exception) -> None:
+            disk.bytes_read -= length
+            if isinstance(outcome, TreeError):
                 outcome = FuseErrno(outcome.errno, str(outcome))
             done(outcome)
 
         direct.start_read_direct(unique, offset, length,
-                                 self.read_ahead.follow(ino, disk, offset, length), finished)
+                                 self.read_ahead.follow(ino, disk, offset, length), failed)
         return True
 
     async def read(self, ino: int, fh: int, offset: int, size: int) -> ReadResult:

@@ -204,8 +204,8 @@ class NBDSource:
 
         def finished(err: NBDError | None) -> None:
             if err is None:
-                done(None)
-            elif isinstance(err, nbd.StreamLost):
+                return  # not reported (see DiskReader.submit)
+            if isinstance(err, nbd.StreamLost):
                 done(ReadPlain())  # the libnbd connection reads it, and tells what is wrong
             else:
                 done(self._failed("reads", err))

@@ -82,9 +82,10 @@ class ReadPlain(Exception):
     """Passed to a ``start_read`` callback: answer this read through ``read`` after all."""
 
 
-ReadDone = Callable[[Exception | None], None]
-"""How a started read ended, on the trio thread: None (answered), ``ReadPlain``, or an
-exception to answer with (``FuseErrno``: its errno; anything else: EIO)."""
+ReadDone = Callable[[Exception], None]
+"""Why a started read was not answered, on the trio thread: ``ReadPlain``, or an exception to
+answer with (``FuseErrno``: its errno; anything else: EIO). A read that was answered is not
+reported."""
 
 
 class DirectReads(Protocol):
@@ -93,7 +94,8 @@ class DirectReads(Protocol):
     def start_read(self, ino: int, fh: int, offset: int, size: int, unique: int,
                    done: ReadDone) -> bool:
         """Start answering READ ``unique`` (e.g. through a ``ReplyPipe``) and return True;
-        ``done`` follows once. False: not this one, use ``read``. May raise FuseErrno."""
+        ``done`` follows if it is not answered after all. False: not this one, use ``read``.
+        May raise FuseErrno."""
         ...
 
 

@@ -363,7 +363,8 @@ class FuseServer:
             self._slots.release()
 
     async def _run_read(
-        self, unique: int, scope: trio.CancelScope, ino: int, fh: int, offset: int, size: int
+        self, unique: int, scope: trio.CancelScope, ino: int, fh: int, offset: int, size: int,
+        slot: bool,
     ) -> None:
         """The READ path, kept apart from ``_run_async`` to stay lean: header and data go out in
         one writev without being joined, then the buffer is released."""
@@ -383,7 +384,8 @@ class FuseServer:
             self._reply_failure(unique, p.Opcode.READ, exc)
         finally:
             del self._inflight[unique]
-            self._slots.release()
+            if slot:
+                self._slots.release()
 
     # --- handlers: (unique, nodeid, body) -> whether the request keeps the reader's slot -------
 
@@ -425,35 +427,36 @@ class FuseServer:
 
     def _op_read(self, unique: int, nodeid: int, body: memoryview) -> bool:
         fh, offset, size, _, _, _, _ = p.READ_IN.unpack_from(body)
-        # The lean path: no task; the slot is kept until the read reports back.
+        # The lean path: no task, no slot, no word back unless it fails. What is queued there
+        # is bounded by the kernel (max_background async requests, one per blocked reader).
         start = self._start_read
         if start is not None and start(
             nodeid, fh, offset, size, unique,
-            functools.partial(self._started_read_done, unique, nodeid, fh, offset, size),
+            functools.partial(self._started_read_failed, unique, nodeid, fh, offset, size),
         ):
-            return True
-        return self._spawn_read(unique, nodeid, fh, offset, size)
+            return False
+        return self._spawn_read(unique, nodeid, fh, offset, size, True)
 
-    def _started_read_done(self, unique: int, nodeid: int, fh: int, offset: int, size: int,
-                           outcome: Exception | None) -> None:
+    def _started_read_failed(self, unique: int, nodeid: int, fh: int, offset: int, size: int,
+                             outcome: Exception) -> None:
         # Runs as a trio callback: it must never raise.
         try:
             if self._fd < 0 or self._nursery is None:
                 pass  # the connection is gone: nobody to answer
             elif isinstance(outcome, ReadPlain):
-                self._spawn_read(unique, nodeid, fh, offset, size)
-                return  # the task took over the slot
-            elif outcome is not None:
+                self._spawn_read(unique, nodeid, fh, offset, size, False)
+            else:
                 self._reply_failure(unique, p.Opcode.READ, outcome)
         except Exception as exc:
             log.error("FUSE READ failed after it started: %r", exc)
-        self._slots.release()
 
-    def _spawn_read(self, unique: int, nodeid: int, fh: int, offset: int, size: int) -> bool:
+    def _spawn_read(self, unique: int, nodeid: int, fh: int, offset: int, size: int,
+                    slot: bool) -> bool:
+        """Run the READ in a task; it gives the reader's slot back at the end if ``slot``."""
         assert self._nursery is not None
         scope = trio.CancelScope()
         self._inflight[unique] = scope
-        self._nursery.start_soon(self._run_read, unique, scope, nodeid, fh, offset, size)
+        self._nursery.start_soon(self._run_read, unique, scope, nodeid, fh, offset, size, slot)
         return True
 
     def _op_fallocate(self, unique: int, nodeid: int, body: memoryview) -> bool:
