@@ -34,7 +34,8 @@ import logging
 import os
 import queue
 import struct
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import trio
@@ -55,8 +56,9 @@ log = logging.getLogger(__name__)
 
 #: Bytes a pipe must take: one whole 1 MiB READ reply (and the unprivileged maximum).
 PIPE_SIZE: Final = 1 << 20
-#: Payload pipes: a request, its read-ahead, and a read-ahead dropped while in flight.
-PAYLOAD_PIPES: Final = 3
+#: Payload pipes: a request, its read-aheads (two, see fs.DIRECT_READ_AHEAD), and one dropped
+#: while in flight; beyond that, payloads go into buffers.
+PAYLOAD_PIPES: Final = 4
 _ZEROS: Final = bytes(1 << 16)
 _OFFSET: Final = struct.Struct(">Q")
 _HOLE: Final = struct.Struct(">QI")
@@ -73,7 +75,7 @@ Done = Callable[[NBDError | None], None]
 class _Job:
     __slots__ = ("ahead", "done", "length", "offset", "result", "tell_success", "unique")
 
-    def __init__(self, unique: int, offset: int, length: int, ahead: tuple[int, int] | None,
+    def __init__(self, unique: int, offset: int, length: int, ahead: Sequence[tuple[int, int]],
                  done: Done, tell_success: bool) -> None:
         self.unique = unique
         self.offset = offset
@@ -138,7 +140,7 @@ class DiskReader:
         # Worker state.
         self._handle = 0
         self._inflight: dict[int, _Request] = {}
-        self._ahead: _Request | None = None
+        self._aheads: deque[_Request] = deque()  # in the order a sequential reader wants them
         self._pipes: list[Pipe] = []  # all of them, to close
         self._free: list[Pipe] = []
         self._reply: ReplyPipe | None = None
@@ -165,7 +167,7 @@ class DiskReader:
         finally:
             self._alive = False
 
-    def submit(self, unique: int, offset: int, length: int, ahead: tuple[int, int] | None,
+    def submit(self, unique: int, offset: int, length: int, ahead: Sequence[tuple[int, int]],
                done: Done, *, tell_success: bool = False) -> None:
         """Answer READ ``unique`` with ``length`` bytes at ``offset``, reading ``ahead``
         ahead. If that fails, ``done`` gets the NBDError (the server's errno, or StreamLost)
@@ -180,7 +182,7 @@ class DiskReader:
         self._jobs.put(_Job(unique, offset, length, ahead, done, tell_success))
 
     async def read(self, unique: int, offset: int, length: int,
-                   ahead: tuple[int, int] | None) -> None:
+                   ahead: Sequence[tuple[int, int]]) -> None:
         """``submit`` and wait; raises what ``done`` would get."""
         finished = trio.Event()
         outcome: list[NBDError | None] = []
@@ -227,7 +229,7 @@ class DiskReader:
         self._pipes = self._free = []
         self._reply = None
         self._inflight.clear()
-        self._ahead = None
+        self._aheads.clear()
         if self._stream is not None:
             self._stream.close()
 
@@ -295,27 +297,34 @@ class DiskReader:
         return req
 
     def _serve_job(self, job: _Job) -> None:
-        ahead, self._ahead = self._ahead, None
-        current = None
-        if ahead is not None:
-            if (ahead.offset, ahead.length) == (job.offset, job.length) and not ahead.error:
-                current = ahead
+        aheads, self._aheads = self._aheads, deque()
+        used = None
+        if aheads and (aheads[0].offset, aheads[0].length) == (job.offset, job.length):
+            used = aheads.popleft()
+        # Read-aheads this job still wants stay, in order; the rest are dropped.
+        wanted = list(job.ahead)
+        while aheads:
+            req = aheads.popleft()
+            if wanted and (req.offset, req.length) == wanted[0] and not req.error:
+                self._aheads.append(req)
+                del wanted[0]
             else:
-                self._drop(ahead)
-        if current is None:
-            current = self._request(job.offset, job.length)
-        if job.ahead is not None:
-            # Asked for now, so QEMU reads it while this reply goes out.
-            self._ahead = self._request(*job.ahead)
+                self._drop(req)
+        if used is not None and used.error:
+            self._drop(used)  # failed after all (punched meanwhile?): read it the plain way
+            used = None
+        current = used if used is not None else self._request(job.offset, job.length)
+        for offset, length in wanted:
+            # Asked for now, so QEMU reads them while this reply goes out.
+            self._aheads.append(self._request(offset, length))
         while not current.done:
             self._receive()
-        if current.error and current is ahead:
-            # The read-ahead failed after all (punched meanwhile?): read it the plain way.
+        if current.error and current is used:
             self._free_pipe(current)
             current = self._request(job.offset, job.length)
             while not current.done:
                 self._receive()
-        elif current is ahead:
+        elif current is used:
             self.hits += 1
         try:
             if current.error:

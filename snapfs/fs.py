@@ -5,13 +5,14 @@ reads go into buffers from a small pool and are handed to the FUSE layer without
 buffer returns to the pool once the reply is written.
 
 A disk whose source can answer READs itself (``DirectSource``: the splice data path of
-``snapfs.datapath``) gets the request's ``unique`` and replies without handing bytes back; the
-tree's checks run here first either way.
+``snapfs.datapath``) is read through ``start_read``: after the tree's checks, the source gets the
+request's ``unique`` and replies without handing bytes back; only a failure comes back, and a
+source that cannot go on sends the read back to ``read``.
 
-Sequential reads of a disk file are read ahead by one request (see ``ReadAhead``): a reader
-that issues one read at a time (``dd iflag=direct``, ``cp``) then overlaps the NBD round trip
-of its next request with the FUSE reply of the current one. A direct source is only told which
-range to read ahead; it keeps the bytes itself.
+Sequential reads of a disk file are read ahead by one request (see ``ReadAhead``; two for a
+direct source): a reader that issues one read at a time (``dd iflag=direct``, ``cp``) then
+overlaps the NBD round trip of its next request with the FUSE reply of the current one. A
+direct source is only told which ranges to read ahead; it keeps the bytes itself.
 
 Concurrency rule: everything runs on the trio thread; ``read``/``fallocate`` may be in flight
 several at a time, which the tree allows (see ``tree.py``).
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 MAX_READ = 1 << 20
 #: Reads at least this large that continue the previous read of the same file start a read-ahead.
 READ_AHEAD_MIN = 128 * 1024
+#: Requests read ahead for a direct source: two keep QEMU busy while a reply goes out.
+DIRECT_READ_AHEAD = 2
 
 
 @contextlib.contextmanager
@@ -62,9 +65,9 @@ class DirectSource(Protocol):
         ...
 
     def start_read_direct(self, unique: int, offset: int, length: int,
-                          ahead: tuple[int, int] | None, done: ReadDone) -> None:
+                          ahead: Sequence[tuple[int, int]], done: ReadDone) -> None:
         """Answer READ ``unique`` with ``length`` bytes at ``offset`` (checked by the tree),
-        reading ``ahead`` ahead if given. If it cannot, ``done(ReadPlain())`` (read it the
+        and read the ranges ``ahead`` ahead. If it cannot, ``done(ReadPlain())`` (read it the
         plain way) or ``done(SourceError)`` on the trio thread; success is not reported."""
         ...
 
@@ -124,23 +127,30 @@ class ReadAhead:
         self.hits = 0
         self.misses = 0
 
-    def follow(self, ino: int, disk: Disk, offset: int, length: int) -> tuple[int, int] | None:
-        """Note a read of ``length`` (> 0, checked by the tree) bytes at ``offset``; return the
-        range to read ahead (sequential, large enough, readable now) or None."""
+    def follow(self, ino: int, disk: Disk, offset: int, length: int,
+               depth: int = 1) -> list[tuple[int, int]]:
+        """Note a read of ``length`` (> 0, checked by the tree) bytes at ``offset``; return up
+        to ``depth`` ranges of that length that follow it, to read ahead: none unless the
+        read continues the previous one and is large enough, and only while they are
+        readable now."""
         sequential = self._next.get(ino) == offset
         self._next[ino] = offset + length
+        ranges: list[tuple[int, int]] = []
         if not sequential or length < READ_AHEAD_MIN:
-            return None
+            return ranges
         start = offset + length
-        ahead = min(length, disk.size - start)
-        if ahead <= 0 or not disk.readable.contains(start, ahead):
-            return None
-        return start, ahead
+        for _ in range(depth):
+            ahead = min(length, disk.size - start)
+            if ahead <= 0 or not disk.readable.contains(start, ahead):
+                break
+            ranges.append((start, ahead))
+            start += ahead
+        return ranges
 
     async def read(self, ino: int, disk: Disk, offset: int, length: int) -> bytearray:
         """The ``length`` (> 0, checked by the tree) bytes at ``offset``, in a pool buffer that
         the caller must give back; starts the next read-ahead if the access is sequential."""
-        next_range = self.follow(ino, disk, offset, length)
+        next_ranges = self.follow(ino, disk, offset, length)
         buf = None
         ahead = self._ahead.pop(ino, None)
         if ahead is not None:
@@ -158,8 +168,8 @@ class ReadAhead:
             else:
                 self._drop(ahead)
                 self.misses += 1
-        if next_range is not None:
-            self._start(ino, disk, *next_range)
+        if next_ranges:
+            self._start(ino, disk, *next_ranges[0])
         if buf is None:
             buf = self.pool.get()
             try:
@@ -281,8 +291,8 @@ class TreeOperations:
                 outcome = FuseErrno(outcome.errno, str(outcome))
             done(outcome)
 
-        direct.start_read_direct(unique, offset, length,
-                                 self.read_ahead.follow(ino, disk, offset, length), failed)
+        ahead = self.read_ahead.follow(ino, disk, offset, length, DIRECT_READ_AHEAD)
+        direct.start_read_direct(unique, offset, length, ahead, failed)
         return True
 
     async def read(self, ino: int, fh: int, offset: int, size: int) -> ReadResult:

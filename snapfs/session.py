@@ -27,7 +27,7 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -199,7 +199,7 @@ class NBDSource:
         return self.reader is not None and self.reader.alive
 
     def start_read_direct(self, unique: int, offset: int, length: int,
-                          ahead: tuple[int, int] | None, done: ReadDone) -> None:
+                          ahead: Sequence[tuple[int, int]], done: ReadDone) -> None:
         assert self.reader is not None
 
         def finished(err: NBDError | None) -> None:

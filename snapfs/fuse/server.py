@@ -6,13 +6,14 @@ plain ints, WRITE data is copied). Plain ``Operations`` methods run inline in th
 async ones (read, fallocate, lseek) each run in a task of their own, at most ``max_background``
 at once: the reader takes a slot before reading a request and an async request keeps it until
 its reply is written, so a full house stops the reader instead of queueing without bound.
+A READ that ``ops.start_read`` (optional, ``DirectReads``) takes is answered elsewhere, through
+a ``ReplyPipe``, with no task and no slot: the kernel bounds how many it sends at once (its
+own ``max_background`` for async reads, one per blocked reader otherwise).
 
-Every reply is ONE ``os.writev`` of the header and the payload (a write to /dev/fuse completes
-synchronously, and the kernel wants a whole reply per write). ENOENT from that write means the
-request was interrupted meanwhile and is ignored. Replies are written on the trio thread:
-writing large READ replies from worker threads (to overlap the kernel's copy with the next NBD
-receive) was tried: it cost more CPU per GiB and gained no throughput.
-Replies may reach the kernel in any order.
+Every reply the server writes is ONE ``os.writev`` of the header and the payload (a write to
+/dev/fuse completes synchronously, and the kernel wants a whole reply per write). ENOENT from
+that write means the request was interrupted meanwhile and is ignored. Replies may reach the
+kernel in any order.
 
 INTERRUPT cancels the cancel scope of the in-flight request with that ``unique``; a cancelled
 request is answered EINTR. A ``FuseErrno`` from ops is answered with its errno; any other
