@@ -9,12 +9,14 @@ The kernel copies the bytes once, into the reader's pages; libnbd's path copies 
 wakes the trio thread for every socket chunk. Workers of different disks run in parallel (the
 GIL is released in every syscall).
 
-Read-ahead: a job may name the range that follows it if the trio thread found it readable when
-it submitted the job (a sequential reader). The worker asks QEMU for it right away, before it
-sends the current reply, and keeps its payload in the second payload pipe; a later job for
-exactly that range uses it. That job passed the tree's checks at its own time, so a range
-punched meanwhile is refused as without read-ahead (the snapshot's bytes never change, and
-punching only shrinks the readable set). A read-ahead that fails or is not used is dropped.
+Read-ahead: a job may name ranges that follow it if the trio thread found them readable when
+it submitted the job (a sequential reader). The worker asks QEMU for those it has not asked for
+yet right away, before it sends the current reply, keeps their payloads in pipes of their own,
+and takes them off the socket while it waits for the next job (QEMU puts only ~200 KiB into the
+socket before it waits for us). A later job for exactly the first such range uses it. That job
+passed the tree's checks at its own time, so a range punched meanwhile is refused as without
+read-ahead (the snapshot's bytes never change, and punching only shrinks the readable set). A
+read-ahead that fails or is no longer wanted is dropped.
 
 Whenever bytes do not fit the splice way (a full pipe, chunks out of order, more requests in
 flight than pipes), that request continues in a buffer and its reply is written by copying.
