@@ -11,12 +11,13 @@ GIL is released in every syscall).
 
 Read-ahead: a job may name ranges that follow it if the trio thread found them readable when
 it submitted the job (a sequential reader). The worker asks QEMU for those it has not asked for
-yet right away, before it sends the current reply, keeps their payloads in pipes of their own,
-and takes them off the socket while it waits for the next job (QEMU puts only ~200 KiB into the
-socket before it waits for us). A later job for exactly the first such range uses it. That job
-passed the tree's checks at its own time, so a range punched meanwhile is refused as without
-read-ahead (the snapshot's bytes never change, and punching only shrinks the readable set). A
-read-ahead that fails or is no longer wanted is dropped.
+yet right away (as far as :class:`SharedDepth` allows), before it sends the current reply,
+keeps their payloads in pipes of their own, and takes them off the socket while it waits for
+the next job (QEMU puts only ~200 KiB into the socket before it waits for us). A later job for
+exactly the first such range uses it. That job passed the tree's checks at its own time, so a
+range punched meanwhile is refused as without read-ahead (the snapshot's bytes never change,
+and punching only shrinks the readable set). A read-ahead that fails or is no longer wanted is
+dropped.
 
 Whenever bytes do not fit the splice way (a full pipe, chunks out of order, more requests in
 flight than pipes), that request continues in a buffer and its reply is written by copying.
@@ -65,6 +66,10 @@ _ZEROS: Final = bytes(1 << 16)
 _OFFSET: Final = struct.Struct(">Q")
 _HOLE: Final = struct.Struct(">QI")
 _ERROR: Final = struct.Struct(">IH")
+
+#: NBD reads the readers of one QEMU keep outstanding at most, read-aheads included: a single
+#: sequential reader's request and its two read-aheads (see SharedDepth for why not more).
+QEMU_DEPTH: Final = 3
 
 ReplyPipeFactory = Callable[[int], ReplyPipe]
 """Makes a ReplyPipe of the given size on the mounted FUSE connection."""
@@ -119,6 +124,34 @@ class _Request:
         return self.buf
 
 
+class SharedDepth:
+    """Caps the NBD reads outstanding at one QEMU over all its readers, for read-aheads.
+
+    A reader always asks for the range a READ wants; it asks for read-aheads only while the
+    readers sharing this have fewer than ``limit`` requests outstanding in all. Why: QEMU's
+    NBD server allocates a buffer per request it serves, and the more 1 MiB requests are in
+    flight, the more of those buffers its allocator maps anew and QEMU faults in, page by page.
+    With four disks read at once and two read-aheads each, QEMU (one thread, the bottleneck
+    there) mapped 2,000 fresh buffers per 4 GiB instead of 1,200 and spent about a quarter more
+    CPU per GiB. Several readers keep QEMU busy without read-ahead; one sequential reader needs
+    it.
+
+    Threads: ``room`` runs in the workers without a lock. Each term is one ``len()`` of a
+    reader's dict, atomic under the GIL; a sum that is stale by a request only moves the cap by
+    one.
+    """
+
+    def __init__(self, limit: int = QEMU_DEPTH) -> None:
+        self.limit = limit
+        self._readers: list[DiskReader] = []
+
+    def join(self, reader: DiskReader) -> None:
+        self._readers.append(reader)
+
+    def room(self) -> bool:
+        return sum(r.outstanding for r in self._readers) < self.limit
+
+
 class DiskReader:
     """Serves READs of one disk through its own NBD connection in a worker thread.
 
@@ -128,7 +161,7 @@ class DiskReader:
     """
 
     def __init__(self, socket_path: str, export: str, reply_pipe: ReplyPipeFactory,
-                 *, pipe_size: int = PIPE_SIZE) -> None:
+                 *, pipe_size: int = PIPE_SIZE, depth: SharedDepth | None = None) -> None:
         self.name = f"{socket_path}:{export}"
         self._socket_path = socket_path
         self._export = export
@@ -149,10 +182,17 @@ class DiskReader:
         #: Counters for tests and the log: read-aheads used, and replies sent by copying.
         self.hits = 0
         self.copied = 0
+        self._depth = depth if depth is not None else SharedDepth()
+        self._depth.join(self)
 
     @property
     def alive(self) -> bool:
         return self._alive
+
+    @property
+    def outstanding(self) -> int:
+        """NBD reads sent and not yet answered in full (any thread may ask)."""
+        return len(self._inflight)
 
     # -- trio side ----------------------------------------------------------------------------
 
@@ -317,6 +357,8 @@ class DiskReader:
             used = None
         current = used if used is not None else self._request(job.offset, job.length)
         for offset, length in wanted:
+            if not self._depth.room():
+                break  # in order: a later range alone would never be used
             # Asked for now, so QEMU reads them while this reply goes out.
             self._aheads.append(self._request(offset, length))
         while not current.done:

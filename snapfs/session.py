@@ -37,7 +37,7 @@ import trio
 import trio_asyncio
 
 from snapfs import agent, nbd, pve, qmp
-from snapfs.datapath import DiskReader
+from snapfs.datapath import DiskReader, SharedDepth
 from snapfs.errors import (
     FuseError,
     NBDError,
@@ -274,6 +274,7 @@ class Session:
         self._stop = trio.Event()
         self._server: FuseServer | None = None
         self._readers: list[DiskReader] = []
+        self._depth = SharedDepth()  # one per QEMU: every disk's reader shares it
         self._done = trio.Event()
         self.result: dict[str, Any] = {}
 
@@ -441,7 +442,8 @@ class Session:
         assert isinstance(source, NBDSource)
         assert self._server is not None
         assert self.graph is not None
-        reader = DiskReader(str(self.graph.nbd_socket), ds.export, self._server.reply_pipe)
+        reader = DiskReader(str(self.graph.nbd_socket), ds.export, self._server.reply_pipe,
+                            depth=self._depth)
         try:
             await nursery.start(reader.run)
         except (NBDError, FuseError) as err:

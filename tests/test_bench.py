@@ -60,7 +60,10 @@ def test_bench_runs_every_workload_and_cleans_up(short_tmp: Path) -> None:
         "--json",
         str(out),
         "--no-drop-caches",
+        "--images",
+        "memory",
     ]
+    shm_before = set(Path("/dev/shm").glob("snapfs-bench-*"))
     assert bench.main(argv) == 0
     data = json.loads(out.read_text())
     summary = data["summary"]
@@ -84,3 +87,11 @@ def test_bench_runs_every_workload_and_cleans_up(short_tmp: Path) -> None:
     # Nothing left: no mount, no work directory (QEMU is stopped by Bench.close).
     assert mounts_below(tmp_path) == []
     assert [p for p in tmp_path.iterdir() if p.name.startswith("snapfs-bench-")] == []
+    assert "images in memory" in data["markdown"]
+    assert set(Path("/dev/shm").glob("snapfs-bench-*")) == shm_before  # images removed
+
+
+def test_images_go_to_memory_only_if_asked_or_there_is_room() -> None:
+    assert bench.images_in_memory("memory", 1 << 50)
+    assert not bench.images_in_memory("disk", 1)
+    assert not bench.images_in_memory("auto", 1 << 50)  # a PiB fits nowhere

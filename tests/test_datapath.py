@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from snapfs.datapath import DiskReader
+from snapfs.datapath import DiskReader, SharedDepth
 from snapfs.devvm import QEMU_IMG, DiskSpec, MiB, TestVM, running_vm
 from snapfs.errors import NBDError
 from snapfs.fuse.splice import ReplyPipe
@@ -83,10 +83,11 @@ async def read_back(reader: DiskReader, dev: FakeDevice, unique: int, offset: in
     return payload
 
 
-def with_reader(sock: str, name: str, body: object, *, pipe_size: int = 1 << 20) -> DiskReader:
+def with_reader(sock: str, name: str, body: object, *, pipe_size: int = 1 << 20,
+                depth: SharedDepth | None = None) -> DiskReader:
     """Run ``body(reader, dev)`` with a running DiskReader; return the reader (stopped)."""
     dev = FakeDevice()
-    reader = DiskReader(sock, name, dev.factory, pipe_size=pipe_size)
+    reader = DiskReader(sock, name, dev.factory, pipe_size=pipe_size, depth=depth)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -109,6 +110,34 @@ def sock(vm: TestVM, tmp_path: Path) -> str:
     path = start_server(vm, tmp_path)
     export(vm, "virtio0-fmt", "virtio0")
     return path
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+def test_read_aheads_stay_within_the_shared_depth(vm: TestVM, sock: str, limit: int) -> None:
+    """A sequential reader asks for two ranges ahead each time. With a depth of one (its own
+    request) it never reads ahead; with more it does, never past ``limit`` requests outstanding.
+    The bytes are right in all cases."""
+    expected = vm.expected["virtio0"]
+    length = 64 * KiB
+    depth = SharedDepth(limit)
+    seen: list[int] = []
+
+    async def body(reader: DiskReader, dev: FakeDevice) -> None:
+        for i in range(20):
+            offset = i * length
+            ahead = [(offset + k * length, length) for k in (1, 2)]
+            got = await read_back(reader, dev, i + 1, offset, length, ahead)
+            assert got == expected[offset : offset + length]
+            seen.append(reader.outstanding)  # read-aheads still on their way, at most
+
+    reader = with_reader(sock, "virtio0", body, depth=depth)
+    assert max(seen) <= min(limit, 2)
+    if limit == 1:
+        assert max(seen) == 0
+        assert reader.hits == 0
+    else:
+        assert reader.hits >= 19 - 1  # all but the first read (and maybe one racing the end)
+    assert reader.outstanding == 0
 
 
 @pytest.mark.parametrize("pipe_size", [1 << 20, 64 * KiB], ids=["splice", "small-pipes"])
