@@ -79,14 +79,25 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a live process (0 if it is gone)."""
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (none if the process is gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+            return f.read().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return []
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process (0 if it is gone)."""
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK if fields else 0.0
+
+
+def minor_faults(pid: int) -> int:
+    """Minor page faults of a live process so far (0 if it is gone)."""
+    fields = _stat(pid)
+    return int(fields[7]) if fields else 0
 
 
 def peak_rss(pid: int) -> int:
@@ -126,6 +137,8 @@ class Run:
     cpu_reader: float
     cpu_server: float
     cpu_qemu: float
+    #: QEMU's minor page faults: it faults its read buffers in when its allocator maps them anew.
+    qemu_faults: int = 0
 
     @property
     def mib_s(self) -> float:
@@ -429,6 +442,7 @@ class Bench:
         servers = self.server_pids(tool, names)
         s0 = sum(cpu_seconds(p) for p in servers)
         q0 = cpu_seconds(self.vm.pid)
+        f0 = minor_faults(self.vm.pid)
         t0 = time.perf_counter()
         procs = [
             subprocess.Popen(
@@ -455,6 +469,7 @@ class Bench:
             cpu_reader,
             sum(cpu_seconds(p) for p in servers) - s0,
             cpu_seconds(self.vm.pid) - q0,
+            minor_faults(self.vm.pid) - f0,
         )
         self.results.runs.append(run)
         print(

@@ -24,7 +24,7 @@ from snapfs.errors import NBDError
 from snapfs.fuse.splice import ReplyPipe
 from snapfs.nbd import NBDStream, StreamLost
 from tests.conftest import Snapfs
-from tests.test_nbd import QEMU_IO, export, start_server, unexport
+from tests.test_nbd import QEMU_IO, export, fleecing, start_server, unexport
 
 pytestmark = pytest.mark.qemu
 
@@ -217,6 +217,27 @@ def test_an_error_reply_fails_one_read_only(vm: TestVM, sock: str) -> None:
         assert await read_back(reader, dev, 2, 0, 4096) == expected[:4096]
 
     with_reader(sock, "virtio0", body)
+
+
+def test_a_refused_warm_up_read_is_harmless(vm: TestVM, tmp_path: Path) -> None:
+    """An incremental snapshot whose first bytes are outside the backup: the reader's WARM_UP
+    read at offset 0 gets an error reply, and the reader serves reads all the same."""
+    vm.qmp("block-dirty-bitmap-add", node="virtio0-fmt", name="b0")
+    vm.guest_write("virtio0", 16 * MiB, MiB, 0x42)
+    want = bytes(vm.expected["virtio0"][16 * MiB : 17 * MiB])
+    sock = start_server(vm, tmp_path)
+
+    async def body(reader: DiskReader, dev: FakeDevice) -> None:
+        assert reader.warmed_up
+        assert reader.alive
+        assert await read_back(reader, dev, 1, 16 * MiB, MiB) == want
+        with pytest.raises(NBDError) as info:
+            await reader.read(2, 0, 4096, ())
+        assert info.value.errno == errno.EINVAL
+
+    with fleecing(vm, tmp_path):
+        reader = with_reader(sock, "acc", body)
+    assert reader.warmed_up
 
 
 def test_qemu_killed_ends_the_reader(vm: TestVM, sock: str) -> None:
