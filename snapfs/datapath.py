@@ -76,9 +76,9 @@ _OFFSET: Final = struct.Struct(">Q")
 _HOLE: Final = struct.Struct(">QI")
 _ERROR: Final = struct.Struct(">IH")
 
-#: NBD reads the readers of one QEMU keep outstanding at most, read-aheads included: a single
-#: sequential reader's request and its two read-aheads (see SharedDepth for why not more).
-QEMU_DEPTH: Final = 3
+#: NBD reads the readers of one QEMU keep outstanding at most when they read ahead: WARM_UP's
+#: worth of 1 MiB requests (see SharedDepth).
+QEMU_DEPTH: Final = WARM_UP // (1 << 20)
 
 ReplyPipeFactory = Callable[[int], ReplyPipe]
 """Makes a ReplyPipe of the given size on the mounted FUSE connection."""
@@ -138,12 +138,12 @@ class SharedDepth:
 
     A reader always asks for the range a READ wants; it asks for read-aheads only while the
     readers sharing this have fewer than ``limit`` requests outstanding in all. Why: QEMU's
-    NBD server allocates a buffer per request it serves, and the more 1 MiB requests are in
-    flight, the more of those buffers its allocator maps anew and QEMU faults in, page by page.
-    With four disks read at once and two read-aheads each, QEMU (one thread, the bottleneck
-    there) mapped 2,000 fresh buffers per 4 GiB instead of 1,200 and spent about a quarter more
-    CPU per GiB. Several readers keep QEMU busy without read-ahead; one sequential reader needs
-    it.
+    NBD server allocates a buffer per request in flight. After the WARM_UP read its allocator
+    keeps freed buffers for reuse as long as less than twice WARM_UP of them is free at once,
+    which holds while at most WARM_UP bytes are outstanding. Before the warm-up existed, four
+    disks read at once with two read-aheads each made QEMU (one thread, the bottleneck there)
+    map 2,000 fresh 1 MiB buffers per 4 GiB instead of 1,200 and spend about a quarter more CPU
+    per GiB. Several readers keep QEMU busy without read-ahead; one sequential reader needs it.
 
     Threads: ``room`` runs in the workers without a lock. Each term is one ``len()`` of a
     reader's dict, atomic under the GIL; a sum that is stale by a request only moves the cap by
