@@ -152,6 +152,8 @@ class SharedDepth:
 
     def __init__(self, limit: int = QEMU_DEPTH) -> None:
         self.limit = limit
+        #: Whether a reader sharing this made QEMU's WARM_UP read: once per QEMU is enough.
+        self.warmed_up = False
         self._readers: list[DiskReader] = []
 
     def join(self, reader: DiskReader) -> None:
@@ -191,7 +193,7 @@ class DiskReader:
         #: Counters for tests and the log: read-aheads used, and replies sent by copying.
         self.hits = 0
         self.copied = 0
-        #: Whether the WARM_UP read was answered (with data or an error).
+        #: Whether this reader made the WARM_UP read and it was answered (data or an error).
         self.warmed_up = False
         self._depth = depth if depth is not None else SharedDepth()
         self._depth.join(self)
@@ -270,7 +272,8 @@ class DiskReader:
                 self._pipes.append(pipe)
                 os.set_blocking(pipe.w, False)  # holes are written; a full pipe must not block
             self._free = list(self._pipes)
-            self._warm_up()
+            if not self._depth.warmed_up:  # readers start one after the other: no race
+                self._warm_up()
         except BaseException:
             self._release()
             raise
@@ -295,7 +298,7 @@ class DiskReader:
                 stream.recv_into(scratch[:n])
                 size -= n
             if flags & CHUNK_FLAG_DONE:
-                self.warmed_up = True
+                self.warmed_up = self._depth.warmed_up = True
                 return
 
     def _release(self) -> None:

@@ -240,6 +240,20 @@ def test_a_refused_warm_up_read_is_harmless(vm: TestVM, tmp_path: Path) -> None:
     assert reader.warmed_up
 
 
+def test_one_warm_up_read_per_qemu(vm: TestVM, sock: str) -> None:
+    """Readers that share a SharedDepth share a QEMU: only the first makes the WARM_UP read."""
+    depth = SharedDepth()
+
+    async def body(reader: DiskReader, dev: FakeDevice) -> None:
+        assert await read_back(reader, dev, 1, 0, 4096) == vm.expected["virtio0"][:4096]
+
+    first = with_reader(sock, "virtio0", body, depth=depth)
+    second = with_reader(sock, "virtio0", body, depth=depth)
+    assert first.warmed_up
+    assert depth.warmed_up
+    assert not second.warmed_up
+
+
 def test_qemu_killed_ends_the_reader(vm: TestVM, sock: str) -> None:
     async def body(reader: DiskReader, dev: FakeDevice) -> None:
         assert await read_back(reader, dev, 1, 0, 4096) == vm.expected["virtio0"][:4096]
