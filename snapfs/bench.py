@@ -739,7 +739,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workdir",
         default="/var/tmp",
-        help="where the images go (a fresh directory below it; default /var/tmp)",
+        help="where the work directory goes: sockets, mounts, the backup of (d), and the "
+        "images unless they are in memory (default /var/tmp)",
     )
     p.add_argument(
         "--images",

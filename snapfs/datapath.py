@@ -62,14 +62,15 @@ PIPE_SIZE: Final = 1 << 20
 #: Payload pipes: a request, its read-aheads (two, see fs.DIRECT_READ_AHEAD), and one dropped
 #: while in flight; beyond that, payloads go into buffers.
 PAYLOAD_PIPES: Final = 4
-#: One read of this many bytes when a reader starts, its bytes thrown away. Why: QEMU's NBD
-#: server allocates every request's buffer with posix_memalign (4 KiB aligned), and glibc 2.36
-#: can get stuck mapping each 1 MiB buffer anew: the dynamic mmap threshold it raises when such
-#: a buffer is freed stays just below the next request's padded size. QEMU then faults in all
-#: 256 pages of every buffer. Freeing one larger buffer raises the threshold above 1 MiB for
-#: good, so later buffers come from the heap and are reused. In the benchmark QEMU spent about
-#: 0.35 s of CPU per GiB served without those faults and 0.85-2.3 s with them (263,000 faults
-#: per GiB). The price: QEMU's heap may keep up to twice this much freed memory.
+#: One read of this many bytes when the first reader of a QEMU starts, its bytes thrown away
+#: (see SharedDepth.warmed_up). Why: QEMU's NBD server allocates every request's buffer with
+#: posix_memalign (4 KiB aligned), and glibc 2.36 can get stuck mapping each 1 MiB buffer
+#: anew: the dynamic mmap threshold it raises when such a buffer is freed stays just below the
+#: next request's padded size. QEMU then faults in all 256 pages of every buffer. Freeing one
+#: larger buffer raises the threshold above 1 MiB for good, so later buffers come from the heap
+#: and are reused. In the benchmark QEMU spent about 0.35 s of CPU per GiB served without those
+#: faults and 0.85-2.3 s with them (263,000 faults per GiB). The price: QEMU's heap may keep up
+#: to twice this much freed memory.
 WARM_UP: Final = 8 << 20
 _ZEROS: Final = bytes(1 << 16)
 _OFFSET: Final = struct.Struct(">Q")
