@@ -176,7 +176,7 @@ class NBDSource:
     ``on_broken`` is told.
 
     Once ``reader`` (the splice data path, a second connection) runs, READs go through it
-    (``read_direct``); should it stop, reads go through ``client`` again, which then reports
+    (``start_read_direct``); should it stop, reads go through ``client`` again, which then reports
     what happened.
     """
 
