@@ -13,7 +13,9 @@ Read-ahead: a job may name ranges that follow it if the trio thread found them r
 it submitted the job (a sequential reader). The worker asks QEMU for those it has not asked for
 yet right away (as far as :class:`SharedDepth` allows), before it sends the current reply,
 keeps their payloads in pipes of their own, and takes them off the socket while it waits for
-the next job (QEMU puts only ~200 KiB into the socket before it waits for us). A later job for
+the next job. QEMU writes whole replies into the socket at once when the stream could widen
+its send buffer (:data:`~snapfs.nbd.SERVER_SNDBUF`); where it could not, QEMU puts only
+~200 KiB into the socket before it waits for us. A later job for
 exactly the first such range uses it. That job passed the tree's checks at its own time, so a
 range punched meanwhile is refused as without read-ahead (the snapshot's bytes never change,
 and punching only shrinks the readable set). A read-ahead that fails or is no longer wanted is
@@ -59,9 +61,11 @@ log = logging.getLogger(__name__)
 
 #: Bytes a pipe must take: one whole 1 MiB READ reply (and the unprivileged maximum).
 PIPE_SIZE: Final = 1 << 20
-#: Payload pipes: a request, its read-aheads (two, see fs.DIRECT_READ_AHEAD), and one dropped
-#: while in flight; beyond that, payloads go into buffers.
-PAYLOAD_PIPES: Final = 4
+#: Payload pipes: a request, its read-aheads (two, see fs.DIRECT_READ_AHEAD), and the two
+#: read-aheads of the job before if this job dropped them while in flight (any earlier ones
+#: are done by then: QEMU answers in order, and a job waits for its reply). Beyond that,
+#: payloads go into buffers. An idle pipe costs no payload memory.
+PAYLOAD_PIPES: Final = 5
 #: One read of this many bytes when the first reader of a QEMU starts, its bytes thrown away
 #: (see SharedDepth.warmed_up). Why: QEMU's NBD server allocates every request's buffer with
 #: posix_memalign (4 KiB aligned), and glibc 2.36 can get stuck mapping each 1 MiB buffer
@@ -324,9 +328,10 @@ class DiskReader:
                     job = self._jobs.get_nowait()
                 except queue.Empty:
                     if failure is None and self._inflight:
-                        # Idle with a read-ahead on its way: take it off the socket now. QEMU
-                        # can only put ~200 KiB into the socket before it waits for us, so
-                        # this is what makes the read-ahead a whole request deep.
+                        # Idle with a read-ahead on its way: take it off the socket now. If
+                        # QEMU's send buffer could not be widened, QEMU puts only ~200 KiB
+                        # into the socket before it waits for us, and this is what makes the
+                        # read-ahead a whole request deep.
                         try:
                             self._receive()
                         except (OSError, SnapfsError) as err:

@@ -31,6 +31,7 @@ Everything here runs on one trio thread; none of it is thread-safe.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -533,6 +534,12 @@ _REQUEST: Final = struct.Struct(">IHHQQI")
 _OPT_REPLY: Final = struct.Struct(">QIII")
 _CHUNK: Final = struct.Struct(">HHQI")  # after the magic: flags, type, handle, length
 _SPLICE_F_NONBLOCK: Final = getattr(os, "SPLICE_F_NONBLOCK", 2)
+#: Send buffer an NBDStream gives the server's end of its connection (the kernel doubles it).
+#: Why: see _widen_server_sndbuf.
+SERVER_SNDBUF: Final = 4 << 20
+_SO_SNDBUFFORCE: Final = getattr(socket, "SO_SNDBUFFORCE", 32)
+_SYS_PIDFD_GETFD: Final = 438  # the same number on every architecture (Linux 5.6)
+_UCRED: Final = struct.Struct("3i")
 
 
 class StreamLost(NBDError):
@@ -541,6 +548,93 @@ class StreamLost(NBDError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, errno.EIO)
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _widen_if_peer(fd: int, ours: object) -> int | None:
+    """If ``fd`` (a duplicate, always closed here) is the unix socket connected to the address
+    ``ours``, widen its send buffer and return the size it has now (0: it could not be
+    widened); None if it is another descriptor."""
+    try:
+        peer = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        return None
+    with peer:
+        try:
+            if peer.family != socket.AF_UNIX or peer.getpeername() != ours:
+                return None
+        except OSError:
+            return None  # a listening or unconnected socket
+        try:
+            try:
+                peer.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, SERVER_SNDBUF)
+            except PermissionError:  # no CAP_NET_ADMIN: up to net.core.wmem_max
+                peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SERVER_SNDBUF)
+            return int(peer.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+        except OSError:
+            return 0
+
+
+def _pidfd_getfd(pidfd: int, fd: int) -> int:
+    """pidfd_getfd(2): a close-on-exec duplicate of another process's ``fd``. Raises OSError."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    dup = int(_libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0))
+    if dup < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return dup
+
+
+def _not_widened(name: str, err: OSError) -> int:
+    log.info("%s: cannot widen QEMU's send buffer (reads are slower): %s", name, err.strerror)
+    return 0
+
+
+def _widen_server_sndbuf(sock: socket.socket, name: str) -> int:
+    """Give the server's end of the connected unix socket ``sock`` a send buffer of
+    SERVER_SNDBUF; return its size now, or 0 if that cannot be done here (nothing changed).
+
+    Why: a server writes a reply only as fast as its end's send buffer drains, and the
+    default (``net.core.wmem_default``, 208 KiB) holds a fifth of a 1 MiB reply, so QEMU and
+    the reader take turns about six times per request (the benchmark's four parallel readers
+    caused 16 context switches per MiB). With the buffer widened, QEMU 7.2 writes whole replies
+    at once: snapfs read 4 disks in parallel a third faster, at less CPU in QEMU and in snapfs.
+    For unix stream sockets only the sender's buffer counts, and an accepted socket does not
+    inherit its listener's, so the one way in is pidfd_getfd(2): it needs root (or ptrace
+    rights over the server) and Linux 5.6. The server's end is the socket whose peer is ours
+    (bound to a unique abstract name); no other socket is touched, and the duplicates are
+    closed at once. QEMU's copy of the descriptor is unchanged apart from the buffer size.
+    """
+    ours = sock.getsockname()
+    pid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[0]
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as err:
+        return _not_widened(name, err)
+    try:
+        with os.scandir(f"/proc/{pid}/fd") as entries:
+            for entry in entries:
+                try:
+                    if not os.readlink(entry.path).startswith("socket:"):
+                        continue
+                    dup = _pidfd_getfd(pidfd, int(entry.name))
+                except OSError as err:
+                    if err.errno in (errno.EPERM, errno.ENOSYS, errno.ESRCH):
+                        return _not_widened(name, err)
+                    continue  # closed meanwhile
+                size = _widen_if_peer(dup, ours)
+                if size is not None:
+                    return size
+    except OSError as err:
+        return _not_widened(name, err)
+    finally:
+        os.close(pidfd)
+    return 0
 
 
 class NBDStream:
@@ -561,6 +655,8 @@ class NBDStream:
         self._poll.register(self._fd, select.POLLIN)
         self.name = name
         self.size = size
+        #: The send buffer of the server's end, if connect() could widen it; else 0.
+        self.server_sndbuf = 0
 
     @classmethod
     def connect(cls, socket_path: str, export: str, timeout: float = 10.0) -> NBDStream:
@@ -568,11 +664,13 @@ class NBDStream:
         name = f"{socket_path}:{export}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
+            sock.bind("")  # a unique abstract name, by which _widen_server_sndbuf finds the peer
             sock.settimeout(timeout)  # bounds the handshake only
             sock.connect(socket_path)
             stream = cls(sock, name, 0)
             stream.size = stream._handshake(export)
             sock.settimeout(None)
+            stream.server_sndbuf = _widen_server_sndbuf(sock, name)
         except OSError as err:
             sock.close()
             raise NBDError(f"cannot connect to NBD export {export!r} at {socket_path}: "

@@ -7,22 +7,25 @@ so each test reads back exactly what the kernel would have received: header and 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import random
 import socket
 import struct
 import subprocess
+import termios
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import trio
 
+import snapfs.nbd
 from snapfs.datapath import DiskReader, SharedDepth
-from snapfs.devvm import QEMU_IMG, DiskSpec, MiB, TestVM, running_vm
+from snapfs.devvm import QEMU_IMG, DiskSpec, MiB, TestVM, poll, running_vm
 from snapfs.errors import NBDError
 from snapfs.fuse.splice import ReplyPipe
-from snapfs.nbd import NBDStream, StreamLost
+from snapfs.nbd import CHUNK_FLAG_DONE, CHUNK_OFFSET_DATA, SERVER_SNDBUF, NBDStream, StreamLost
 from tests.conftest import Snapfs
 from tests.test_nbd import QEMU_IO, export, fleecing, start_server, unexport
 
@@ -252,6 +255,53 @@ def test_one_warm_up_read_per_qemu(vm: TestVM, sock: str) -> None:
     assert first.warmed_up
     assert depth.warmed_up
     assert not second.warmed_up
+
+
+def queued(stream: NBDStream) -> int:
+    """Bytes waiting in the stream's socket (FIONREAD)."""
+    buf = fcntl.ioctl(stream._fd, termios.FIONREAD, b"\0" * 4)
+    return int(struct.unpack("i", buf)[0])
+
+
+def test_the_servers_send_buffer_is_widened(vm: TestVM, sock: str) -> None:
+    """QEMU's end of a stream takes whole replies: a 4 MiB reply waits in our socket in full,
+    where QEMU's default buffer lets through about 230 KiB until we read."""
+    stream = NBDStream.connect(sock, "virtio0")
+    try:
+        assert stream.server_sndbuf >= SERVER_SNDBUF
+        stream.send_read(1, 0, 4 * MiB)
+        poll(lambda: queued(stream) >= 4 * MiB, what="the whole reply to be queued")
+        data = bytearray()
+        while True:
+            handle, ctype, flags, length = stream.recv_chunk()
+            assert handle == 1
+            if ctype == CHUNK_OFFSET_DATA:
+                stream.read_exact(8)
+                chunk = bytearray(length - 8)
+                stream.recv_into(memoryview(chunk))
+                data += chunk
+            if flags & CHUNK_FLAG_DONE:
+                break
+        assert data == vm.expected["virtio0"][: 4 * MiB]
+    finally:
+        stream.close()
+
+
+def test_a_server_out_of_reach_keeps_its_buffer(vm: TestVM, sock: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the right to reach into QEMU (pidfd_getfd refused), reads work as before."""
+    def refused(pidfd: int, fd: int) -> int:
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(snapfs.nbd, "_pidfd_getfd", refused)
+
+    async def body(reader: DiskReader, dev: FakeDevice) -> None:
+        assert reader._stream is not None
+        assert reader._stream.server_sndbuf == 0
+        got = await read_back(reader, dev, 1, MiB, 2 * MiB, [(3 * MiB, MiB)])
+        assert got == vm.expected["virtio0"][MiB : 3 * MiB]
+
+    with_reader(sock, "virtio0", body)
 
 
 def test_qemu_killed_ends_the_reader(vm: TestVM, sock: str) -> None:
