@@ -179,6 +179,22 @@ def test_provider_with_discard_keeps_fleecing_small(tmp_path: Path, snapfs: Snap
     assert discard_final <= CHUNK + 1 * MiB
 
 
+def test_a_view_with_discarded_bytes_is_not_copied_again(
+        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    """After a copy with --discard the view's bytes can no longer be read, and SEEK_DATA shows
+    them as holes: a second copy of that view fails instead of taking them for zeros."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    with snapfs.mounted(vm, tmp_path / "mnt") as mnt:
+        snapfs("copy", str(mnt), str(first), "--discard")
+        assert (first / "virtio0.raw").read_bytes() == vm.expected["virtio0"]
+        proc = snapfs("copy", str(mnt), str(second), check=False)
+    assert proc.returncode == 9
+    assert any(f"{name}: " in proc.stderr for name in vm.disks)
+    assert "discarded" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not any((second / f"{name}.raw").exists() for name in vm.disks)
+
+
 def test_punch_hole_helper_rejects_bad_ranges(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"x" * 8192)
