@@ -550,7 +550,7 @@ class StreamLost(NBDError):
         super().__init__(message, errno.EIO)
 
 
-_libc: ctypes.CDLL | None = None
+_libc: Final = ctypes.CDLL(None, use_errno=True)
 
 
 def _widen_if_peer(fd: int, ours: object) -> int | None:
@@ -580,9 +580,6 @@ def _widen_if_peer(fd: int, ours: object) -> int | None:
 
 def _pidfd_getfd(pidfd: int, fd: int) -> int:
     """pidfd_getfd(2): a close-on-exec duplicate of another process's ``fd``. Raises OSError."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
     dup = int(_libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0))
     if dup < 0:
         err = ctypes.get_errno()

@@ -151,8 +151,8 @@ class DiskCopy:
         while pos < end:
             if end - pos <= CHUNK:
                 # Reading this costs less than the two lseek round trips through FUSE that
-                # might skip a hole in it (half the time of many small regions); its zeros
-                # are found below all the same.
+                # might skip a hole in it (a quarter of the time for many 64 KiB regions);
+                # its zeros are found below all the same.
                 data, data_end = pos, end
             else:
                 data, data_end = self._data_span(pos, end)
