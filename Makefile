@@ -7,7 +7,7 @@ APT_PKGS := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin fuse3 python3-v
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: all deps apt venv demo test lint bench install clean
+.PHONY: all deps apt venv demo test test-qemu10 qemu10 lint bench install clean
 
 all: deps
 
@@ -36,6 +36,26 @@ test: deps
 	$(VENV)/bin/ruff check snapfs tests
 	$(VENV)/bin/mypy
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# The real-QEMU tests again, against Debian 13's QEMU 10.0 (what Proxmox VE 9 users run), in a
+# chroot built once and kept in QEMU10_ROOT. snapfs itself runs on the host.
+QEMU10_ROOT ?= /var/cache/snapfs-dev/qemu-10.0
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+qemu10: $(QEMU10_ROOT)/.stamp
+
+$(QEMU10_ROOT)/.stamp:
+	@command -v debootstrap >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
+	rm -rf $(QEMU10_ROOT).tmp
+	debootstrap --variant=minbase --include=qemu-system-x86,qemu-utils trixie \
+	  $(QEMU10_ROOT).tmp $(DEBIAN_MIRROR) >$(QEMU10_ROOT).log 2>&1 || \
+	  { tail -20 $(QEMU10_ROOT).log; exit 1; }
+	rm -rf $(QEMU10_ROOT) && mv $(QEMU10_ROOT).tmp $(QEMU10_ROOT)
+	chroot $(QEMU10_ROOT) qemu-system-x86_64 --version | head -1
+	touch $@
+
+test-qemu10: deps qemu10
+	SNAPFS_TEST_QEMU_ROOT=$(QEMU10_ROOT) $(VPY) -m pytest -m qemu $(PYTEST_ARGS)
 
 lint: deps
 	$(VENV)/bin/ruff check snapfs tests

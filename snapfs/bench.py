@@ -39,9 +39,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snapfs.devvm import DiskSpec, MiB, TestVM, poll
+from snapfs.devvm import QEMU_ROOT_ENV, DiskSpec, MiB, TestVM, poll
 
 GiB = 1024 * MiB
+THROTTLE = 10_000_000  # bytes/s of the throttled disk in (i)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 REGION = 64 * 1024
 
@@ -164,6 +165,9 @@ class Results:
     dirty_regions: int = 0
     # (g) guest pause at the snapshot point, ms: full views and incremental (reuse) views.
     pause_ms: dict[str, list[float]] = field(default_factory=dict)
+    # The QEMU measured, and whether snapfs confines its reads there by default.
+    qemu: str = ""
+    confined: bool = False
 
 
 def _wait_all(procs: Sequence[subprocess.Popen[bytes]]) -> float:
@@ -267,12 +271,12 @@ class Bench:
 
     # -- processes -------------------------------------------------------------------------------
 
-    def snapfs(self, *argv: str, timeout: float = 600) -> float:
+    def snapfs(self, *argv: str, timeout: float = 600, env: dict[str, str] | None = None) -> float:
         """Run the snapfs CLI; return its wall time."""
         t0 = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, "-m", "snapfs", *argv],
-            env=self.env,
+            env={**self.env, **(env or {})},
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -285,7 +289,7 @@ class Bench:
             )
         return wall
 
-    def mount(self, *extra: str) -> float:
+    def mount(self, *extra: str, env: dict[str, str] | None = None) -> float:
         self.mnt.mkdir(exist_ok=True)
         wall = self.snapfs(
             "mount",
@@ -296,6 +300,7 @@ class Bench:
             "--fleecing-dir",
             str(self.workdir / "fleecing"),
             *extra,
+            env=env,
         )
         sdir = self.run_dir / ".state" / self.vm.vmid
         self.state = json.loads((sdir / "state.json").read_text())
@@ -400,7 +405,7 @@ class Bench:
     # -- measuring -------------------------------------------------------------------------------
 
     def file_of(self, tool: str, name: str) -> str:
-        if tool == SNAPFS:
+        if tool.startswith(SNAPFS):
             return str(self.mnt / f"{name}.raw")
         if tool == NBDFUSE:
             return str(self.nbdfuse[name][1] / "disk")
@@ -498,7 +503,11 @@ class Bench:
         )
         if not self.has_qemu_fuse:
             self.results.unavailable[QEMU_FUSE] = "this QEMU build has no FUSE export"
-        print(f"VM ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        self.results.qemu = self.vm.qemu_version()
+        major, minor = (int(x) for x in self.results.qemu.split(".")[:2])
+        self.results.confined = (major, minor) < (8, 0)
+        print(f"VM ready in {time.perf_counter() - t0:.1f} s (QEMU {self.results.qemu})",
+              flush=True)
 
     def rounds(self) -> None:
         tools = [SNAPFS, NBDFUSE] + ([QEMU_FUSE] if self.has_qemu_fuse else []) + [NBDCOPY]
@@ -541,6 +550,61 @@ class Bench:
                 flush=True,
             )
 
+    def confinement(self) -> None:
+        """(h): what confining every NBD request to one copy-before-write cluster costs (what
+        QEMU before 8.0 needs, see snapfs.qmp.confine_reads): snapfs as it reads on this QEMU
+        against snapfs forced to confine (SNAPFS_CONFINE_READS=1), alternated, for (a) and (c).
+        On a QEMU before 8.0 both confine: run with --qemu-root to measure on a newer one."""
+        first = self.names[0]
+        kinds = [(SNAPFS, None), (f"{SNAPFS}-confined", {"SNAPFS_CONFINE_READS": "1"})]
+        for rnd in range(self.args.rounds):
+            for tool, env in kinds[rnd % 2 :] + kinds[: rnd % 2]:
+                self.mount(env=env)
+                try:
+                    self.measure("h-a", tool, rnd, [first], self.argv("a-dd", tool), self.size)
+                    self.measure("h-c", tool, rnd, self.names, self.argv("c-parallel", tool),
+                                 self.size * len(self.names))
+                finally:
+                    self.umount()
+
+    def throttled(self) -> None:
+        """(i): a disk behind a throttle node (10 MB/s, as Proxmox VE 9 puts on every disk)
+        reads as fast as one without: snapfs's filter sits below the throttle."""
+        size = min(self.size, 256 * MiB)
+        workdir = self.workdir / "thr"
+        workdir.mkdir()
+        vm = BenchVM(workdir, [DiskSpec("virtio0", self.args.format, "virtio", size=size),
+                               DiskSpec("virtio1", self.args.format, "virtio", size=size,
+                                        throttle=THROTTLE)],
+                     seed=8, image_dir=self.vm.image_dir)
+        mnt = workdir / "mnt"
+        mnt.mkdir()
+        vm.start()
+        try:
+            self.snapfs("mount", vm.vmid, str(mnt), "--qmp", str(vm.qmp_path),
+                        "--fleecing-dir", str(workdir / "fleecing"))
+            try:
+                tools = [(SNAPFS, "virtio0"), (f"{SNAPFS}-throttled", "virtio1")]
+                for rnd in range(self.args.rounds):
+                    for tool, name in tools[rnd % 2 :] + tools[: rnd % 2]:
+                        if not self.args.no_drop_caches:
+                            drop_caches()
+                        t0 = time.perf_counter()
+                        subprocess.run(["dd", f"if={mnt / name}.raw", "of=/dev/null", "bs=1M",
+                                        "iflag=direct", "status=none"], check=True,
+                                       timeout=size / THROTTLE * 4 + 60)
+                        wall = time.perf_counter() - t0
+                        self.results.runs.append(
+                            Run("i-throttled", tool, rnd, size, wall, 0.0, 0.0, 0.0))
+                        print(f"  round {rnd} i-throttled {tool:16} {size / MiB / wall:8.0f} "
+                              "MiB/s", flush=True)
+            finally:
+                self.snapfs("umount", str(mnt))
+        finally:
+            vm.stop()
+            for d in vm.disks.values():
+                d.path.unlink(missing_ok=True)
+
     def pause(self) -> None:
         """(g): how long a running guest stays paused at the snapshot point, for a full view
         and for an incremental one (the bitmap hand-over happens inside the pause)."""
@@ -571,10 +635,10 @@ class Bench:
         count = min(self.args.dirty_regions, slots // 2)
         picks = sorted(random.Random(3).sample(range(slots // 2), count))
         print(f"(d) {count} guest writes of 64 KiB", flush=True)
-        qom = self.vm.disks[first].qom_io_path
+        qom = self.vm.disks[first].qemu_io_target
         for i, slot in enumerate(picks):
             out = self.vm.hmp(
-                f'qemu-io -d {qom} "write -P {i % 250 + 1} {slot * 2 * REGION} {REGION}"'
+                f'qemu-io {qom} "write -P {i % 250 + 1} {slot * 2 * REGION} {REGION}"'
             )
             if out.strip():
                 raise RuntimeError(f"guest write failed: {out.strip()}")
@@ -663,6 +727,8 @@ def summarize(res: Results) -> dict[str, Any]:
     out["umount_s"] = _med(res.umount_s)
     out["peak_rss_mib"] = {k: max(v) / MiB for k, v in res.rss.items()}
     out["pause_ms"] = {k: _med(v) for k, v in res.pause_ms.items()}
+    out["qemu"] = res.qemu
+    out["confined"] = res.confined
     return out
 
 
@@ -671,6 +737,9 @@ WORKLOAD_TITLES = {
     "b-cp": "(b) cp --sparse=always to /dev/null",
     "c-parallel": "(c) 4 disks in parallel, dd bs=1M iflag=direct (aggregate)",
     "d-incr": "(d) incremental view, 64 KiB regions",
+    "h-a": "(h) confined reads: (a)",
+    "h-c": "(h) confined reads: (c)",
+    "i-throttled": "(i) a disk throttled to 10 MB/s, against an unthrottled one",
 }
 
 
@@ -681,6 +750,9 @@ def markdown(res: Results, summary: dict[str, Any]) -> str:
         f"{a['rounds']} alternated rounds, medians; images in "
         f"{'memory' if a.get('images_in_memory') else 'files on disk'}; page cache dropped "
         "before every run" + (" (not)" if a["no_drop_caches"] else "") + ".",
+        "",
+        f"QEMU {res.qemu}: snapfs confines its reads there "
+        + ("by default (before 8.0)." if res.confined else "only in (h)."),
         "",
         "| workload | tool | MiB/s | CPU s/GiB (reader+server) | QEMU CPU s/GiB | snapfs ratio |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
@@ -751,6 +823,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", default="bench-results.json", help="raw figures (JSON)")
     p.add_argument(
+        "--qemu-root",
+        help="run the VM with the QEMU of this root file system (make qemu10 builds one with "
+        "Debian 13's QEMU 10.0 in /var/cache/snapfs-dev/qemu-10.0)",
+    )
+    p.add_argument(
         "--no-drop-caches", action="store_true", help="do not drop the page cache before every run"
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -765,6 +842,8 @@ def run(args: argparse.Namespace) -> Results:
     if args.rounds < 1 or args.disks < 1:
         raise SystemExit("--rounds and --disks must be at least 1")
     args.images_in_memory = images_in_memory(args.images, args.size_bytes * args.disks)
+    if args.qemu_root:
+        os.environ[QEMU_ROOT_ENV] = args.qemu_root
     workdir = Path(tempfile.mkdtemp(prefix="snapfs-bench-", dir=args.workdir))
     image_dir = None
     if args.images_in_memory:
@@ -775,7 +854,9 @@ def run(args: argparse.Namespace) -> Results:
         bench.rounds()
         if args.dirty_regions:
             bench.incremental()
+        bench.confinement()
         bench.pause()
+        bench.throttled()
     finally:
         bench.close()
         if image_dir is not None:

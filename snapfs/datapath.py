@@ -2,42 +2,47 @@
 
 One :class:`DiskReader` per disk owns a worker thread, an :class:`~snapfs.nbd.NBDStream` and
 a few pipes. For a READ the trio thread checks the range against the tree (as for every read)
-and submits a job; the worker sends the NBD request, splices the payload of each data chunk of
-the reply from the socket into the request's pipe (holes become zeros written into it), and
-then splices header plus payload into /dev/fuse (:mod:`snapfs.fuse.splice`).
-The kernel copies the bytes once, into the reader's pages; libnbd's path copies them twice and
-wakes the trio thread for every socket chunk. Workers of different disks run in parallel (the
-GIL is released in every syscall).
+and submits a job; the worker asks QEMU for the range (a *fetch*: one NBD request, or one per
+copy-before-write cluster where QEMU needs that, see ``confine``), splices the payload of each
+data chunk from the socket into the fetch's pipe (holes become zeros written into it), and then
+splices header plus payload into /dev/fuse (:mod:`snapfs.fuse.splice`). The kernel copies the
+bytes once, into the reader's pages; libnbd's path copies them twice and wakes the trio thread
+for every socket chunk. Workers of different disks run in parallel (the GIL is released in
+every syscall).
+
+Several READs of one disk are in flight at once (up to ``MAX_JOBS``): QEMU serves their
+requests concurrently and may answer in any order, and each READ is answered as soon as its
+fetch is complete. A fetch's payload goes through its pipe in order: bytes that arrive ahead of
+their turn (a later request of the same fetch answered first) wait in a buffer of their request
+and are written into the pipe when their turn comes. Whenever bytes do not fit the splice way
+(a full pipe, chunks out of order inside one request, more fetches in flight than pipes), that
+fetch continues in a buffer and its reply is written by copying.
 
 Read-ahead: a job may name ranges that follow it if the trio thread found them readable when
 it submitted the job (a sequential reader). The worker asks QEMU for those it has not asked for
-yet right away (as far as :class:`SharedDepth` allows), before it sends the current reply,
-keeps their payloads in pipes of their own, and takes them off the socket while it waits for
-the next job. QEMU writes whole replies into the socket at once when the stream could widen
-its send buffer (:data:`~snapfs.nbd.SERVER_SNDBUF`); where it could not, QEMU puts only
-~200 KiB into the socket before it waits for us. A later job for
-exactly the first such range uses it. That job passed the tree's checks at its own time, so a
-range punched meanwhile is refused as without read-ahead (the snapshot's bytes never change,
-and punching only shrinks the readable set). A read-ahead that fails or is no longer wanted is
-dropped.
-
-Whenever bytes do not fit the splice way (a full pipe, chunks out of order, more requests in
-flight than pipes), that request continues in a buffer and its reply is written by copying.
+yet right away (as far as :class:`SharedDepth` allows) and keeps them in fetches of their own.
+A later job for exactly the first such range uses it. That job passed the tree's checks at its
+own time, so a range punched meanwhile is refused as without read-ahead (the snapshot's bytes
+never change, and punching only shrinks the readable set). A read-ahead that fails or is no
+longer wanted is dropped.
 
 Errors: an NBD error chunk fails that job with the server's errno (a broken snapshot); a lost
-connection or a protocol violation fails the job and every later one with
+connection or a protocol violation fails every job in flight and every later one with
 :class:`~snapfs.nbd.StreamLost`. Callers then read the libnbd way, which reports what happened.
 
 Threads: ``submit``/``read``/``close`` on the trio thread; everything else in the worker. Jobs
-cross over through a ``queue.SimpleQueue``; failures come back with ``TrioToken.run_sync_soon``.
+cross over through a ``queue.SimpleQueue`` (and an eventfd that wakes a worker waiting on the
+socket); failures come back with ``TrioToken.run_sync_soon``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import queue
+import select
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -61,28 +66,27 @@ log = logging.getLogger(__name__)
 
 #: Bytes a pipe must take: one whole 1 MiB READ reply (and the unprivileged maximum).
 PIPE_SIZE: Final = 1 << 20
-#: Payload pipes: a request, its read-aheads (two, see fs.DIRECT_READ_AHEAD), and the two
-#: read-aheads of the job before if this job dropped them while in flight (any earlier ones
-#: are done by then: QEMU answers in order, and a job waits for its reply). Beyond that,
+#: READs of one disk in flight at once; later ones wait in the queue.
+MAX_JOBS: Final = 16
+#: Payload pipes at most: one per READ in flight, its read-aheads (two, see
+#: fs.DIRECT_READ_AHEAD), and two read-aheads dropped while still in flight. Beyond that,
 #: payloads go into buffers. An idle pipe costs no payload memory.
-PAYLOAD_PIPES: Final = 5
+PAYLOAD_PIPES: Final = MAX_JOBS + 4
 #: One read of this many bytes when the first reader of a QEMU starts, its bytes thrown away
 #: (see SharedDepth.warmed_up). Why: QEMU's NBD server allocates every request's buffer with
 #: posix_memalign (4 KiB aligned), and glibc 2.36 can get stuck mapping each 1 MiB buffer
 #: anew: the dynamic mmap threshold it raises when such a buffer is freed stays just below the
 #: next request's padded size. QEMU then faults in all 256 pages of every buffer. Freeing one
 #: larger buffer raises the threshold above 1 MiB for good, so later buffers come from the heap
-#: and are reused. In the benchmark QEMU spent about 0.35 s of CPU per GiB served without those
-#: faults and 0.85-2.3 s with them (263,000 faults per GiB). The price: QEMU's heap may keep up
-#: to twice this much freed memory.
+#: and are reused. The price: QEMU's heap may keep up to twice this much freed memory.
 WARM_UP: Final = 8 << 20
 _ZEROS: Final = bytes(1 << 16)
 _OFFSET: Final = struct.Struct(">Q")
 _HOLE: Final = struct.Struct(">QI")
 _ERROR: Final = struct.Struct(">IH")
 
-#: NBD reads the readers of one QEMU keep outstanding at most when they read ahead: WARM_UP's
-#: worth of 1 MiB requests (see SharedDepth).
+#: Fetches the readers of one QEMU keep outstanding at most when they read ahead: WARM_UP's
+#: worth of 1 MiB reads (see SharedDepth).
 QEMU_DEPTH: Final = WARM_UP // (1 << 20)
 
 ReplyPipeFactory = Callable[[int], ReplyPipe]
@@ -94,7 +98,8 @@ Done = Callable[[NBDError | None], None]
 
 
 class _Job:
-    __slots__ = ("ahead", "done", "length", "offset", "result", "tell_success", "unique")
+    __slots__ = ("ahead", "done", "fetch", "length", "offset", "result", "retried",
+                 "tell_success", "unique")
 
     def __init__(self, unique: int, offset: int, length: int, ahead: Sequence[tuple[int, int]],
                  done: Done, tell_success: bool) -> None:
@@ -105,53 +110,73 @@ class _Job:
         self.done = done
         self.tell_success = tell_success
         self.result: NBDError | None = None
+        self.fetch: _Fetch | None = None
+        # True once the job has a fetch of its own (not a read-ahead): not retried on failure.
+        self.retried = False
 
 
-class _Request:
-    """One NBD read in flight or answered, reassembled from its reply chunks.
+class _Part:
+    """One NBD read request: bytes ``[start, start + length)`` of its fetch.
 
-    Invariant: in pipe mode (``buf`` None) the pipe holds exactly the first ``filled`` bytes of
-    the payload; in buffer mode ``buf`` holds every byte received so far at its place (holes
-    are the buffer's zeros). ``wanted`` is false for a read-ahead nobody will use.
+    ``got`` counts the bytes received so far; QEMU sends a request's chunks in ascending order,
+    so they are the first ``got`` bytes of the part (a part that breaks this puts its fetch
+    into buffer mode). ``buf`` holds bytes that arrived before their turn in the fetch's pipe.
     """
 
-    __slots__ = ("buf", "done", "error", "filled", "handle", "length", "offset", "pipe",
-                 "wanted")
+    __slots__ = ("buf", "done", "error", "fetch", "got", "length", "start")
 
-    def __init__(self, handle: int, offset: int, length: int, pipe: Pipe | None) -> None:
-        self.handle = handle
+    def __init__(self, fetch: _Fetch, start: int, length: int) -> None:
+        self.fetch = fetch
+        self.start = start
+        self.length = length
+        self.got = 0
+        self.buf: bytearray | None = None
+        self.error = 0
+        self.done = False
+
+
+class _Fetch:
+    """One range of the disk, read by one or more NBD requests (``parts``, in order).
+
+    Invariant: in pipe mode (``buf`` None) the pipe holds exactly the first ``filled`` bytes of
+    the range, and bytes received past ``filled`` wait in their part's ``buf``; in buffer mode
+    ``buf`` holds every byte received so far at its place (holes are the buffer's zeros).
+    ``wanted`` is false for a read-ahead nobody will use; ``job`` is the READ it answers.
+    """
+
+    __slots__ = ("buf", "cur", "error", "filled", "job", "length", "offset", "parts", "pending",
+                 "pipe", "wanted")
+
+    def __init__(self, offset: int, length: int, pipe: Pipe | None) -> None:
         self.offset = offset
         self.length = length
         self.pipe = pipe
         self.buf: bytearray | None = None if pipe is not None else bytearray(length)
         self.filled = 0
+        self.cur = 0  # the part that ``filled`` is in
+        self.parts: list[_Part] = []
+        self.pending = 0  # parts not yet answered in full
         self.error = 0
-        self.done = False
         self.wanted = True
+        self.job: _Job | None = None
 
-    def to_buffer(self) -> bytearray:
-        """Switch to buffer mode (the pipe's bytes move into the buffer)."""
-        if self.buf is None:
-            assert self.pipe is not None
-            self.buf = bytearray(self.length)
-            self.pipe.read_exact(memoryview(self.buf)[: self.filled])
-        return self.buf
+    @property
+    def complete(self) -> bool:
+        return self.pending == 0
 
 
 class SharedDepth:
-    """Caps the NBD reads outstanding at one QEMU over all its readers, for read-aheads.
+    """Caps the fetches outstanding at one QEMU over all its readers, for read-aheads.
 
     A reader always asks for the range a READ wants; it asks for read-aheads only while the
-    readers sharing this have fewer than ``limit`` requests outstanding in all. Why: QEMU's
+    readers sharing this have fewer than ``limit`` fetches outstanding in all. Why: QEMU's
     NBD server allocates a buffer per request in flight. After the WARM_UP read its allocator
     keeps freed buffers for reuse as long as less than twice WARM_UP of them is free at once,
-    which holds while at most WARM_UP bytes are outstanding. Before the warm-up existed, four
-    disks read at once with two read-aheads each made QEMU (one thread, the bottleneck there)
-    map 2,000 fresh 1 MiB buffers per 4 GiB instead of 1,200 and spend about a quarter more CPU
-    per GiB. Several readers keep QEMU busy without read-ahead; one sequential reader needs it.
+    which holds while at most WARM_UP bytes are outstanding. Several readers keep QEMU busy
+    without read-ahead; one sequential reader needs it.
 
     Threads: ``room`` runs in the workers without a lock. Each term is one ``len()`` of a
-    reader's dict, atomic under the GIL; a sum that is stale by a request only moves the cap by
+    reader's dict, atomic under the GIL; a sum that is stale by a fetch only moves the cap by
     one.
     """
 
@@ -174,30 +199,43 @@ class DiskReader:
     Lifecycle: ``await run(task_status)`` in a nursery connects (in the thread) and serves until
     :meth:`close`; ``read`` may be called once ``run`` has started. After a lost connection or
     an unexpected failure the reader is ``alive`` no more and callers should read another way.
+
+    ``confine`` > 0: every NBD request stays inside one aligned block of that size (QEMU's
+    copy-before-write cluster; see ``snapfs.qmp.confine_reads``).
     """
 
     def __init__(self, socket_path: str, export: str, reply_pipe: ReplyPipeFactory,
-                 *, pipe_size: int = PIPE_SIZE, depth: SharedDepth | None = None) -> None:
+                 *, pipe_size: int = PIPE_SIZE, depth: SharedDepth | None = None,
+                 confine: int = 0) -> None:
         self.name = f"{socket_path}:{export}"
         self._socket_path = socket_path
         self._export = export
         self._reply_pipe = reply_pipe
         self._pipe_size = pipe_size
+        self._confine = confine
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._wakeup = -1  # an eventfd while run() runs
+        self._polling = False  # the worker waits in poll(): a new job must write _wakeup
         self._token: trio.lowlevel.TrioToken | None = None
         self._stream: NBDStream | None = None
+        self._poll = select.poll()
         self._alive = False
         self._closed = False
         # Worker state.
         self._handle = 0
-        self._inflight: dict[int, _Request] = {}
-        self._aheads: deque[_Request] = deque()  # in the order a sequential reader wants them
+        self._inflight: dict[int, _Part] = {}  # by NBD handle
+        self._fetches: set[_Fetch] = set()  # sent and not complete
+        self._active: list[_Job] = []  # started and not answered
+        self._aheads: deque[_Fetch] = deque()  # in the order a sequential reader wants them
         self._pipes: list[Pipe] = []  # all of them, to close
         self._free: list[Pipe] = []
         self._reply: ReplyPipe | None = None
-        #: Counters for tests and the log: read-aheads used, and replies sent by copying.
+        #: Counters for tests and the log: read-aheads used, replies sent by copying, NBD
+        #: requests sent, and the most READs that were in flight at once.
         self.hits = 0
         self.copied = 0
+        self.requests = 0
+        self.most_jobs = 0
         #: Whether this reader made the WARM_UP read and it was answered (data or an error).
         self.warmed_up = False
         self._depth = depth if depth is not None else SharedDepth()
@@ -209,8 +247,8 @@ class DiskReader:
 
     @property
     def outstanding(self) -> int:
-        """NBD reads sent and not yet answered in full (any thread may ask)."""
-        return len(self._inflight)
+        """Fetches sent and not yet answered in full (any thread may ask)."""
+        return len(self._fetches)
 
     # -- trio side ----------------------------------------------------------------------------
 
@@ -218,7 +256,13 @@ class DiskReader:
         """Connect, report started, serve in the worker thread until ``close``. Raises
         NBDError or FuseError if the connection or the pipes cannot be set up."""
         self._token = trio.lowlevel.current_trio_token()
-        await trio.to_thread.run_sync(self._setup, abandon_on_cancel=False)
+        self._wakeup = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            await trio.to_thread.run_sync(self._setup, abandon_on_cancel=False)
+        except BaseException:
+            os.close(self._wakeup)
+            self._wakeup = -1
+            raise
         self._alive = True
         task_status.started()
         try:
@@ -226,6 +270,9 @@ class DiskReader:
                 await trio.to_thread.run_sync(self._serve, abandon_on_cancel=False)
         finally:
             self._alive = False
+            # Closed here, on the trio thread that writes it, once the worker is gone.
+            os.close(self._wakeup)
+            self._wakeup = -1
 
     def submit(self, unique: int, offset: int, length: int, ahead: Sequence[tuple[int, int]],
                done: Done, *, tell_success: bool = False) -> None:
@@ -240,6 +287,7 @@ class DiskReader:
             done(StreamLost(f"{self.name}: the splice reader is not running"))
             return
         self._jobs.put(_Job(unique, offset, length, ahead, done, tell_success))
+        self._wake()
 
     async def read(self, unique: int, offset: int, length: int,
                    ahead: Sequence[tuple[int, int]]) -> None:
@@ -263,8 +311,16 @@ class DiskReader:
         self._closed = True
         self._alive = False
         self._jobs.put(None)
+        self._wake(always=True)
         if self._stream is not None:
             self._stream.shutdown()
+
+    def _wake(self, *, always: bool = False) -> None:
+        # Only a worker waiting in poll() needs the eventfd; one blocked on the queue wakes by
+        # itself. The worker sets _polling before it looks at the queue a last time, so a job
+        # put after that look sees the flag (both run under the GIL).
+        if (always or self._polling) and self._wakeup >= 0:
+            os.eventfd_write(self._wakeup, 1)
 
     # -- worker side --------------------------------------------------------------------------
 
@@ -272,27 +328,25 @@ class DiskReader:
         self._stream = NBDStream.connect(self._socket_path, self._export)
         try:
             self._reply = self._reply_pipe(self._pipe_size)
-            for _ in range(PAYLOAD_PIPES):
-                pipe = Pipe(self._pipe_size)
-                self._pipes.append(pipe)
-                os.set_blocking(pipe.w, False)  # holes are written; a full pipe must not block
-            self._free = list(self._pipes)
             if not self._depth.warmed_up:  # readers start one after the other: no race
                 self._warm_up()
+            self._poll.register(self._stream.fileno, select.POLLIN)
+            self._poll.register(self._wakeup, select.POLLIN)
         except BaseException:
             self._release()
             raise
 
     def _warm_up(self) -> None:
         """Read up to WARM_UP bytes at offset 0 and throw them away (see WARM_UP). An error
-        reply is fine (the range may be outside the backup): QEMU allocated the buffer."""
+        reply is fine (the range may be outside the backup): QEMU allocated the buffer. The
+        bytes may be wrong where ``confine`` matters: nobody looks at them."""
         stream = self._stream
         assert stream is not None
         length = min(WARM_UP, stream.size)
         if length <= PIPE_SIZE:
             return  # no larger than a request: it would not raise anything
         self._handle += 1
-        stream.send_read(self._handle, 0, length)
+        stream.send_reads([(self._handle, 0, length)])
         scratch = memoryview(bytearray(_ZEROS))
         while True:
             handle, _, flags, size = stream.recv_chunk()
@@ -314,48 +368,51 @@ class DiskReader:
         self._pipes = self._free = []
         self._reply = None
         self._inflight.clear()
+        self._fetches.clear()
         self._aheads.clear()
         if self._stream is not None:
             self._stream.close()
 
     def _serve(self) -> None:
-        token = self._token
-        assert token is not None
         failure: StreamLost | None = None
         try:
             while True:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    if failure is None and self._inflight:
-                        # Idle with a read-ahead on its way: take it off the socket now. If
-                        # QEMU's send buffer could not be widened, QEMU puts only ~200 KiB
-                        # into the socket before it waits for us, and this is what makes the
-                        # read-ahead a whole request deep.
-                        try:
-                            self._receive()
-                        except (OSError, SnapfsError) as err:
-                            failure = self._failed(err)
-                        continue
-                    job = self._jobs.get()
-                if job is None:
-                    return
-                if failure is None:
+                room = len(self._active) < MAX_JOBS
+                busy = bool(self._fetches)
+                job: _Job | None = None
+                if not busy:
+                    job = self._jobs.get()  # idle: wait for work
+                    if job is None:
+                        return  # close()
+                elif room:
                     try:
-                        self._serve_job(job)
-                    except NBDError as err:
-                        job.result = err
-                        if isinstance(err, StreamLost):
-                            failure = err
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        pass
+                    else:
+                        if job is None:
+                            return
+                if job is not None:
+                    if failure is not None:
+                        self._finish(job, failure)
+                        continue
+                    try:
+                        self._start(job)
                     except (OSError, SnapfsError) as err:
-                        failure = job.result = self._failed(err)
-                else:
-                    job.result = failure
-                if failure is not None:
-                    self._alive = False  # read by the trio thread: a plain bool store
-                if job.result is not None or job.tell_success:
-                    token.run_sync_soon(job.done, job.result)
+                        failure = self._failed(err)
+                        self._fail_all(failure, job)
+                    continue
+                # Requests are on their way: take their replies, and new jobs while there is
+                # room for them.
+                if room and not self._wait():
+                    continue
+                try:
+                    self._receive()
+                except (OSError, SnapfsError) as err:
+                    failure = self._failed(err)
+                    self._fail_all(failure)
         finally:
+            self._fail_all(failure or StreamLost(f"{self.name}: the splice reader stopped"))
             self._release()
             # Jobs queued after the end fail; close() put the None that ended the loop.
             while True:
@@ -364,8 +421,43 @@ class DiskReader:
                 except queue.Empty:
                     break
                 if job is not None:
-                    job.result = StreamLost(f"{self.name}: the splice reader stopped")
-                    token.run_sync_soon(job.done, job.result)
+                    self._finish(job, StreamLost(f"{self.name}: the splice reader stopped"))
+
+    def _wait(self) -> bool:
+        """Wait until the socket has a reply chunk (True) or a job was queued (False)."""
+        self._polling = True
+        try:
+            if not self._jobs.empty():
+                return False
+            events = self._poll.poll()
+        finally:
+            self._polling = False
+        ready = False
+        for fd, _ in events:
+            if fd == self._wakeup:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._wakeup)
+            else:
+                ready = True
+        return ready
+
+    def _finish(self, job: _Job, result: NBDError | None) -> None:
+        """Report a job's end to the trio thread (failures, or success when asked for)."""
+        job.result = result
+        if job in self._active:
+            self._active.remove(job)
+        if result is not None or job.tell_success:
+            assert self._token is not None
+            self._token.run_sync_soon(job.done, result)
+
+    def _fail_all(self, failure: StreamLost, also: _Job | None = None) -> None:
+        """The stream cannot go on: every job in flight fails, nothing more is received."""
+        self._alive = False  # read by the trio thread: a plain bool store
+        for job in [*self._active, *([also] if also is not None else [])]:
+            self._finish(job, failure)
+        self._inflight.clear()
+        self._fetches.clear()
+        self._aheads.clear()
 
     def _failed(self, err: BaseException) -> StreamLost:
         """What ends the data path, as StreamLost; anything but a lost stream is a bug."""
@@ -374,15 +466,45 @@ class DiskReader:
         log.error("%s: the splice data path failed: %s", self.name, err)
         return StreamLost(f"{self.name}: {err}")
 
-    def _request(self, offset: int, length: int) -> _Request:
-        assert self._stream is not None
-        self._handle += 1
-        req = _Request(self._handle, offset, length, self._free.pop() if self._free else None)
-        self._inflight[req.handle] = req
-        self._stream.send_read(req.handle, offset, length)
-        return req
+    def _split(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The NBD requests of a fetch: one, or one per ``confine`` block it touches."""
+        c = self._confine
+        if not c:
+            return [(offset, length)]
+        parts = []
+        end = offset + length
+        while offset < end:
+            step = min(end, (offset // c + 1) * c) - offset
+            parts.append((offset, step))
+            offset += step
+        return parts
 
-    def _serve_job(self, job: _Job) -> None:
+    def _fetch(self, offset: int, length: int) -> _Fetch:
+        """Ask QEMU for a range."""
+        assert self._stream is not None
+        pipe = None
+        if self._free:
+            pipe = self._free.pop()
+        elif len(self._pipes) < PAYLOAD_PIPES:
+            pipe = Pipe(self._pipe_size)
+            self._pipes.append(pipe)
+            os.set_blocking(pipe.w, False)  # holes are written; a full pipe must not block
+        fetch = _Fetch(offset, length, pipe)
+        requests = []
+        for start, size in self._split(offset, length):
+            self._handle += 1
+            part = _Part(fetch, start - offset, size)
+            fetch.parts.append(part)
+            self._inflight[self._handle] = part
+            requests.append((self._handle, start, size))
+        fetch.pending = len(requests)
+        self._fetches.add(fetch)
+        self.requests += len(requests)
+        self._stream.send_reads(requests)
+        return fetch
+
+    def _start(self, job: _Job) -> None:
+        """Start answering a job: with a read-ahead that matches it, or a fetch of its own."""
         aheads, self._aheads = self._aheads, deque()
         used = None
         if aheads and (aheads[0].offset, aheads[0].length) == (job.offset, job.length):
@@ -390,135 +512,227 @@ class DiskReader:
         # Read-aheads this job still wants stay, in order; the rest are dropped.
         wanted = list(job.ahead)
         while aheads:
-            req = aheads.popleft()
-            if wanted and (req.offset, req.length) == wanted[0] and not req.error:
-                self._aheads.append(req)
+            fetch = aheads.popleft()
+            if wanted and (fetch.offset, fetch.length) == wanted[0] and not fetch.error:
+                self._aheads.append(fetch)
                 del wanted[0]
             else:
-                self._drop(req)
+                self._drop(fetch)
         if used is not None and used.error:
             self._drop(used)  # failed after all (punched meanwhile?): read it the plain way
             used = None
-        current = used if used is not None else self._request(job.offset, job.length)
+        fetch = used if used is not None else self._fetch(job.offset, job.length)
+        job.retried = used is None  # a fetch of its own is not retried
+        job.fetch = fetch
+        fetch.job = job
+        self._active.append(job)
+        self.most_jobs = max(self.most_jobs, len(self._active))
         for offset, length in wanted:
             if not self._depth.room():
                 break  # in order: a later range alone would never be used
             # Asked for now, so QEMU reads them while this reply goes out.
-            self._aheads.append(self._request(offset, length))
-        while not current.done:
-            self._receive()
-        if current.error and current is used:
-            self._free_pipe(current)
-            current = self._request(job.offset, job.length)
-            while not current.done:
-                self._receive()
-        elif current is used:
-            self.hits += 1
+            self._aheads.append(self._fetch(offset, length))
+        if fetch.complete:
+            self._answer(job)
+
+    def _answer(self, job: _Job) -> None:
+        """The job's fetch is complete: send its reply, or its error."""
+        fetch = job.fetch
+        assert fetch is not None
+        if fetch.error and not job.retried:
+            # A read-ahead that failed (punched meanwhile?): once more as a read of its own,
+            # which tells.
+            self._free_pipe(fetch)
+            job.retried = True
+            job.fetch = self._fetch(job.offset, job.length)
+            job.fetch.job = job
+            return
         try:
-            if current.error:
-                raise NBDError(f"{self.name}: read of {job.length} bytes at {job.offset}: "
-                               f"{os.strerror(current.error)}", current.error)
-            self._send(job.unique, current)
+            if fetch.error:
+                self._finish(job, NBDError(f"{self.name}: read of {job.length} bytes at "
+                                           f"{job.offset}: {os.strerror(fetch.error)}",
+                                           fetch.error))
+                return
+            if not job.retried:
+                self.hits += 1  # answered by a read-ahead
+            self._send(job.unique, fetch)
+            self._finish(job, None)
         finally:
-            self._free_pipe(current)
+            self._free_pipe(fetch)
 
     def _receive(self) -> None:
         """Take one reply chunk off the socket and put it where it belongs."""
         stream = self._stream
         assert stream is not None
         handle, ctype, flags, length = stream.recv_chunk()
-        req = self._inflight.get(handle)
-        if req is None:
+        part = self._inflight.get(handle)
+        if part is None:
             raise StreamLost(f"{self.name}: a reply to unknown request {handle}")
+        fetch = part.fetch
         if ctype == CHUNK_OFFSET_DATA and length >= _OFFSET.size:
             (offset,) = _OFFSET.unpack(stream.read_exact(_OFFSET.size))
-            self._data(req, offset - req.offset, length - _OFFSET.size)
+            self._data(part, offset - fetch.offset, length - _OFFSET.size)
         elif ctype == CHUNK_OFFSET_HOLE and length == _HOLE.size:
             offset, size = _HOLE.unpack(stream.read_exact(_HOLE.size))
-            self._hole(req, offset - req.offset, size)
+            self._hole(part, offset - fetch.offset, size)
         elif ctype & CHUNK_ERROR_BIT and length >= _ERROR.size:
             error, _ = _ERROR.unpack(stream.read_exact(_ERROR.size))
             stream.read_exact(length - _ERROR.size)  # message (and offset): not needed
-            req.error = req.error or error or errno.EIO
+            part.error = part.error or error or errno.EIO
         elif ctype != CHUNK_NONE or length:
             raise StreamLost(f"{self.name}: unexpected reply chunk type {ctype}")
         if flags & CHUNK_FLAG_DONE:
             del self._inflight[handle]
-            req.done = True
-            if not req.error and req.buf is None and req.filled != req.length:
-                raise StreamLost(f"{self.name}: a reply covered {req.filled} of {req.length} "
+            part.done = True
+            if not part.error and part.got != part.length:
+                raise StreamLost(f"{self.name}: a reply covered {part.got} of {part.length} "
                                  "bytes")
-            if not req.wanted:
-                self._free_pipe(req)
+            fetch.error = fetch.error or part.error
+            fetch.pending -= 1
+            if fetch.complete:
+                self._fetches.discard(fetch)
+                if fetch.job is not None:
+                    self._answer(fetch.job)
+                elif not fetch.wanted:
+                    self._free_pipe(fetch)
 
-    def _data(self, req: _Request, at: int, size: int) -> None:
+    def _check_chunk(self, part: _Part, at: int, size: int) -> None:
+        if at < part.start or at + size > part.start + part.length:
+            raise StreamLost(f"{self.name}: a reply chunk outside its request")
+        if at != part.start + part.got:
+            self._to_buffer(part.fetch)  # not in order inside the request: keep it simple
+
+    def _data(self, part: _Part, at: int, size: int) -> None:
         stream = self._stream
         assert stream is not None
-        if at < 0 or at + size > req.length:
-            raise StreamLost(f"{self.name}: a reply chunk outside its request")
-        if req.buf is None and at == req.filled:
-            assert req.pipe is not None
-            moved = stream.splice_into(req.pipe.w, size)
-            req.filled += moved
+        self._check_chunk(part, at, size)
+        fetch = part.fetch
+        if fetch.buf is None and at == fetch.filled:
+            assert fetch.pipe is not None
+            moved = stream.splice_into(fetch.pipe.w, size)
+            fetch.filled += moved
+            part.got += moved
             if moved == size:
+                self._advance(fetch)
                 return
+            self._to_buffer(fetch)
             at += moved
             size -= moved
-        stream.recv_into(memoryview(req.to_buffer())[at : at + size])
+        if fetch.buf is not None:
+            stream.recv_into(memoryview(fetch.buf)[at : at + size])
+        else:
+            # Ahead of its turn: a request before it in this fetch is not complete yet.
+            if part.buf is None:
+                part.buf = bytearray(part.length)
+            rel = at - part.start
+            stream.recv_into(memoryview(part.buf)[rel : rel + size])
+        part.got += size
 
-    def _hole(self, req: _Request, at: int, size: int) -> None:
-        if at < 0 or at + size > req.length:
-            raise StreamLost(f"{self.name}: a reply chunk outside its request")
-        if req.buf is not None:
-            return  # a fresh buffer is zeros already
-        if at != req.filled:
-            req.to_buffer()
-            return
-        assert req.pipe is not None
-        while size:
-            try:
-                n = os.write(req.pipe.w, _ZEROS[: min(size, len(_ZEROS))])
-            except BlockingIOError:
-                req.to_buffer()
+    def _hole(self, part: _Part, at: int, size: int) -> None:
+        self._check_chunk(part, at, size)
+        fetch = part.fetch
+        if fetch.buf is None and at == fetch.filled:
+            assert fetch.pipe is not None
+            written = _write_some(fetch.pipe.w, _ZEROS, size)
+            fetch.filled += written
+            part.got += written
+            if written == size:
+                self._advance(fetch)
                 return
-            req.filled += n
-            size -= n
+            self._to_buffer(fetch)
+            size -= written
+        elif fetch.buf is None and part.buf is None:
+            part.buf = bytearray(part.length)
+        part.got += size  # a fresh buffer is zeros already
 
-    def _send(self, unique: int, req: _Request) -> None:
+    def _advance(self, fetch: _Fetch) -> None:
+        """Move bytes that waited for their turn into the pipe, part after part."""
+        while fetch.buf is None and fetch.cur < len(fetch.parts):
+            part = fetch.parts[fetch.cur]
+            if fetch.filled == part.start + part.length:
+                fetch.cur += 1
+                continue
+            have = part.start + part.got
+            if part.buf is None or have <= fetch.filled:
+                return
+            assert fetch.pipe is not None
+            rel = fetch.filled - part.start
+            written = _write_some(fetch.pipe.w, memoryview(part.buf)[rel : part.got],
+                                  have - fetch.filled)
+            fetch.filled += written
+            if fetch.filled < have:
+                self._to_buffer(fetch)
+                return
+            part.buf = None  # all of it is in the pipe; what follows comes in order
+
+    def _to_buffer(self, fetch: _Fetch) -> None:
+        """Switch a fetch to buffer mode (the pipe's bytes and the parts' move into it)."""
+        if fetch.buf is not None:
+            return
+        assert fetch.pipe is not None
+        buf = bytearray(fetch.length)
+        fetch.pipe.read_exact(memoryview(buf)[: fetch.filled])
+        for part in fetch.parts:
+            if part.buf is not None:
+                lo = max(part.start, fetch.filled)
+                hi = part.start + part.got
+                if hi > lo:
+                    buf[lo:hi] = part.buf[lo - part.start : hi - part.start]
+                part.buf = None
+        fetch.buf = buf
+        fetch.filled = 0  # the pipe is empty now
+
+    def _send(self, unique: int, fetch: _Fetch) -> None:
         reply = self._reply
         assert reply is not None
-        length = req.length
-        if req.buf is not None:
+        length = fetch.length
+        if fetch.buf is not None:
             self.copied += 1
-            reply.write_copy(unique, req.buf)
+            reply.write_copy(unique, fetch.buf)
             return
-        assert req.pipe is not None
-        moved = req.pipe.move_to(reply.start(unique, length), length)
+        assert fetch.pipe is not None
+        moved = fetch.pipe.move_to(reply.start(unique, length), length)
         if moved == length:
-            req.filled = 0  # the pipe is empty now
+            fetch.filled = 0  # the pipe is empty now
             reply.finish(length)
             return
         # The reply pipe ran out of slots: take it all back and copy.
         buf = bytearray(length)
         view = memoryview(buf)
         reply.take_back(view[:moved])
-        req.pipe.read_exact(view[moved:])
-        req.filled = 0
+        fetch.pipe.read_exact(view[moved:])
+        fetch.filled = 0
         self.copied += 1
         reply.write_copy(unique, buf)
 
-    def _drop(self, req: _Request) -> None:
+    def _drop(self, fetch: _Fetch) -> None:
         """A read-ahead nobody will use: free it now, or when its reply is complete."""
-        req.wanted = False
-        if req.done:
-            self._free_pipe(req)
+        fetch.wanted = False
+        if fetch.complete:
+            self._free_pipe(fetch)
 
-    def _free_pipe(self, req: _Request) -> None:
-        """Give the request's pipe back, emptied. Idempotent."""
-        pipe, req.pipe = req.pipe, None
+    def _free_pipe(self, fetch: _Fetch) -> None:
+        """Give the fetch's pipe back, emptied. Idempotent."""
+        pipe, fetch.pipe = fetch.pipe, None
         if pipe is None:
             return
-        if req.buf is None and req.filled:
-            pipe.discard(req.filled)
-        req.filled = 0
+        if fetch.buf is None and fetch.filled:
+            pipe.discard(fetch.filled)
+        fetch.filled = 0
         self._free.append(pipe)
+
+
+def _write_some(fd: int, data: bytes | memoryview, length: int) -> int:
+    """Write ``length`` bytes into the non-blocking pipe ``fd``: ``data`` itself, or (when it
+    is shorter) as many of its bytes as needed, over and over (zeros); return how many went in
+    before the pipe was full."""
+    view = memoryview(data)
+    repeat = len(view) < length
+    done = 0
+    while done < length:
+        chunk = view[: min(length - done, len(view))] if repeat else view[done:length]
+        try:
+            done += os.write(fd, chunk)
+        except BlockingIOError:
+            break
+    return done

@@ -30,7 +30,31 @@ from typing import Any, Literal
 
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 QEMU_IMG = shutil.which("qemu-img") or "/usr/bin/qemu-img"
+QEMU_IO = shutil.which("qemu-io") or "/usr/bin/qemu-io"
 MiB = 1024 * 1024
+_ZERO_BLOCK = bytes(65536)
+#: A root file system with another QEMU (``make qemu10`` builds Debian 13's): when set, test VMs
+#: run that QEMU in a chroot, with the host's /tmp, /var/tmp, /run and /dev bound in at the same
+#: paths, so sockets and images are shared. snapfs itself always runs on the host.
+QEMU_ROOT_ENV = "SNAPFS_TEST_QEMU_ROOT"
+# Runs in a private mount namespace (so nothing leaks onto the host), as a slave of the host's:
+# FUSE mounts made and unmounted on the host are seen inside. exec keeps QEMU's pid the one the
+# test started.
+_CHROOT_QEMU = """set -e
+root=$1; shift
+for d in /tmp /var/tmp /run /dev; do mount --rbind "$d" "$root$d"; done
+mount -t proc proc "$root/proc"
+exec chroot "$root" qemu-system-x86_64 "$@"
+"""
+
+
+def qemu_command() -> list[str]:
+    """The command that starts the QEMU under test (the system's, or the one in
+    ``$SNAPFS_TEST_QEMU_ROOT``)."""
+    root = os.environ.get(QEMU_ROOT_ENV)
+    if not root:
+        return [QEMU]
+    return ["unshare", "-m", "--propagation", "slave", "sh", "-c", _CHROOT_QEMU, "qemu", root]
 
 
 def poll(condition: Any, timeout: float = 10.0, what: str = "condition") -> Any:
@@ -90,26 +114,79 @@ class Monitor:
         self.sock.close()
 
 
+Bus = Literal["virtio", "scsi", "sata", "ide", "pflash"]
+
+
 @dataclass
 class DiskSpec:
-    """One guest disk. ``name`` is the guest device id (``virtio0``, ``scsi0``)."""
+    """One guest disk. ``name`` is the guest device id (``virtio0``, ``scsi0``, ``efidisk0``).
+
+    ``bus`` "pflash" is a UEFI vars drive (Proxmox's ``efidisk0``: unit 1, drive id
+    ``drive-<name>``); ``throttle`` (bytes/s) puts a throttle node with a group of its own
+    between the device and the format node (virtio only); ``backing`` makes a qcow2 a linked
+    clone whose first half lives in a backing image.
+    """
 
     name: str
     fmt: Literal["qcow2", "raw"] = "qcow2"
-    bus: Literal["virtio", "scsi"] = "virtio"
+    bus: Bus = "virtio"
     size: int = 32 * MiB
     # None: random content over the whole disk; 0: an empty (all-zero, sparse) disk.
     fill: int | None = None
     # False: an empty sparse image whose content is not tracked in memory (huge disks).
     modelled: bool = True
+    # The drive's detect-zeroes ("off", "on", "unmap") and whether discards reach the image.
+    detect_zeroes: Literal["off", "on", "unmap"] = "off"
+    discard: bool = True
+    # cache=none,aio=native (O_DIRECT: the image must not be on tmpfs).
+    direct: bool = False
+    throttle: int | None = None
+    backing: bool = False
     path: Path = field(default=Path(), init=False)
 
     @property
-    def qom_io_path(self) -> str:
-        """What HMP ``qemu-io -d`` takes to write through the guest device."""
+    def qemu_io_target(self) -> str:
+        """What HMP ``qemu-io`` takes to write through the guest device."""
         if self.bus == "virtio":
-            return f"/machine/peripheral/{self.name}/virtio-backend"
-        return self.name
+            return f"-d /machine/peripheral/{self.name}/virtio-backend"
+        if self.bus == "pflash":
+            return f"drive-{self.name}"  # the BlockBackend's name
+        return f"-d {self.name}"
+
+    def cluster(self) -> int:
+        """The granularity below which the image ignores a discard (qcow2: its cluster)."""
+        return 65536 if self.fmt == "qcow2" else 1
+
+    def drive_args(self) -> list[str]:
+        """QEMU arguments for the drive and the device."""
+        opts = f"detect-zeroes={self.detect_zeroes},discard={'unmap' if self.discard else 'ignore'}"
+        if self.bus == "virtio":
+            file_opts = ",cache.direct=on,aio=native" if self.direct else ""
+            args = ["-blockdev", f"driver=file,filename={self.path},node-name={self.name}-file"
+                                 f"{file_opts},discard={'unmap' if self.discard else 'ignore'}",
+                    "-blockdev", f"driver={self.fmt},file={self.name}-file,"
+                                 f"node-name={self.name}-fmt,{opts}"]
+            top = f"{self.name}-fmt"
+            if self.throttle is not None:
+                args += ["-object", f"throttle-group,id={self.name}-tg,"
+                                    f"x-bps-total={self.throttle}",
+                         "-blockdev", f"driver=throttle,throttle-group={self.name}-tg,"
+                                      f"file={top},node-name={self.name}-thr,"
+                                      f"discard={'unmap' if self.discard else 'ignore'}"]
+                top = f"{self.name}-thr"
+            return [*args, "-device", f"virtio-blk-pci,drive={top},id={self.name}"]
+        cache = ",cache=none,aio=native" if self.direct else ""
+        drive = f"file={self.path},id=drive-{self.name},format={self.fmt},{opts}{cache}"
+        if self.bus == "pflash":
+            return ["-drive", f"if=pflash,unit=1,{drive}"]
+        args = ["-drive", f"if=none,{drive}"]
+        if self.bus == "scsi":
+            # Proxmox style: a legacy -drive with an id of drive-<device id>.
+            return [*args, "-device", f"scsi-hd,bus=scsihw0.0,drive=drive-{self.name},"
+                                      f"id={self.name}"]
+        # ide: q35's own AHCI ports; sata: a controller of its own, as Proxmox adds.
+        bus = f"ahci0.{self.name[-1]}" if self.bus == "sata" else f"ide.{self.name[-1]}"
+        return [*args, "-device", f"ide-hd,bus={bus},drive=drive-{self.name},id={self.name}"]
 
 
 class TestVM:
@@ -132,6 +209,8 @@ class TestVM:
         self.proc: subprocess.Popen[bytes] | None = None
         self.monitor: Monitor | None = None
         self.expected: dict[str, bytearray] = {}
+        # Guest I/O may come from a thread of its own while a test takes snapshots.
+        self.model_lock = threading.Lock()
         self._created = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -153,34 +232,49 @@ class TestVM:
             else:
                 content = bytearray(bytes([disk.fill]) * disk.size)
             with open(raw, "wb") as f:
-                if disk.fill == 0:
-                    f.truncate(disk.size)
-                else:
-                    f.write(content)
+                # Sparse: zero blocks stay holes, as on a thin disk.
+                view = memoryview(content)
+                for off in range(0, disk.size, 65536):
+                    block = view[off : off + 65536]
+                    if block != _ZERO_BLOCK[: len(block)]:
+                        f.seek(off)
+                        f.write(block)
+                f.truncate(disk.size)
             self.expected[disk.name] = content
             if disk.fmt == "raw":
                 raw.rename(disk.path)
-            else:
-                subprocess.run([QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", "-S", "4k",
-                                str(raw), str(disk.path)], check=True)
-                raw.unlink()
+                continue
+            target = disk.path.with_suffix(".base.qcow2") if disk.backing else disk.path
+            subprocess.run([QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", "-S", "4k",
+                            str(raw), str(target)], check=True)
+            raw.unlink()
+            if disk.backing:
+                # A linked clone: the overlay holds every fourth MiB's first 64 KiB anew.
+                subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                                str(target), str(disk.path)], check=True)
+                writes = [f"write -P 0xa5 {off} 65536" for off in range(0, disk.size, 4 * MiB)]
+                subprocess.run([QEMU_IO, "-f", "qcow2", *[a for w in writes for a in ("-c", w)],
+                                str(disk.path)], check=True, stdout=subprocess.DEVNULL)
+                for off in range(0, disk.size, 4 * MiB):
+                    content[off : off + 65536] = b"\xa5" * 65536
 
     def qemu_args(self) -> list[str]:
-        args = [QEMU, "-S", "-nodefaults", "-display", "none", "-machine", "q35",
+        args = [*qemu_command(), "-S", "-nodefaults", "-display", "none", "-machine", "q35",
                 "-m", "64", "-name", f"snapfs-test-{self.workdir.name}",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                 "-qmp", f"unix:{self.test_qmp_path},server=on,wait=off"]
         if any(d.bus == "scsi" for d in self.disks.values()):
             args += ["-device", "virtio-scsi-pci,id=scsihw0"]
+        if any(d.bus == "sata" for d in self.disks.values()):
+            args += ["-device", "ahci,id=ahci0"]
+        if any(d.bus == "pflash" for d in self.disks.values()):
+            # UEFI: the firmware's code, read-only (any bytes do: the VM never runs them).
+            code = self.workdir / "OVMF_CODE.fd"
+            if not code.exists():
+                code.write_bytes(bytes(2 * MiB))
+            args += ["-drive", f"if=pflash,unit=0,format=raw,readonly=on,file={code}"]
         for d in self.disks.values():
-            if d.bus == "virtio":
-                args += ["-blockdev", f"driver=file,filename={d.path},node-name={d.name}-file",
-                         "-blockdev", f"driver={d.fmt},file={d.name}-file,node-name={d.name}-fmt",
-                         "-device", f"virtio-blk-pci,drive={d.name}-fmt,id={d.name}"]
-            else:
-                # Proxmox style: a legacy -drive with an id of drive-<device id>.
-                args += ["-drive", f"file={d.path},if=none,id=drive-{d.name},format={d.fmt}",
-                         "-device", f"scsi-hd,bus=scsihw0.0,drive=drive-{d.name},id={d.name}"]
+            args += d.drive_args()
         return args + self.extra_args
 
     def start(self) -> TestVM:
@@ -255,19 +349,50 @@ class TestVM:
             raise RuntimeError(f"{cmd}: {reply['error']}")
         return reply["return"]
 
+    def qemu_version(self) -> str:
+        """QEMU's version as "major.minor.micro" (the test matrix runs several)."""
+        v = self.qmp("query-version")["qemu"]
+        return f"{v['major']}.{v['minor']}.{v['micro']}"
+
     def hmp(self, line: str) -> str:
         out: str = self.qmp("human-monitor-command", **{"command-line": line})
         return out
 
-    def guest_write(self, disk: str, offset: int, length: int, pattern: int) -> None:
-        """Write ``pattern`` bytes through the guest device, as the guest would."""
+    def _qemu_io(self, disk: str, command: str) -> None:
         spec = self.disks[disk]
         # qemu-io prints its results on QEMU's stdout (qemu.log), only monitor errors come back.
-        out = self.hmp(f'qemu-io -d {spec.qom_io_path} "write -P {pattern:#x} {offset} {length}"')
+        out = self.hmp(f'qemu-io {spec.qemu_io_target} "{command}"')
         if out.strip():
-            raise RuntimeError(f"guest write to {disk} failed: {out.strip()}")
-        if spec.modelled:
-            self.expected[disk][offset:offset + length] = bytes([pattern]) * length
+            raise RuntimeError(f"guest I/O on {disk} ({command}) failed: {out.strip()}")
+
+    def guest_write(self, disk: str, offset: int, length: int, pattern: int) -> None:
+        """Write ``pattern`` bytes through the guest device, as the guest would."""
+        self._qemu_io(disk, f"write -P {pattern:#x} {offset} {length}")
+        if self.disks[disk].modelled:
+            with self.model_lock:
+                self.expected[disk][offset:offset + length] = bytes([pattern]) * length
+
+    def guest_zero(self, disk: str, offset: int, length: int, *, unmap: bool = False) -> None:
+        """A guest write of zeros (WRITE ZEROES; ``unmap``: the guest allows unmapping)."""
+        self._qemu_io(disk, f"write -z{' -u' if unmap else ''} {offset} {length}")
+        if self.disks[disk].modelled:
+            with self.model_lock:
+                self.expected[disk][offset:offset + length] = bytes(length)
+
+    def guest_discard(self, disk: str, offset: int, length: int) -> None:
+        """A guest discard. The model follows the image: a raw file punches the range, a
+        qcow2 drops only the whole clusters in it; with discard=ignore nothing changes."""
+        self._qemu_io(disk, f"discard {offset} {length}")
+        spec = self.disks[disk]
+        if spec.modelled and spec.discard:
+            g = spec.cluster()
+            start = -(-offset // g) * g
+            end = min((offset + length) // g * g, spec.size)
+            if offset + length >= spec.size:
+                end = spec.size
+            if end > start:
+                with self.model_lock:
+                    self.expected[disk][start:end] = bytes(end - start)
 
     def io_errors(self) -> list[str]:
         """Guest-visible I/O errors so far: qemu-io reports them on QEMU's stdout."""
@@ -292,7 +417,8 @@ class TestVM:
 
     def snapshot(self) -> dict[str, bytes]:
         """The disks' content as of now, from the in-memory model."""
-        return {name: bytes(data) for name, data in self.expected.items()}
+        with self.model_lock:
+            return {name: bytes(data) for name, data in self.expected.items()}
 
     def image_content(self, disk: str) -> bytes:
         """The disk image's real content, read from the file (QEMU should be stopped)."""
@@ -306,6 +432,74 @@ class TestVM:
             return out.read_bytes()
         finally:
             out.unlink()
+
+
+class GuestIO:
+    """Random guest I/O of the kinds real guests do, through the guest devices: data writes,
+    zero writes (with and without unmap), discards; of any size from one byte to a MiB, at any
+    alignment, often across 64 KiB boundaries. ``storm()`` runs it in a thread, racing
+    whatever the test does meanwhile. The VM's model follows every operation."""
+
+    KINDS = ("write", "write", "small", "zero", "zero-unmap", "discard")
+
+    def __init__(self, vm: TestVM, seed: int, disks: list[str] | None = None) -> None:
+        self.vm = vm
+        self.rng = random.Random(seed)
+        self.disks = disks or [d.name for d in vm.disks.values() if d.modelled]
+        self.done = 0
+
+    def one(self) -> None:
+        rng = self.rng
+        disk = rng.choice(self.disks)
+        size = self.vm.disks[disk].size
+        kind = rng.choice(self.KINDS)
+        length = rng.choice([1, 511, 4096, 4097, 65536, 65536 + 3000, 200_000, MiB])
+        if kind == "small":
+            length = rng.randrange(1, 4096)
+        length = min(length, size)
+        where = rng.choice(["any", "4k", "64k", "across"])
+        if where == "across":  # straddle a 64 KiB boundary
+            offset = rng.randrange(1, max(2, size // 65536)) * 65536 - rng.randrange(1, 4096)
+        else:
+            offset = rng.randrange(0, size - length + 1)
+            if where != "any":
+                offset -= offset % (4096 if where == "4k" else 65536)
+        offset = max(0, min(offset, size - length))
+        if kind in ("write", "small"):
+            self.vm.guest_write(disk, offset, length, rng.randrange(1, 256))
+        elif kind == "discard":
+            self.vm.guest_discard(disk, offset, length)
+        else:
+            self.vm.guest_zero(disk, offset, length, unmap=kind == "zero-unmap")
+        self.done += 1
+
+    def run(self, count: int) -> None:
+        for _ in range(count):
+            self.one()
+
+    @contextlib.contextmanager
+    def storm(self) -> Iterator[None]:
+        """Guest I/O in a thread for the ``with`` body (at least one operation)."""
+        stop = threading.Event()
+        failed: list[BaseException] = []
+
+        def loop() -> None:
+            try:
+                self.one()
+                while not stop.is_set():
+                    self.one()
+            except BaseException as err:  # reported in the test's thread
+                failed.append(err)
+
+        thread = threading.Thread(target=loop, name="guest-io", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(60)
+        if failed:
+            raise failed[0]
 
 
 def sha256(data: bytes) -> str:

@@ -355,14 +355,16 @@ class NBDClient:
             raise self._issue_failed(f"read of {len(view)} bytes at {offset}", err) from err
         return op
 
-    async def pread_into(self, buf: bytearray, offset: int, length: int | None = None) -> None:
+    async def pread_into(self, buf: bytearray, offset: int, length: int | None = None, *,
+                         confine: int = 0) -> None:
         """Read ``length`` (default ``len(buf)``) bytes at ``offset`` into the start of ``buf``.
 
         No allocation per read: libnbd writes straight into ``buf``. Requests larger than the
-        server's maximum are split and pipelined. Raises NBDError with the server's errno
-        (EINVAL outside a copy-before-write access bitmap, EIO when the snapshot broke or the
-        server went away). If the caller is cancelled, libnbd may still write into ``buf`` until
-        the command completes; a later ``pread_into`` on the same buffer waits for that first.
+        server's maximum are split and pipelined, and so are requests that would cross a
+        multiple of ``confine`` (> 0). Raises NBDError with the server's errno (EINVAL outside a
+        copy-before-write access bitmap, EIO when the snapshot broke or the server went away).
+        If the caller is cancelled, libnbd may still write into ``buf`` until the command
+        completes; a later ``pread_into`` on the same buffer waits for that first.
         """
         self._check()
         if length is None:
@@ -373,17 +375,18 @@ class NBDClient:
             for old in self._orphans.pop(id(buf), ()):
                 await old.done.wait()
         view = memoryview(buf)
-        if length > self._max_request:
-            ops = []
-            try:
-                for pos in range(0, length, self._max_request):
-                    end = min(pos + self._max_request, length)
-                    ops.append(self._start_read(buf, view[pos:end], offset + pos))
-            except NBDError:
-                self._orphan(buf, ops)
-                raise
-        else:
-            ops = [self._start_read(buf, view[:length] if length != len(buf) else view, offset)]
+        ops: list[_Op] = []
+        try:
+            pos = 0
+            while pos < length:
+                end = min(pos + self._max_request, length)
+                if confine:
+                    end = min(end, (offset + pos) // confine * confine + confine - offset)
+                ops.append(self._start_read(buf, view[pos:end], offset + pos))
+                pos = end
+        except NBDError:
+            self._orphan(buf, ops)
+            raise
         self._poke()
         try:
             for op in ops:
@@ -433,24 +436,35 @@ class NBDClient:
         At least one extent; the last one may end before ``offset + length`` (callers loop,
         see :func:`extents`) or, as the protocol allows, after it.
         """
+        return (await self.block_status_all(offset, length, (context,)))[context]
+
+    async def block_status_all(self, offset: int, length: int,
+                               contexts: Sequence[str]) -> dict[str, list[Extent]]:
+        """One block status request: the extents of each of ``contexts`` (see block_status).
+
+        QEMU computes the contexts one after the other, in the order the export lists them
+        (base:allocation first, then its bitmaps).
+        """
         self._check()
-        if not self._h.can_meta_context(context):
-            raise NBDError(f"NBD export {self._name} does not report {context!r}",
-                           errno.EOPNOTSUPP)
+        for context in contexts:
+            if not self._h.can_meta_context(context):
+                raise NBDError(f"NBD export {self._name} does not report {context!r}",
+                               errno.EOPNOTSUPP)
         count = min(length, _MAX_COUNT, self.size - offset)
         if count <= 0 or offset < 0:
             raise NBDError(f"block status of {length} bytes at {offset} is outside "
                            f"{self._name} ({self.size} bytes)", errno.EINVAL)
         op = _Op(self._ops)
+        found: dict[str, list[Extent]] = {}
 
         def extent(metacontext: str, start: int, entries: list[int], err: Any) -> int:
-            if metacontext == context and op.extents is None:
+            if metacontext in contexts and metacontext not in found:
                 result: list[Extent] = []
                 pos = start
                 for i in range(0, len(entries) - 1, 2):
                     result.append((pos, entries[i], entries[i + 1]))
                     pos += entries[i]
-                op.extents = result
+                found[metacontext] = result
             return 0
 
         try:
@@ -460,10 +474,12 @@ class NBDClient:
             raise self._issue_failed(f"block status at {offset}", err) from err
         self._poke()
         await self._wait(op, f"block status of {count} bytes at {offset}")
-        if not op.extents or op.extents[0][1] <= 0:
-            raise NBDError(f"block status at {offset} on {self._name}: the server returned "
-                           f"no {context!r} extents", errno.EPROTO)
-        return op.extents
+        for context in contexts:
+            got = found.get(context)
+            if not got or got[0][1] <= 0:
+                raise NBDError(f"block status at {offset} on {self._name}: the server "
+                               f"returned no {context!r} extents", errno.EPROTO)
+        return found
 
 
 async def extents(client: NBDClient, context: str, offset: int = 0, end: int | None = None,
@@ -712,10 +728,21 @@ class NBDStream:
             raise NBDError(f"{self.name}: the server did not say the export's size", errno.EPROTO)
         return size
 
+    @property
+    def fileno(self) -> int:
+        """The socket's descriptor, to wait on (owned by the stream)."""
+        return self._fd
+
     def send_read(self, handle: int, offset: int, length: int) -> None:
         """Ask for ``length`` (at most 32 MiB) bytes at ``offset``."""
+        self.send_reads([(handle, offset, length)])
+
+    def send_reads(self, requests: Sequence[tuple[int, int, int]]) -> None:
+        """Ask for several ``(handle, offset, length)`` reads with one send."""
+        data = b"".join(_REQUEST.pack(_REQUEST_MAGIC, 0, _CMD_READ, handle, offset, length)
+                        for handle, offset, length in requests)
         try:
-            self._sock.sendall(_REQUEST.pack(_REQUEST_MAGIC, 0, _CMD_READ, handle, offset, length))
+            self._sock.sendall(data)
         except OSError as err:
             raise StreamLost(f"{self.name}: sending a request failed: {err.strerror}") from err
 

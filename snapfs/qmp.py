@@ -56,6 +56,14 @@ QEMU_IMG = shutil.which("qemu-img") or "/usr/bin/qemu-img"
 _MAX_NODE_NAME = 31
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 _INCREMENTAL_RE = re.compile(r"[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*")
+# copy-before-write's cluster: block-copy's default, as the fleecing images are created with
+# qcow2's default cluster size (larger clusters would make every first guest write after the
+# snapshot copy more old data).
+CBW_CLUSTER = 65536
+# Records the guest's writes since the snapshot point where QEMU needs it (see confine_reads):
+# "--" cannot occur in a bitmap of an incremental ID.
+WRITTEN_BITMAP = f"{PREFIX}-written"
+_PFLASH = "/machine/system.flash"
 # How long teardown waits for QEMU to finish deleting an export (it is asynchronous).
 _EXPORT_GONE_TIMEOUT = 10.0
 _MIGRATION_STATES = {"inmigrate", "postmigrate", "finish-migrate", "save-vm", "restore-vm"}
@@ -183,6 +191,13 @@ class BlockDevice:
     drive_id: str  # legacy drive id ("" for -blockdev)
     read_only: bool
     removable: bool
+    # The node the copy-before-write filter goes above and the bitmaps live on: ``node``, or
+    # the child of a throttle node that ``node`` is (the filter then goes below the throttle).
+    data_node: str = ""
+    throttle: dict[str, Any] | None = None  # blockdev-reopen options of that throttle node
+
+    def __post_init__(self) -> None:
+        self.data_node = self.data_node or self.node
 
 
 @dataclass
@@ -219,6 +234,19 @@ class DiskState:
     # Granularity in bytes of the exported bitmap (of N when there is none to export; 64 KiB,
     # QEMU's default, without incremental): dirty regions are multiples of it.
     granularity: int = 65536
+    # Where the filter sits when it is not the device's node: below this throttle node, whose
+    # blockdev-reopen options (with the original ``file``) put it back at teardown.
+    data_node: str = ""
+    throttle: dict[str, Any] | None = None
+    # > 0: copy-before-write misreports reads and block status that span a copied and an
+    # uncopied cluster of this size (QEMU before 8.0), so every request stays inside one.
+    confine: int = 0
+    # A bitmap of every guest write since the snapshot point, exported beside the snapshot
+    # (QEMU before 8.0): block status may have reported those ranges from the live disk.
+    written: str = ""
+
+    def __post_init__(self) -> None:
+        self.data_node = self.data_node or self.node
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -240,8 +268,16 @@ class DiskState:
         return self.bitmap.frozen if self.bitmap.mode == "reuse" else None
 
     def nodes(self) -> dict[str, str]:
-        return {"disk": self.node, "fleecing": self.fleecing_node, "cbw": self.cbw_node,
-                "access": self.access_node, "export": self.export_id}
+        nodes = {"disk": self.data_node or self.node, "fleecing": self.fleecing_node,
+                 "cbw": self.cbw_node, "access": self.access_node, "export": self.export_id}
+        if self.throttle is not None:
+            nodes["throttle"] = self.node
+        return nodes
+
+    @property
+    def export_bitmaps(self) -> list[str]:
+        """Bitmaps of the export: the readable regions (incremental), the guest's writes."""
+        return [b for b in (self.export_bitmap, self.written) if b]
 
     def bitmap_facts(self) -> dict[str, Any]:
         """What snapfs.json shows: the mode, and for new/reuse the reason and bitmap names."""
@@ -290,12 +326,29 @@ class GraphState:
 # -- queries ------------------------------------------------------------------------------------
 
 
-async def vm_facts(q: QMP) -> str:
-    """QEMU's version string, e.g. "7.2.15 (Debian 1:7.2+dfsg-7+deb12u12)"."""
+async def vm_facts(q: QMP) -> tuple[str, tuple[int, int]]:
+    """QEMU's version string, e.g. "7.2.15 (Debian 1:7.2+dfsg-7+deb12u12)", and (major, minor)."""
     v = await q.execute("query-version")
     qemu = v["qemu"]
     text = f"{qemu['major']}.{qemu['minor']}.{qemu['micro']}"
-    return f"{text} ({v['package'].strip()})" if v.get("package", "").strip() else text
+    if v.get("package", "").strip():
+        text = f"{text} ({v['package'].strip()})"
+    return text, (int(qemu["major"]), int(qemu["minor"]))
+
+
+def confine_reads(version: tuple[int, int]) -> int:
+    """The cluster that every snapshot read and block status must stay inside, or 0.
+
+    QEMU before 8.0 (fixed by commit a4d5224c2cb6, "hbitmap: fix hbitmap_status() return value
+    for first dirty bit case") answers a read or block status of the snapshot that starts in a
+    cluster copy-before-write has copied and runs on into one it has not from the live disk for
+    the copied part: guest zero writes show up as holes, and a guest write racing the read as
+    data. Inside one cluster the answer is always right. ``SNAPFS_CONFINE_READS=1`` forces this
+    on any QEMU (to measure what it costs).
+    """
+    if version < (8, 0) or os.environ.get("SNAPFS_CONFINE_READS") == "1":
+        return CBW_CLUSTER
+    return 0
 
 
 def _device_of(info: dict[str, Any]) -> tuple[str, str] | None:
@@ -318,10 +371,44 @@ def _device_of(info: dict[str, Any]) -> tuple[str, str] | None:
     return name, path
 
 
+async def _block_graph(q: QMP) -> dict[str, dict[str, str]]:
+    """Each named node's children by role (``{"file": "node", ...}``), from QEMU's graph."""
+    graph = await q.execute("x-debug-query-block-graph")
+    names = {n["id"]: n["name"] for n in graph["nodes"]}
+    children: dict[str, dict[str, str]] = {}
+    for e in graph["edges"]:
+        parent, child = names.get(e["parent"], ""), names.get(e["child"], "")
+        if parent and child:
+            children.setdefault(parent, {})[e["name"]] = child
+    return children
+
+
+def _throttle_options(info: dict[str, Any], child: str) -> dict[str, Any] | None:
+    """blockdev-reopen options that keep a throttle node as it is (with ``file`` = child), or
+    None if its throttle group cannot be told from what QEMU reports."""
+    filename = str(info.get("file", ""))
+    try:
+        group = json.loads(filename.removeprefix("json:"))["throttle-group"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(group, str) or not child:
+        return None
+    # Options a reopen does not name go back to their defaults (discard is kept as it is).
+    cache = info.get("cache", {})
+    return {"driver": "throttle", "node-name": info["node-name"], "throttle-group": group,
+            "file": child, "read-only": bool(info.get("ro", False)),
+            "detect-zeroes": info.get("detect_zeroes", "off"),
+            "cache": {"direct": bool(cache.get("direct", False)),
+                      "no-flush": bool(cache.get("no-flush", False))}}
+
+
 async def scan_devices(q: QMP) -> tuple[list[BlockDevice], dict[str, str]]:
     """All guest disks with a medium, and the devices skipped with the reason."""
     disks: list[BlockDevice] = []
     skipped: dict[str, str] = {}
+    nodes = {n["node-name"]: n for n in
+             await q.execute("query-named-block-nodes", {"flat": True})}
+    children = await _block_graph(q)
     for info in await q.execute("query-block"):
         label = info.get("qdev") or info.get("device") or "?"
         dev = _device_of(info)
@@ -334,14 +421,31 @@ async def scan_devices(q: QMP) -> tuple[list[BlockDevice], dict[str, str]]:
             skipped[name] = "no medium (empty drive)"
             continue
         removable = bool(info.get("removable", False))
-        if removable and inserted.get("ro", False):
+        read_only = bool(inserted.get("ro", False))
+        if removable and read_only:
             skipped[name] = "read-only removable medium"
             continue
+        if read_only and path.startswith(_PFLASH):
+            skipped[name] = "firmware code (read-only pflash)"
+            continue
+        node = inserted["node-name"]
+        fmt = inserted.get("image", {}).get("format", inserted.get("drv", ""))
+        data_node, throttle = node, None
+        if inserted.get("drv") == "throttle" and node in nodes:
+            child = children.get(node, {}).get("file", "")
+            throttle = _throttle_options(nodes[node], child)
+            if throttle is None:
+                log.warning("%s: cannot tell the throttle group of node %s; the snapshot "
+                            "filter goes above it (backup reads count against the limit)",
+                            name, node)
+            else:
+                data_node = child
+                fmt = nodes.get(child, {}).get("drv", fmt)
         disks.append(BlockDevice(
-            name=name, qom_path=path, node=inserted["node-name"],
-            fmt=inserted.get("image", {}).get("format", inserted.get("drv", "")),
+            name=name, qom_path=path, node=node, fmt=fmt,
             size=int(inserted["image"]["virtual-size"]), drive_id=info.get("device", ""),
-            read_only=bool(inserted.get("ro", False)), removable=removable))
+            read_only=read_only, removable=removable, data_node=data_node,
+            throttle=throttle))
     for name, why in skipped.items():
         log.info("skipping %s: %s", name, why)
     return disks, skipped
@@ -363,7 +467,8 @@ def _session_leftovers(nodes: list[dict[str, Any]], exports: list[dict[str, Any]
 
 
 def _is_session_bitmap(name: str) -> bool:
-    return name.startswith(PREFIX) and name.endswith(("-next", "-frozen"))
+    return name == WRITTEN_BITMAP or (
+        name.startswith(PREFIX) and name.endswith(("-next", "-frozen")))
 
 
 def _bitmaps_of(nodes: list[dict[str, Any]], node: str) -> dict[str, dict[str, Any]]:
@@ -467,7 +572,8 @@ async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
                          "'_', '.', '-' (at most 64)")
 
     # (1) Look, validate, touch nothing.
-    version = await vm_facts(q)
+    version, version_number = await vm_facts(q)
+    confine = confine_reads(version_number)
     disks, skipped = await scan_devices(q)
     nodes: list[dict[str, Any]] = await q.execute("query-named-block-nodes", {"flat": True})
     exports: list[dict[str, Any]] = await q.execute("query-block-exports")
@@ -502,12 +608,16 @@ async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
     states: list[DiskState] = []
     for i, d in enumerate(disks):
         fl, cbw, acc = _node_names(d.name, i)
+        bitmap = _plan_bitmap(d, nodes, record, vmid, incremental)
+        # Where block status may have to be corrected (see confine_reads): N records the
+        # same writes when there is one.
+        written = (bitmap.next or WRITTEN_BITMAP) if confine else ""
         states.append(DiskState(
             name=d.name, qom_path=d.qom_path, node=d.node, fmt=d.fmt, size=d.size,
             fleecing_path=str(fleecing_dir / f"snapfs-{vmid}-{d.name}.qcow2"),
             fleecing_node=fl, cbw_node=cbw, access_node=acc, export_id=f"{PREFIX}exp-{d.name}",
-            export_name=d.name,
-            bitmap=_plan_bitmap(d, nodes, record, vmid, incremental)))
+            export_name=d.name, bitmap=bitmap, data_node=d.data_node, throttle=d.throttle,
+            confine=confine, written=written))
 
     undo = _Undo()
     current: tuple[str, str | None] = ("validate", None)
@@ -546,11 +656,12 @@ async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
                 "driver": "qcow2", "node-name": s.fleecing_node, "discard": "unmap",
                 "file": {"driver": "file", "filename": s.fleecing_path, "discard": "unmap"}})
             undo.push(f"delete {s.fleecing_node}", _deleter(q, s.fleecing_node))
-            if s.bitmap.mode == "new" and s.bitmap.persistent in _bitmaps_of(nodes, s.node):
+            if s.bitmap.mode == "new" and s.bitmap.persistent in _bitmaps_of(nodes,
+                                                                             s.data_node):
                 # Unusable (inconsistent, disabled, resized): start over.
                 await step("remove unusable bitmap", s.name)
                 await q.execute("block-dirty-bitmap-remove",
-                                {"node": s.node, "name": s.bitmap.persistent})
+                                {"node": s.data_node, "name": s.bitmap.persistent})
 
         # (4) The snapshot point. Freezing F, adding N and inserting the filters happen while
         # the guest is stopped, so F + the fleecing copy describe exactly the same instant:
@@ -571,29 +682,37 @@ async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
                 stopped_at = trio.current_time()
                 await q.execute("stop")
             try:
-                actions = [a for s in states for a in _bitmap_prepare_actions(s.bitmap, nodes)]
+                actions = [a for s in states for a in _bitmap_prepare_actions(s, nodes)]
                 if actions:
                     await step("prepare bitmaps", None)
                     await q.execute("transaction", {"actions": actions})
                     for s in states:
-                        for name in (s.bitmap.next, s.bitmap.frozen):
-                            if name:
-                                undo.push(f"remove bitmap {name}",
-                                          _bitmap_remover(q, s.bitmap.node, name))
+                        for name in {s.bitmap.next, s.bitmap.frozen, s.written} - {""}:
+                            undo.push(f"remove bitmap {name}",
+                                      _bitmap_remover(q, s.data_node, name))
                 for s in states:
                     await step("add copy-before-write filter", s.name)
+                    # discard=unmap: the guest's discards pass on to the disk (old data first
+                    # saved), where the disk's own setting decides; without it the filter
+                    # would drop them.
                     cbw_args: dict[str, Any] = {
-                        "driver": "copy-before-write", "node-name": s.cbw_node, "file": s.node,
-                        "target": s.fleecing_node, "on-cbw-error": "break-snapshot",
-                        "cbw-timeout": cbw_timeout}
+                        "driver": "copy-before-write", "node-name": s.cbw_node,
+                        "file": s.data_node, "target": s.fleecing_node, "discard": "unmap",
+                        "on-cbw-error": "break-snapshot", "cbw-timeout": cbw_timeout}
                     if s.bitmap.mode == "reuse":
                         cbw_args["bitmap"] = {"node": s.bitmap.node, "name": s.bitmap.frozen}
                     await q.execute("blockdev-add", cbw_args)
                     undo.push(f"delete {s.cbw_node}", _deleter(q, s.cbw_node))
                 for s in states:
                     await step("insert filter", s.name)
-                    await q.execute("qom-set", {"path": s.qom_path, "property": "drive",
-                                                "value": s.cbw_node})
+                    if s.throttle is not None:
+                        # Below the throttle: backup reads and old-data copies do not spend
+                        # the guest's I/O budget.
+                        await q.execute("blockdev-reopen", {
+                            "options": [{**s.throttle, "file": s.cbw_node}]})
+                    else:
+                        await q.execute("qom-set", {"path": s.qom_path, "property": "drive",
+                                                    "value": s.cbw_node})
                     undo.push(f"restore drive of {s.name}", _drive_restorer(q, s))
                 snapshot_time = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
             finally:
@@ -627,10 +746,10 @@ async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
             export: dict[str, Any] = {"type": "nbd", "id": s.export_id,
                                       "node-name": s.access_node, "name": s.export_name,
                                       "writable": True}
-            if s.bitmap.mode == "reuse":
+            if s.export_bitmaps:
                 # By name QEMU 7.2 only looks down filter/COW children, and snapshot-access is
                 # neither: name the node explicitly.
-                export["bitmaps"] = [{"node": s.bitmap.node, "name": s.bitmap.frozen}]
+                export["bitmaps"] = [{"node": s.data_node, "name": b} for b in s.export_bitmaps]
             await q.execute("block-export-add", export)
             undo.push(f"delete export {s.export_id}", _export_deleter(q, s.export_id))
     except BaseException as err:
@@ -671,9 +790,9 @@ def _plan_bitmap(d: BlockDevice, nodes: list[dict[str, Any]], record: dict[str, 
     if incremental is None:
         return BitmapState()
     b_name = f"{PREFIX}{incremental}"
-    state = BitmapState(mode="new", node=d.node, persistent=b_name, next=f"{b_name}-next",
-                        persist=d.fmt == "qcow2")
-    b = _bitmaps_of(nodes, d.node).get(b_name)
+    state = BitmapState(mode="new", node=d.data_node, persistent=b_name,
+                        next=f"{b_name}-next", persist=d.fmt == "qcow2")
+    b = _bitmaps_of(nodes, d.data_node).get(b_name)
     recorded = _recorded_size(record, vmid, incremental, d.name)
     if b is None:
         state.reason = f"no bitmap {b_name} on the disk"
@@ -693,16 +812,23 @@ def _plan_bitmap(d: BlockDevice, nodes: list[dict[str, Any]], record: dict[str, 
     return state
 
 
-def _bitmap_prepare_actions(b: BitmapState, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _bitmap_prepare_actions(s: DiskState, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    b = s.bitmap
+    actions: list[dict[str, Any]] = []
+    if s.written == WRITTEN_BITMAP:
+        actions.append({"type": "block-dirty-bitmap-add",
+                        "data": {"node": s.data_node, "name": s.written, "persistent": False,
+                                 "granularity": CBW_CLUSTER}})
     if b.mode == "none":
-        return []
+        return actions
     next_args: dict[str, Any] = {"node": b.node, "name": b.next, "persistent": False}
     if b.mode == "new":
-        return [{"type": "block-dirty-bitmap-add", "data": next_args}]
+        return [*actions, {"type": "block-dirty-bitmap-add", "data": next_args}]
     # Same granularity as B, so the merges at commit are exact.
     granularity = _bitmaps_of(nodes, b.node)[b.persistent]["granularity"]
     next_args["granularity"] = granularity
     return [
+        *actions,
         {"type": "block-dirty-bitmap-add", "data": next_args},
         {"type": "block-dirty-bitmap-add",
          "data": {"node": b.node, "name": b.frozen, "persistent": False, "disabled": True,
@@ -756,7 +882,14 @@ def _bitmap_remover(q: QMP, node: str, name: str) -> Callable[[], Awaitable[Any]
 
 
 def _drive_restorer(q: QMP, s: DiskState) -> Callable[[], Awaitable[Any]]:
+    if s.throttle is not None:
+        return _throttle_restorer(q, s.throttle)
     return _qom_drive_setter(q, s.qom_path, s.node)
+
+
+def _throttle_restorer(q: QMP, options: dict[str, Any]) -> Callable[[], Awaitable[Any]]:
+    """Put a throttle node back onto its own child (``options`` as _throttle_options made)."""
+    return lambda: q.execute("blockdev-reopen", {"options": [options]})
 
 
 def _qom_drive_setter(q: QMP, path: str, node: str) -> Callable[[], Awaitable[Any]]:
@@ -825,6 +958,7 @@ async def teardown(q: QMP, state: GraphState, *, commit: bool) -> None:
             dev = _device_of(info)
             if dev is not None and "inserted" in info:
                 drives[dev[1]] = info["inserted"]["node-name"]
+        children = await _block_graph(q)
 
         keep_files: set[str] = set()
         live = any(s.export_id in exports or s.access_node in nodes or s.cbw_node in nodes
@@ -843,7 +977,11 @@ async def teardown(q: QMP, state: GraphState, *, commit: bool) -> None:
             # writes on the disk node and moving the device back fails with a permission conflict.
             if s.access_node in nodes:
                 await attempt(f"delete {s.access_node}", _deleter(q, s.access_node))
-            if drives.get(s.qom_path) == s.cbw_node:
+            if s.throttle is not None:
+                if children.get(s.node, {}).get("file") == s.cbw_node:
+                    await attempt(f"put {s.node} back onto {s.data_node}",
+                                  _drive_restorer(q, s))
+            elif drives.get(s.qom_path) == s.cbw_node:
                 await attempt(f"restore drive of {s.name} to {s.node}", _drive_restorer(q, s))
             if s.cbw_node in nodes:
                 await attempt(f"delete {s.cbw_node}", _deleter(q, s.cbw_node))
@@ -859,6 +997,10 @@ async def teardown(q: QMP, state: GraphState, *, commit: bool) -> None:
                                   _committer(q, state, s, bitmaps))
                 else:
                     await attempt(f"abort bitmaps of {s.name}", _aborter(q, s, bitmaps))
+            if s.written == WRITTEN_BITMAP and s.written in _bitmaps_of(list(nodes.values()),
+                                                                        s.data_node):
+                await attempt(f"remove bitmap {s.written} of {s.name}",
+                              _bitmap_remover(q, s.data_node, s.written))
         for s in state.disks:
             if s.fleecing_path not in keep_files:
                 await attempt(f"remove {s.fleecing_path}",
@@ -983,6 +1125,7 @@ async def cleanup_orphans(q: QMP) -> list[str]:
             dev = _device_of(info)
             if dev is not None and "inserted" in info:
                 drives[info["inserted"]["node-name"]] = dev[1]
+        by_name = {n["node-name"]: n for n in nodes}
         for n in ours:
             if n["drv"] != "copy-before-write":
                 continue
@@ -991,6 +1134,12 @@ async def cleanup_orphans(q: QMP) -> list[str]:
             if cbw in drives and below:
                 await attempt(f"restore drive of {drives[cbw]} to {below[0]}",
                               _qom_drive_setter(q, drives[cbw], below[0]))
+            for parent in [p for p, role, c in edges if c == cbw and role == "file"]:
+                options = _throttle_options(by_name.get(parent, {"node-name": parent}),
+                                            below[0] if below else "")
+                if by_name.get(parent, {}).get("drv") == "throttle" and options is not None:
+                    await attempt(f"put {parent} back onto {options['file']}",
+                                  _throttle_restorer(q, options))
             await attempt(f"delete {cbw}", _deleter(q, cbw))
         for n in ours:
             if n["drv"] not in ("copy-before-write", "snapshot-access"):

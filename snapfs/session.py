@@ -67,8 +67,9 @@ BITMAP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NBD_STATE_ZERO = 2
 # qemu:dirty-bitmap contexts: bit 0 set means dirty.
 NBD_STATE_DIRTY = 1
-# QEMU's smallest copy-before-write cluster (block-copy's default cluster size).
-CBW_CLUSTER = 65536
+BASE_ALLOCATION = "base:allocation"
+# Block status requests of the allocation walk: QEMU answers up to this many bytes at once.
+_STATUS_CHUNK = 1 << 30
 
 
 def run_dir() -> Path:
@@ -181,10 +182,11 @@ class NBDSource:
     """
 
     def __init__(self, client: nbd.NBDClient, name: str,
-                 on_broken: Callable[[str], None]) -> None:
+                 on_broken: Callable[[str], None], confine: int = 0) -> None:
         self.client = client
         self.name = name
         self.on_broken = on_broken
+        self.confine = confine  # see qmp.confine_reads
         self.reader: DiskReader | None = None
 
     def _failed(self, what: str, err: NBDError) -> SourceError:
@@ -214,7 +216,7 @@ class NBDSource:
 
     async def read_into(self, buf: bytearray, offset: int, length: int) -> None:
         try:
-            await self.client.pread_into(buf, offset, length)
+            await self.client.pread_into(buf, offset, length, confine=self.confine)
         except NBDError as err:
             raise self._failed("reads", err) from err
 
@@ -232,6 +234,39 @@ async def _regions(client: nbd.NBDClient, context: str, keep: Callable[[int], bo
         if keep(flags):
             regions.append(off, length)
     return regions
+
+
+async def _zeros(client: nbd.NBDClient, written: str | None) -> Regions:
+    """The ranges of a full view that read as zeros in the snapshot.
+
+    ``written`` (QEMU before 8.0, see qmp.confine_reads): the context of a bitmap of every
+    guest write since the snapshot point. There, block status of a range that starts in a
+    cluster copy-before-write has copied and runs on into one it has not reports the copied
+    part from the live disk: a later guest zero write shows as zeros. The live disk only
+    differs from the snapshot where the guest wrote, which QEMU records in the bitmap before
+    the status can see the new data, and QEMU computes the bitmap's extents after the
+    allocation's in the same request: zeros are kept only where the bitmap is clean.
+    """
+    contexts = [BASE_ALLOCATION, *([written] if written else [])]
+    zeros = Regions()
+    pos, size = 0, client.size
+    while pos < size:
+        got = await client.block_status_all(pos, min(_STATUS_CHUNK, size - pos), contexts)
+        end = size
+        for extents in got.values():
+            end = min(end, extents[-1][0] + extents[-1][1])
+        chunk = Regions()
+        for off, length, flags in got[BASE_ALLOCATION]:
+            if flags & NBD_STATE_ZERO and off < end:
+                chunk.append(off, min(off + length, end) - off)
+        if written:
+            for off, length, flags in got[written]:
+                if flags & NBD_STATE_DIRTY and off < end:
+                    chunk.remove(off, min(off + length, end) - off)
+        for off, length in chunk:
+            zeros.append(off, length)
+        pos = end
+    return zeros
 
 
 @contextlib.asynccontextmanager
@@ -297,6 +332,7 @@ class Session:
                 "discarded_bytes": d.discarded,
                 "bytes_read": d.bytes_read,
                 "fleecing_bytes": _allocated(ds.fleecing_path),
+                "confined_reads": ds.confine,
             }
         return {
             "vmid": g.vmid,
@@ -390,7 +426,8 @@ class Session:
                 # and base:allocation fails outside the copy-before-write access bitmap:
                 # an incremental view asks for its dirty bitmap only.
                 contexts = ([f"qemu:dirty-bitmap:{ds.export_bitmap}"] if ds.export_bitmap
-                            else ["base:allocation"])
+                            else [BASE_ALLOCATION]
+                            + ([f"qemu:dirty-bitmap:{ds.written}"] if ds.written else []))
                 client = await stack.enter_async_context(
                     nbd.NBDClient.open(str(g.nbd_socket), ds.export, meta_contexts=contexts))
                 clients.append(client)
@@ -419,22 +456,25 @@ class Session:
                         reader.close()
 
     async def _disk(self, client: nbd.NBDClient, ds: qmp.DiskState) -> Disk:
+        zeros = Regions()
         if ds.export_bitmap:
             dirty = await _regions(client, f"qemu:dirty-bitmap:{ds.export_bitmap}",
                                    lambda f: bool(f & NBD_STATE_DIRTY))
-            data = None
+            # Incremental view: nothing is shown as a hole (see tree.Disk): what is outside
+            # the backup must fail a tool that reads it, not look like zeros.
         else:
             dirty = Regions.whole(client.size)
-            # Full view: SEEK_DATA and st_blocks follow what is allocated, so thin disks copy
-            # sparsely; a region is a hole only if the server says it reads as zeros.
-            data = (await _regions(client, "base:allocation",
-                                   lambda f: not f & NBD_STATE_ZERO)
-                    if client.can_meta_context("base:allocation") else None)
+            # Full view: SEEK_HOLE and st_blocks follow what reads as zeros, so thin disks
+            # copy sparsely.
+            if client.can_meta_context(BASE_ALLOCATION):
+                zeros = await _zeros(client, f"qemu:dirty-bitmap:{ds.written}"
+                                     if ds.written else None)
         # Punches are aligned to what copy-before-write can drop: its cluster, which is never
         # below 64 KiB, nor below the bitmap's granularity.
         return Disk(name=ds.name, size=client.size,
-                    source=NBDSource(client, ds.name, self._mark_broken),
-                    dirty=dirty, data=data, granularity=max(ds.granularity, CBW_CLUSTER))
+                    source=NBDSource(client, ds.name, self._mark_broken, ds.confine),
+                    dirty=dirty, zeros=zeros,
+                    granularity=max(ds.granularity, qmp.CBW_CLUSTER))
 
     async def _start_reader(self, nursery: trio.Nursery, ds: qmp.DiskState, disk: Disk) -> None:
         """Start the splice data path of a disk; without it the disk is read through libnbd."""
@@ -443,7 +483,7 @@ class Session:
         assert self._server is not None
         assert self.graph is not None
         reader = DiskReader(str(self.graph.nbd_socket), ds.export, self._server.reply_pipe,
-                            depth=self._depth)
+                            depth=self._depth, confine=ds.confine)
         try:
             await nursery.start(reader.run)
         except (NBDError, FuseError) as err:

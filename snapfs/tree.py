@@ -115,8 +115,12 @@ class Disk:
     """One guest disk as the tree serves it.
 
     ``dirty`` is what this backup covers (fixed at mount); ``readable`` starts equal to it and
-    shrinks as ranges are punched; ``data`` (optional) is the allocation map used for SEEK_DATA
-    and st_blocks where it is narrower than ``readable`` (thin disks in full mode).
+    shrinks as ranges are punched. ``zeros`` holds ranges known to read as zeros in the
+    snapshot (from a trustworthy allocation map of a full view; empty in an incremental view).
+    Invariant: SEEK_HOLE, SEEK_DATA and st_blocks follow ``zeros`` only, so a tool is shown a
+    hole only where the snapshot reads as zeros. Bytes that cannot be read (outside the
+    backup, or punched) look like data, and reading them fails with ENODATA: a tool that does
+    not know the sidecar fails loudly instead of storing zeros for them.
     """
 
     name: str
@@ -124,7 +128,7 @@ class Disk:
     source: DiskSource
     dirty: Regions
     readable: Regions = field(default_factory=Regions)
-    data: Regions | None = None
+    zeros: Regions = field(default_factory=Regions)
     granularity: int = 65536
     discarded: int = 0
     bytes_read: int = 0
@@ -134,16 +138,19 @@ class Disk:
             self.readable = self.dirty.copy()
 
     @property
-    def seekable(self) -> Regions:
-        """Where SEEK_DATA finds data: readable and (if known) allocated."""
-        if self.data is None:
-            return self.readable
-        return self.data
-
-    @property
     def allocated_bytes(self) -> int:
         """What st_blocks counts: the bytes a sparse copy of this file would store."""
-        return self.seekable.total
+        return self.size - self.zeros.covered_in(0, self.size)
+
+    def seek_data(self, offset: int) -> int | None:
+        """The first offset at or after ``offset`` that is not a known zero, or None."""
+        found = self.zeros.seek_hole(offset)
+        return found if found < self.size else None
+
+    def seek_hole(self, offset: int) -> int:
+        """The first known zero at or after ``offset``, or the end of the disk."""
+        found = self.zeros.seek_data(offset)
+        return self.size if found is None else min(found, self.size)
 
 
 class Sidecar:
@@ -308,7 +315,7 @@ class Tree:
         return length
 
     def lseek(self, ino: int, offset: int, whence: int) -> int:
-        """SEEK_DATA/SEEK_HOLE over the readable (and allocated) regions of a disk file; text
+        """SEEK_DATA/SEEK_HOLE of a disk file: holes are the known zeros (see ``Disk``); text
         files are all data."""
         if whence not in (SEEK_DATA, SEEK_HOLE):
             raise InvalidArgument(f"whence {whence}")
@@ -320,19 +327,19 @@ class Tree:
         if not self.is_disk(ino):
             return offset if whence == SEEK_DATA else size
         disk, _ = self._disk(ino)
-        regions = disk.seekable
         if whence == SEEK_DATA:
-            found = regions.seek_data(offset)
-            if found is None or found >= size:
+            found = disk.seek_data(offset)
+            if found is None:
                 raise NoMoreData(str(offset))
             return found
-        return min(regions.seek_hole(offset), size)
+        return disk.seek_hole(offset)
 
     async def punch(self, ino: int, offset: int, length: int, mode: int) -> int:
         """Discard ``[offset, offset+length)`` of a disk's snapshot; return bytes discarded.
 
         Only whole granularity blocks inside the range are discarded, so a punch never frees
-        more than asked; those blocks become unreadable. The sidecar is unchanged.
+        more than asked; those blocks become unreadable, and stay data to SEEK_HOLE and
+        st_blocks (they are not zeros in the snapshot). The sidecar is unchanged.
         """
         if mode != FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
             raise NotSupported(f"fallocate mode {mode:#x}")
@@ -354,8 +361,6 @@ class Tree:
             return 0
         removed_regions = [(s, n) for s, n in disk.readable if s < stop and s + n > start]
         removed = disk.readable.remove(start, stop - start)
-        if disk.data is not None:
-            disk.data.remove(start, stop - start)
         # Discard only what was readable: the rest is not in the snapshot's access bitmap.
         for s, n in removed_regions:
             lo, hi = max(s, start), min(s + n, stop)

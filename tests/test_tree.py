@@ -47,10 +47,10 @@ class MemorySource:
 
 
 def make_tree(dirty: list[tuple[int, int]] | None = None, size: int = 16 * G,
-              data: Regions | None = None) -> tuple[Tree, MemorySource]:
+              zeros: Regions | None = None) -> tuple[Tree, MemorySource]:
     src = MemorySource(random.Random(3).randbytes(size))
     regions = Regions.from_extents(dirty) if dirty is not None else Regions.whole(size)
-    disk = Disk("scsi0", size, src, regions, data=data, granularity=G)
+    disk = Disk("scsi0", size, src, regions, zeros=zeros or Regions(), granularity=G)
     facts: dict[str, Any] = {"vmid": "100"}
     return Tree([disk], lambda: facts, extra_files={"qemu-server.conf": b"cores: 2\n"}), src
 
@@ -122,7 +122,7 @@ def test_layout_and_attributes() -> None:
     assert names == {"snapfs.json", "scsi0.raw", "scsi0.dirty", "qemu-server.conf"}
     raw = tree.lookup(1, "scsi0.raw")
     assert raw.size == 16 * G
-    assert raw.blocks * 512 == 3 * G  # st_blocks counts readable bytes
+    assert raw.blocks * 512 == 16 * G  # no known zeros: every byte counts
     assert raw.blksize == 1 << 20
     assert tree.read_text(DIRTY, 0, 1000) == f"0 {G}\n{4 * G} {2 * G}\n".encode()
     assert json.loads(tree.read_text(JSON_INO, 0, 10000)) == {"vmid": "100"}
@@ -155,24 +155,28 @@ def test_reads_respect_the_readable_set() -> None:
     trio.run(main)
 
 
-def test_seek_data_and_hole() -> None:
+def test_an_incremental_view_shows_no_holes() -> None:
+    """Bytes outside the backup are not zeros: SEEK_DATA/SEEK_HOLE and st_blocks show the
+    whole disk as data, so a tool that does not read the sidecar reads them and fails."""
     tree, _ = make_tree([(G, 2 * G), (8 * G, G)])
-    assert tree.lseek(RAW, 0, 3) == G
-    assert tree.lseek(RAW, G, 4) == 3 * G
-    assert tree.lseek(RAW, 4 * G, 3) == 8 * G
-    assert tree.lseek(RAW, 0, 4) == 0
+    assert tree.lseek(RAW, 0, 3) == 0
+    assert tree.lseek(RAW, 4 * G, 3) == 4 * G
+    assert tree.lseek(RAW, 0, 4) == 16 * G
+    assert tree.getattr(RAW).blocks * 512 == 16 * G
     with pytest.raises(NoMoreData):
-        tree.lseek(RAW, 9 * G, 3)
-    assert tree.lseek(RAW, 9 * G, 4) == 9 * G
+        tree.lseek(RAW, 16 * G, 3)
     with pytest.raises(NoMoreData):
         tree.lseek(RAW, 16 * G, 4)
 
 
-def test_full_view_seeks_follow_allocation() -> None:
-    tree, _ = make_tree(None, data=Regions.from_extents([(2 * G, G)]))
+def test_full_view_seeks_follow_the_zeros() -> None:
+    tree, _ = make_tree(None, zeros=Regions.from_extents([(0, 2 * G), (3 * G, 13 * G)]))
     assert tree.lseek(RAW, 0, 3) == 2 * G
     assert tree.getattr(RAW).blocks * 512 == G
     assert tree.lseek(RAW, 2 * G, 4) == 3 * G
+    assert tree.lseek(RAW, 0, 4) == 0
+    with pytest.raises(NoMoreData):
+        tree.lseek(RAW, 3 * G, 3)
 
 
 def test_punch_aligns_inward_and_discards_only_readable() -> None:
@@ -189,8 +193,10 @@ def test_punch_aligns_inward_and_discards_only_readable() -> None:
         with pytest.raises(Unreadable):
             await tree.read_disk(RAW, buf, G, 1)
         assert await tree.read_disk(RAW, buf, 0, G) == G
-        assert tree.lseek(RAW, G, 4) == G
-        assert tree.getattr(RAW).blocks * 512 == 2 * G
+        # Punched bytes are not zeros in the snapshot: no hole, and still counted.
+        assert tree.lseek(RAW, G, 4) == 16 * G
+        assert tree.lseek(RAW, G, 3) == G
+        assert tree.getattr(RAW).blocks * 512 == 16 * G
         # The sidecar keeps listing what this backup covers.
         assert tree.read_text(DIRTY, 0, 100) == f"0 {4 * G}\n{6 * G} {2 * G}\n".encode()
         with pytest.raises(NotSupported):

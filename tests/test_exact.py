@@ -1,0 +1,232 @@
+"""The view is the snapshot, byte for byte, whatever the guest does after the snapshot point.
+
+Real QEMU, real mounts, real tools. The guest writes data, zeros (with and without unmap) and
+discards, of every size and alignment, before and while the view is read; each drive has
+detect-zeroes off, on or unmap. Images live in memory (tmpfs), where QEMU sees holes exactly:
+QEMU before 8.0 then reports a cluster that copy-before-write saved from the live disk when a
+read or a block status runs on into an unsaved one, which snapfs must never pass on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapfs.devvm import DiskSpec, GuestIO, MiB, TestVM
+from tests.conftest import Snapfs
+
+pytestmark = [pytest.mark.qemu, pytest.mark.mount]
+
+KiB = 1024
+SIZE = 8 * MiB
+
+
+@pytest.fixture
+def shm_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory in memory for the images (removed afterwards)."""
+    path = Path("/dev/shm") / f"snapfs-test-{tmp_path.name}-{os.getpid()}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        if (path / "qemu.log").exists():  # kept with the test's other files
+            shutil.copy(path / "qemu.log", tmp_path / "qemu.log")
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def disk_content(seed: int, size: int = SIZE) -> bytes:
+    """Random data with zero stretches of several sizes, as a used thin disk has."""
+    rng = random.Random(seed)
+    data = bytearray(rng.randbytes(size))
+    for start, length in ((64 * KiB, 960 * KiB), (3 * MiB, 256 * KiB), (5 * MiB + 4096, 8192),
+                          (size - 512 * KiB, 512 * KiB)):
+        data[start : start + length] = bytes(length)
+    return bytes(data)
+
+
+def read_everything(path: Path, size: int, step: int, start: int = 0) -> bytes:
+    """The whole file in reads of ``step`` bytes, the first one at ``start`` (the bytes before
+    it are read last), as a copy tool with that buffer size would."""
+    out = bytearray(size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for off in [*range(start, size, step), *range(0, start, step)]:
+            length = min(step, size - off, start - off if off < start else size)
+            out[off : off + length] = os.pread(fd, length, off)
+    finally:
+        os.close(fd)
+    return bytes(out)
+
+
+def holes(path: Path) -> list[tuple[int, int]]:
+    """The holes SEEK_HOLE/SEEK_DATA report, as (start, end)."""
+    size = path.stat().st_size
+    found = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = 0
+        while pos < size:
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            if hole >= size:
+                break
+            try:
+                data = os.lseek(fd, hole, os.SEEK_DATA)
+            except OSError:
+                data = size
+            found.append((hole, data))
+            pos = data
+    finally:
+        os.close(fd)
+    return found
+
+
+def trigger_copies(vm: TestVM, disk: str, at: int = 0) -> None:
+    """Guest writes after the snapshot point that make copy-before-write save some clusters
+    and not their neighbours, in every MiB (shifted by ``at``): zero writes (unaligned, and
+    whole clusters with unmap), discards, sub-4 KiB and data writes."""
+    size = vm.disks[disk].size
+    for w in range(at, size, MiB):
+        for offset, length, op in ((1000, 100_000, "zero"), (512 * KiB, 64 * KiB, "unmap"),
+                                   (320 * KiB, 128 * KiB, "discard"), (700 * KiB + 5, 300, "data"),
+                                   (900 * KiB - 10, 20, "zero")):
+            if w + offset + length > size:
+                continue
+            if op == "discard":
+                vm.guest_discard(disk, w + offset, length)
+            elif op == "data":
+                vm.guest_write(disk, w + offset, length, 0x3C)
+            else:
+                vm.guest_zero(disk, w + offset, length, unmap=op == "unmap")
+
+
+def check_view(raw: Path, want: bytes) -> None:
+    """Reads of several sizes and alignments, and every reported hole, match ``want``."""
+    size = len(want)
+    for step, start in ((MiB, 0), (MiB, 4096 + 512), (192 * KiB, 100), (64 * KiB, 60 * KiB)):
+        got = read_everything(raw, size, step, start)
+        if got != want:
+            bad = [off for off in range(0, size, 4096) if got[off : off + 4096]
+                   != want[off : off + 4096]]
+            raise AssertionError(f"{raw.name}, reads of {step} from {start}: {len(bad)} wrong "
+                                 f"4 KiB blocks, first at {bad[:4]}")
+    found = holes(raw)
+    for start, end in found:
+        assert want[start:end] == bytes(end - start), f"{raw.name}: hole {start}-{end} has data"
+    assert raw.stat().st_blocks * 512 == size - sum(e - s for s, e in found)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("detect_zeroes", ["off", "on", "unmap"])
+def test_a_full_view_is_the_snapshot(fmt: str, detect_zeroes: str, shm_dir: Path,
+                                     snapfs: Snapfs, tmp_path: Path) -> None:
+    """Zero writes, discards and data writes after the snapshot point never show through:
+    not in reads of any size or alignment, not as holes, not in a copy by cp, dd or snapfs
+    copy; while the guest goes on writing."""
+    spec = DiskSpec("scsi0", fmt, "scsi", size=SIZE, detect_zeroes=detect_zeroes)  # type: ignore[arg-type]
+    vm = TestVM(shm_dir, [spec], contents={"scsi0": disk_content(5)})
+    with vm:
+        with snapfs.mounted(vm, tmp_path / "mnt") as mnt:
+            want = vm.snapshot()["scsi0"]
+            raw = mnt / "scsi0.raw"
+            trigger_copies(vm, "scsi0")
+            guest = GuestIO(vm, seed=7)
+            guest.run(40)
+            check_view(raw, want)
+            # The snapshot's own zeros are holes (some of them: the guest's writes may have
+            # made QEMU unsure of the rest).
+            assert holes(raw)
+            with guest.storm():
+                check_view(raw, want)
+                subprocess.run(["cp", "--sparse=always", str(raw), str(tmp_path / "cp.raw")],
+                               check=True)
+                subprocess.run(["dd", f"if={raw}", f"of={tmp_path / 'dd.raw'}", "bs=1M",
+                                "status=none"], check=True)
+                snapfs("copy", str(mnt), str(tmp_path / "copy"))
+            assert guest.done > 1
+            for copy in (tmp_path / "cp.raw", tmp_path / "dd.raw", tmp_path / "copy/scsi0.raw"):
+                assert copy.read_bytes() == want, copy
+        assert not vm.io_errors()
+    # The model of the guest's disk is what QEMU wrote (so the snapshots above were right).
+    assert vm.image_content("scsi0") == vm.expected["scsi0"]
+
+
+def test_every_change_is_in_the_next_incremental(shm_dir: Path, snapfs: Snapfs,
+                                                 tmp_path: Path) -> None:
+    """Zero writes and discards between two backups are in the incremental's readable
+    regions, read as the zeros they are, and a copy in place reproduces the snapshot."""
+    disks = [DiskSpec("virtio0", "qcow2", "virtio", size=SIZE, detect_zeroes="unmap"),
+             DiskSpec("scsi0", "raw", "scsi", size=SIZE, detect_zeroes="on")]
+    vm = TestVM(shm_dir, disks, contents={d.name: disk_content(i) for i, d in enumerate(disks)})
+    dest = tmp_path / "backup"
+    with vm:
+        with snapfs.mounted(vm, tmp_path / "m0", "--incremental", "x", commit=True) as mnt:
+            snapfs("copy", str(mnt), str(dest))
+        before = vm.snapshot()
+        for disk in vm.disks:
+            for w in range(0, SIZE, MiB):
+                vm.guest_write(disk, w, 960 * KiB, 0x77)
+            trigger_copies(vm, disk)
+        GuestIO(vm, seed=3).run(60)
+        with snapfs.mounted(vm, tmp_path / "m1", "--incremental", "x", commit=True) as mnt:
+            want = vm.snapshot()
+            for disk in vm.disks:
+                trigger_copies(vm, disk, at=128 * KiB)
+            with GuestIO(vm, seed=4).storm():
+                for name in vm.disks:
+                    regions = [tuple(map(int, line.split()))
+                               for line in (mnt / f"{name}.dirty").read_text().splitlines()]
+                    changed = [off for off in range(SIZE)
+                               if want[name][off] != before[name][off]]
+                    covered = bytearray(SIZE)
+                    for off, length in regions:
+                        covered[off : off + length] = b"\1" * length
+                    assert all(covered[off] for off in changed), name
+                    fd = os.open(mnt / f"{name}.raw", os.O_RDONLY)
+                    try:
+                        for off, length in regions:
+                            assert os.pread(fd, length, off) == want[name][off : off + length]
+                    finally:
+                        os.close(fd)
+                    assert not holes(mnt / f"{name}.raw")
+                snapfs("copy", str(mnt), str(dest), "--discard")
+        for name in vm.disks:
+            assert (dest / f"{name}.raw").read_bytes() == want[name], name
+        assert not vm.io_errors()
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_guest_discards_reach_the_disk_while_mounted(fmt: str, tmp_path: Path,
+                                                     snapfs: Snapfs) -> None:
+    """A discard while the view is mounted frees the disk's space as without snapfs, after
+    the old data was saved: the view still reads it."""
+    vm = TestVM(tmp_path, [DiskSpec("virtio0", fmt, "virtio", size=SIZE)])  # type: ignore[arg-type]
+    with vm:
+        image = vm.disks["virtio0"].path
+        with snapfs.mounted(vm, tmp_path / "mnt") as mnt:
+            want = vm.snapshot()["virtio0"]
+            used = os.stat(image).st_blocks
+            vm.guest_discard("virtio0", 2 * MiB, 2 * MiB)
+            assert os.stat(image).st_blocks <= used - 2 * MiB // 512 + 16
+            assert (mnt / "virtio0.raw").read_bytes() == want
+        assert vm.image_content("virtio0")[2 * MiB : 4 * MiB] == bytes(2 * MiB)
+
+
+def test_qemu_without_the_fix_needs_confined_reads(shm_dir: Path, snapfs: Snapfs,
+                                                   tmp_path: Path) -> None:
+    """What snapfs.json says about the QEMU, and that reads are confined exactly where QEMU
+    needs it (before 8.0)."""
+    vm = TestVM(shm_dir, [DiskSpec("scsi0", "raw", "scsi", size=SIZE, detect_zeroes="on")],
+                contents={"scsi0": disk_content(9)})
+    with vm, snapfs.mounted(vm, tmp_path / "mnt") as mnt:
+        facts = json.loads((mnt / "snapfs.json").read_text())
+        major, minor = (int(x) for x in facts["qemu_version"].split(".")[:2])
+        assert facts["disks"]["scsi0"]["confined_reads"] == (
+            65536 if (major, minor) < (8, 0) else 0)
+
