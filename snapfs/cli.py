@@ -237,6 +237,12 @@ def _error(message: str) -> None:
     print(f"snapfs: error: {message}", file=sys.stderr)
 
 
+def _warn(message: str) -> None:
+    """A warning the person at the terminal must see, whatever the log goes to."""
+    log.debug("warning: %s", message)
+    print(f"snapfs: warning: {message}", file=sys.stderr)
+
+
 # -- mount ----------------------------------------------------------------------------------------
 
 
@@ -380,11 +386,26 @@ def command_line(argv: Sequence[str], mountpoint: Path) -> list[str]:
     return [a.replace("{}", str(mountpoint)) for a in argv]
 
 
+# rsync options that write into the destination file itself: on an incremental view, rsync
+# turns every block it cannot read (ENODATA) into zeros there, and the previous image is lost.
+_RSYNC_IN_PLACE = ("--inplace", "--append", "--append-verify")
+
+
+def in_place_rsync(argv: Sequence[str]) -> bool:
+    """Whether COMMAND is rsync writing into existing files (see _RSYNC_IN_PLACE)."""
+    return bool(argv) and os.path.basename(argv[0]) == "rsync" and any(
+        a in _RSYNC_IN_PLACE for a in argv[1:])
+
+
 def _run(args: argparse.Namespace) -> int:
     if not args.argv:
         raise UsageError("snapfs run needs a command: snapfs run VMID [options] -- COMMAND ...")
     opts = mount_options(args, args.mountpoint)
     argv = command_line(args.argv, opts.mountpoint)
+    if opts.incremental is not None and in_place_rsync(argv):
+        _warn("rsync --inplace on an incremental view overwrites the previous image's "
+              "unchanged regions with zeros (they cannot be read); use 'snapfs copy' or "
+              "'snapfs-rsync-remote' for incremental views")
     with SignalRelay() as relay:
         code = _serve_in_background(args, opts)
         if code != 0:

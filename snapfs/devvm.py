@@ -38,12 +38,17 @@ _ZERO_BLOCK = bytes(65536)
 #: paths, so sockets and images are shared. snapfs itself always runs on the host.
 QEMU_ROOT_ENV = "SNAPFS_TEST_QEMU_ROOT"
 # Runs in a private mount namespace (so nothing leaks onto the host), as a slave of the host's:
-# FUSE mounts made and unmounted on the host are seen inside. exec keeps QEMU's pid the one the
-# test started.
-_CHROOT_QEMU = """set -e
+# where the host's mounts are shared (systemd makes them so), mounts made and removed on the
+# host later are seen inside; where they are not, only those that exist when QEMU starts. FUSE
+# mounts copied in are dropped: a copy would keep a view's connection alive after the host
+# unmounts it. exec keeps QEMU's pid the one the test started.
+_CHROOT_QEMU = r"""set -e
 root=$1; shift
 for d in /tmp /var/tmp /run /dev; do mount --rbind "$d" "$root$d"; done
 mount -t proc proc "$root/proc"
+awk '$0 ~ / - fuse/ {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do
+    umount -l "$(printf '%b' "$m")" 2>/dev/null || true
+done
 exec chroot "$root" qemu-system-x86_64 "$@"
 """
 

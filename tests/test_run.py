@@ -176,3 +176,21 @@ def test_plain_rsync_of_an_incremental_view_fails_and_aborts(
     out = tmp_path / "dirty"
     snapfs(*run_args(vm, mnt, "--incremental", "r", "--", "cp", "{}/virtio0.dirty", str(out)))
     assert out.read_text() == "0 65536\n"
+
+
+def test_in_place_rsync_of_an_incremental_view_is_warned_about(
+        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    """rsync --inplace writes zeros over the previous image where it cannot read: the run
+    says so on stderr before it starts (and still fails, so nothing is committed)."""
+    mnt, dest = tmp_path / "mnt", tmp_path / "backup"
+    snapfs(*run_args(vm, mnt, "--incremental", "r", "--", "rsync", "-a", "{}/", f"{dest}/"))
+    vm.guest_write("virtio0", 0, 65536, 0x44)
+    vm.guest_zero("virtio0", 65536, 4096)
+    vm.guest_discard("scsi0", 0, 65536)
+    proc = snapfs(*run_args(vm, mnt, "--incremental", "r", "--", "rsync", "-a", "-I",
+                            "--inplace", "{}/", f"{dest}/"), check=False)
+    assert proc.returncode == 23
+    assert "rsync --inplace on an incremental view overwrites" in proc.stderr
+    proc = snapfs(*run_args(vm, mnt, "--", "rsync", "-a", "-I", "--inplace", "{}/",
+                            f"{dest}/"))
+    assert "--inplace" not in proc.stderr  # a full view: every byte reads
