@@ -69,8 +69,13 @@ class FreezeResult:
 
     def facts(self) -> dict[str, Any]:
         """For snapfs.json and ``snapfs status``."""
-        return {"state": self.state, "reason": self.reason, "filesystems": self.filesystems,
-                "thaw": self.thaw, "frozen_ms": self.frozen_ms}
+        return {
+            "state": self.state,
+            "reason": self.reason,
+            "filesystems": self.filesystems,
+            "thaw": self.thaw,
+            "frozen_ms": self.frozen_ms,
+        }
 
 
 class AgentError(Exception):
@@ -112,7 +117,7 @@ class Agent:
         while (end := self._buf.find(b"\n")) < 0:
             await self._more()
         line = bytes(self._buf[:end])
-        del self._buf[:end + 1]
+        del self._buf[: end + 1]
         return line
 
     async def _reply(self, want: int) -> Any:
@@ -147,12 +152,14 @@ class Agent:
                     while (at := self._buf.find(DELIMITER)) < 0:
                         self._buf.clear()
                         await self._more()
-                    del self._buf[:at + 1]
+                    del self._buf[: at + 1]
                     if await self._sync_reply() == sync_id:
                         return
         except trio.TooSlowError:
-            raise AgentError(f"no answer to guest-sync within {timeout:g}s "
-                             "(is qemu-guest-agent running in the guest?)") from None
+            raise AgentError(
+                f"no answer to guest-sync within {timeout:g}s "
+                "(is qemu-guest-agent running in the guest?)"
+            ) from None
 
     async def _more(self) -> None:
         try:
@@ -171,8 +178,12 @@ class Agent:
             return None
         return msg.get("return") if isinstance(msg, dict) else None
 
-    async def command(self, cmd: str, timeout: float,  # noqa: ASYNC109
-                      args: dict[str, Any] | None = None) -> Any:
+    async def command(
+        self,
+        cmd: str,
+        timeout: float,  # noqa: ASYNC109
+        args: dict[str, Any] | None = None,
+    ) -> Any:
         """Run one command; AgentError on an error reply, a timeout or a lost connection."""
         req_id = next(self._ids)
         req: dict[str, Any] = {"execute": cmd, "id": req_id}
@@ -198,8 +209,9 @@ class Freezer:
     in a ``finally``, and is a no-op when nothing was frozen or attempted.
     """
 
-    def __init__(self, config: FreezeConfig | None, *, vmid: str = "",
-                 skip: str | None = None) -> None:
+    def __init__(
+        self, config: FreezeConfig | None, *, vmid: str = "", skip: str | None = None
+    ) -> None:
         self.config = config
         self.vmid = vmid
         self.skip = skip if skip is not None else None if config else "disabled (--no-freeze)"
@@ -219,26 +231,32 @@ class Freezer:
             return self.result
         if not _is_socket(cfg.socket):
             self.result = FreezeResult("skipped", f"no guest agent socket at {cfg.socket}")
-            log.info("%sno guest agent socket (%s): crash-consistent snapshot", self._who(),
-                     cfg.socket)
+            log.info(
+                "%sno guest agent socket (%s): crash-consistent snapshot", self._who(), cfg.socket
+            )
             return self.result
         try:
             self._agent = await self._stack.enter_async_context(
-                Agent.connect(cfg.socket, cfg.sync_timeout))
+                Agent.connect(cfg.socket, cfg.sync_timeout)
+            )
             status = await self._agent.command("guest-fsfreeze-status", cfg.sync_timeout)
             if status == "frozen":
-                raise AgentError("the guest's file systems are already frozen (by another "
-                                 "tool?); leaving them alone")
+                raise AgentError(
+                    "the guest's file systems are already frozen (by another "
+                    "tool?); leaving them alone"
+                )
             self._sent_freeze = True
             count = await self._agent.command("guest-fsfreeze-freeze", cfg.timeout)
         except AgentError as err:
             self.result = FreezeResult("failed", str(err))
-            log.warning("%sguest agent: %s: the snapshot is crash-consistent only",
-                        self._who(), err)
+            log.warning(
+                "%sguest agent: %s: the snapshot is crash-consistent only", self._who(), err
+            )
             return self.result
         self._frozen_at = trio.current_time()
-        self.result = FreezeResult("frozen", filesystems=int(count) if isinstance(count, int)
-                                   else None)
+        self.result = FreezeResult(
+            "frozen", filesystems=int(count) if isinstance(count, int) else None
+        )
         log.info("%sguest file systems frozen (%s)", self._who(), count)
         return self.result
 
@@ -265,7 +283,8 @@ class Freezer:
                     await self._stack.aclose()
                     self._stack = contextlib.AsyncExitStack()
                     self._agent = await self._stack.enter_async_context(
-                        Agent.connect(cfg.socket, cfg.sync_timeout))
+                        Agent.connect(cfg.socket, cfg.sync_timeout)
+                    )
                 count = await self._agent.command("guest-fsfreeze-thaw", cfg.thaw_timeout)
             except AgentError as err:
                 errors.append(str(err))
@@ -275,16 +294,23 @@ class Freezer:
             self.result.thaw = "ok"
             if self._frozen_at is not None:
                 self.result.frozen_ms = round((trio.current_time() - self._frozen_at) * 1000, 3)
-                log.info("%sguest file systems thawed (%s) after %.1f ms", self._who(), count,
-                         self.result.frozen_ms)
+                log.info(
+                    "%sguest file systems thawed (%s) after %.1f ms",
+                    self._who(),
+                    count,
+                    self.result.frozen_ms,
+                )
             else:
-                log.info("%sguest thaw sent after an unanswered freeze (%s)", self._who(),
-                         count)
+                log.info("%sguest thaw sent after an unanswered freeze (%s)", self._who(), count)
             return
         self.result.thaw = "; ".join(errors)
-        log.error("%sTHE GUEST MAY STILL BE FROZEN: thaw failed (%s); run "
-                  "'qm guest cmd %s fsfreeze-thaw' or restart qemu-guest-agent in the guest",
-                  self._who(), self.result.thaw, self.vmid or "VMID")
+        log.error(
+            "%sTHE GUEST MAY STILL BE FROZEN: thaw failed (%s); run "
+            "'qm guest cmd %s fsfreeze-thaw' or restart qemu-guest-agent in the guest",
+            self._who(),
+            self.result.thaw,
+            self.vmid or "VMID",
+        )
 
 
 def _is_socket(path: Path) -> bool:
@@ -295,8 +321,9 @@ def _is_socket(path: Path) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def frozen(config: FreezeConfig | None, *, vmid: str = "",
-                 skip: str | None = None) -> AsyncIterator[FreezeResult]:
+async def frozen(
+    config: FreezeConfig | None, *, vmid: str = "", skip: str | None = None
+) -> AsyncIterator[FreezeResult]:
     """Freeze the guest's file systems for the body of the block, thaw after it (always).
 
     ``config=None`` or a ``skip`` reason (e.g. "the VM is not running") does nothing and yields

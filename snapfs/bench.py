@@ -194,8 +194,9 @@ def images_in_memory(choice: str, nbytes: int) -> bool:
     try:
         free = shutil.disk_usage("/dev/shm").free
         with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f
-                             if line.startswith("MemAvailable:"))
+            available = next(
+                int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")
+            )
     except (OSError, StopIteration, ValueError):
         return False
     return free >= nbytes + GiB and available >= nbytes * 3 // 2 + 2 * GiB
@@ -205,8 +206,7 @@ class BenchVM(TestVM):
     """A TestVM whose disks are written with random data in chunks, never held in memory,
     into ``image_dir``."""
 
-    def __init__(self, workdir: Path, disks: list[DiskSpec], *, seed: int,
-                 image_dir: Path) -> None:
+    def __init__(self, workdir: Path, disks: list[DiskSpec], *, seed: int, image_dir: Path) -> None:
         super().__init__(workdir, disks, seed=seed)
         self.image_dir = image_dir
 
@@ -243,8 +243,9 @@ class BenchVM(TestVM):
 class Bench:
     """Owns the VM, the snapfs mount and every reference mount; ``close`` undoes all of it."""
 
-    def __init__(self, args: argparse.Namespace, workdir: Path,
-                 image_dir: Path | None = None) -> None:
+    def __init__(
+        self, args: argparse.Namespace, workdir: Path, image_dir: Path | None = None
+    ) -> None:
         self.args = args
         self.workdir = workdir
         self.size: int = args.size_bytes
@@ -506,8 +507,9 @@ class Bench:
         self.results.qemu = self.vm.qemu_version()
         major, minor = (int(x) for x in self.results.qemu.split(".")[:2])
         self.results.confined = (major, minor) < (8, 0)
-        print(f"VM ready in {time.perf_counter() - t0:.1f} s (QEMU {self.results.qemu})",
-              flush=True)
+        print(
+            f"VM ready in {time.perf_counter() - t0:.1f} s (QEMU {self.results.qemu})", flush=True
+        )
 
     def rounds(self) -> None:
         tools = [SNAPFS, NBDFUSE] + ([QEMU_FUSE] if self.has_qemu_fuse else []) + [NBDCOPY]
@@ -562,8 +564,14 @@ class Bench:
                 self.mount(env=env)
                 try:
                     self.measure("h-a", tool, rnd, [first], self.argv("a-dd", tool), self.size)
-                    self.measure("h-c", tool, rnd, self.names, self.argv("c-parallel", tool),
-                                 self.size * len(self.names))
+                    self.measure(
+                        "h-c",
+                        tool,
+                        rnd,
+                        self.names,
+                        self.argv("c-parallel", tool),
+                        self.size * len(self.names),
+                    )
                 finally:
                     self.umount()
 
@@ -573,16 +581,28 @@ class Bench:
         size = min(self.size, 256 * MiB)
         workdir = self.workdir / "thr"
         workdir.mkdir()
-        vm = BenchVM(workdir, [DiskSpec("virtio0", self.args.format, "virtio", size=size),
-                               DiskSpec("virtio1", self.args.format, "virtio", size=size,
-                                        throttle=THROTTLE)],
-                     seed=8, image_dir=self.vm.image_dir)
+        vm = BenchVM(
+            workdir,
+            [
+                DiskSpec("virtio0", self.args.format, "virtio", size=size),
+                DiskSpec("virtio1", self.args.format, "virtio", size=size, throttle=THROTTLE),
+            ],
+            seed=8,
+            image_dir=self.vm.image_dir,
+        )
         mnt = workdir / "mnt"
         mnt.mkdir()
         vm.start()
         try:
-            self.snapfs("mount", vm.vmid, str(mnt), "--qmp", str(vm.qmp_path),
-                        "--fleecing-dir", str(workdir / "fleecing"))
+            self.snapfs(
+                "mount",
+                vm.vmid,
+                str(mnt),
+                "--qmp",
+                str(vm.qmp_path),
+                "--fleecing-dir",
+                str(workdir / "fleecing"),
+            )
             try:
                 tools = [(SNAPFS, "virtio0"), (f"{SNAPFS}-throttled", "virtio1")]
                 for rnd in range(self.args.rounds):
@@ -590,14 +610,26 @@ class Bench:
                         if not self.args.no_drop_caches:
                             drop_caches()
                         t0 = time.perf_counter()
-                        subprocess.run(["dd", f"if={mnt / name}.raw", "of=/dev/null", "bs=1M",
-                                        "iflag=direct", "status=none"], check=True,
-                                       timeout=size / THROTTLE * 4 + 60)
+                        subprocess.run(
+                            [
+                                "dd",
+                                f"if={mnt / name}.raw",
+                                "of=/dev/null",
+                                "bs=1M",
+                                "iflag=direct",
+                                "status=none",
+                            ],
+                            check=True,
+                            timeout=size / THROTTLE * 4 + 60,
+                        )
                         wall = time.perf_counter() - t0
                         self.results.runs.append(
-                            Run("i-throttled", tool, rnd, size, wall, 0.0, 0.0, 0.0))
-                        print(f"  round {rnd} i-throttled {tool:16} {size / MiB / wall:8.0f} "
-                              "MiB/s", flush=True)
+                            Run("i-throttled", tool, rnd, size, wall, 0.0, 0.0, 0.0)
+                        )
+                        print(
+                            f"  round {rnd} i-throttled {tool:16} {size / MiB / wall:8.0f} MiB/s",
+                            flush=True,
+                        )
             finally:
                 self.snapfs("umount", str(mnt))
         finally:

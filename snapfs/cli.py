@@ -46,36 +46,74 @@ RELAYED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 def _verbosity(p: argparse.ArgumentParser, *, top: bool) -> None:
     # On subcommands too ("snapfs run 100 -v -- ..."); SUPPRESS keeps the top level's value.
     default: Any = False if top else argparse.SUPPRESS
-    p.add_argument("-v", "--verbose", action="store_true", default=default,
-                   help="log debugging details")
-    p.add_argument("-q", "--quiet", action="store_true", default=default,
-                   help="log only errors; no progress bar")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="log debugging details"
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default,
+        help="log only errors; no progress bar",
+    )
 
 
 def _mount_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--qmp", metavar="SOCKET",
-                   help="the VM's QMP socket (default: /var/run/qemu-server/VMID.qmp)")
-    p.add_argument("--fleecing-dir", metavar="DIR",
-                   help="where fleecing images go (default: /var/lib/snapfs/VMID)")
-    p.add_argument("--exclude", metavar="DISK", action="append", default=[],
-                   help="leave out this disk (repeatable)")
-    p.add_argument("--incremental", metavar="ID",
-                   help="incremental backup: only regions changed since the last committed "
-                        "backup with this ID are readable")
-    p.add_argument("-o", dest="options", metavar="OPT", action="append", default=[],
-                   help="mount option; only allow_other is known")
-    p.add_argument("--no-freeze", action="store_true",
-                   help="do not freeze the guest's file systems through the guest agent")
-    p.add_argument("--agent", metavar="SOCKET",
-                   help="the guest agent's socket (default: /var/run/qemu-server/VMID.qga)")
-    p.add_argument("--freeze-timeout", metavar="SECONDS", type=float, default=10.0,
-                   help="how long the guest may take to freeze (default: 10)")
+    p.add_argument(
+        "--qmp",
+        metavar="SOCKET",
+        help="the VM's QMP socket (default: /var/run/qemu-server/VMID.qmp)",
+    )
+    p.add_argument(
+        "--fleecing-dir",
+        metavar="DIR",
+        help="where fleecing images go (default: /var/lib/snapfs/VMID)",
+    )
+    p.add_argument(
+        "--exclude",
+        metavar="DISK",
+        action="append",
+        default=[],
+        help="leave out this disk (repeatable)",
+    )
+    p.add_argument(
+        "--incremental",
+        metavar="ID",
+        help="incremental backup: only regions changed since the last committed "
+        "backup with this ID are readable",
+    )
+    p.add_argument(
+        "-o",
+        dest="options",
+        metavar="OPT",
+        action="append",
+        default=[],
+        help="mount option; only allow_other is known",
+    )
+    p.add_argument(
+        "--no-freeze",
+        action="store_true",
+        help="do not freeze the guest's file systems through the guest agent",
+    )
+    p.add_argument(
+        "--agent",
+        metavar="SOCKET",
+        help="the guest agent's socket (default: /var/run/qemu-server/VMID.qga)",
+    )
+    p.add_argument(
+        "--freeze-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=10.0,
+        help="how long the guest may take to freeze (default: 10)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="snapfs",
-        description="Consistent point-in-time views of a running QEMU VM's disks, as files.")
+        description="Consistent point-in-time views of a running QEMU VM's disks, as files.",
+    )
     p.add_argument("--version", action="version", version=f"snapfs {__version__}")
     _verbosity(p, top=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -87,41 +125,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = command("mount", "mount a point-in-time view of a VM's disks")
     m.add_argument("vmid", help="the VM's ID (Proxmox) or name")
-    m.add_argument("mountpoint", nargs="?",
-                   help="an existing empty directory (default: /run/snapfs/VMID)")
+    m.add_argument(
+        "mountpoint", nargs="?", help="an existing empty directory (default: /run/snapfs/VMID)"
+    )
     _mount_options(m)
-    m.add_argument("-f", "--foreground", action="store_true",
-                   help="stay attached and log to stderr (debugging)")
+    m.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="stay attached and log to stderr (debugging)",
+    )
 
     r = command("run", "mount, run COMMAND on the view, commit if it succeeds, unmount")
-    r.usage = ("%(prog)s [-v] [-q] [--mountpoint DIR] [--incremental ID] [mount options] VMID "
-               "-- COMMAND [ARGS...]")
-    r.epilog = ("COMMAND runs with the mountpoint in $SNAPFS_MOUNT and '{}' in its arguments "
-                "replaced by it. Exit status: COMMAND's, 128+N after signal N, or snapfs's own "
-                "error code if the view could not be mounted or committed.")
+    r.usage = (
+        "%(prog)s [-v] [-q] [--mountpoint DIR] [--incremental ID] [mount options] VMID "
+        "-- COMMAND [ARGS...]"
+    )
+    r.epilog = (
+        "COMMAND runs with the mountpoint in $SNAPFS_MOUNT and '{}' in its arguments "
+        "replaced by it. Exit status: COMMAND's, 128+N after signal N, or snapfs's own "
+        "error code if the view could not be mounted or committed."
+    )
     r.add_argument("vmid", help="the VM's ID (Proxmox) or name")
-    r.add_argument("--mountpoint", metavar="DIR",
-                   help="an existing empty directory (default: /run/snapfs/VMID)")
+    r.add_argument(
+        "--mountpoint",
+        metavar="DIR",
+        help="an existing empty directory (default: /run/snapfs/VMID)",
+    )
     _mount_options(r)
-    r.add_argument("argv", nargs="*", metavar="-- COMMAND [ARGS...]",
-                   help="the backup command, after '--'")
+    r.add_argument(
+        "argv", nargs="*", metavar="-- COMMAND [ARGS...]", help="the backup command, after '--'"
+    )
 
     u = command("umount", "unmount and tear down a view")
     u.add_argument("target", help="VMID or mountpoint")
-    u.add_argument("--commit", action="store_true",
-                   help="the backup succeeded: the next incremental starts from this snapshot")
+    u.add_argument(
+        "--commit",
+        action="store_true",
+        help="the backup succeeded: the next incremental starts from this snapshot",
+    )
 
     c = command("cleanup", "remove what a crashed session left behind")
     c.add_argument("vmid", help="the VM's ID or name")
     c.add_argument("--qmp", metavar="SOCKET", help="the VM's QMP socket")
 
     cp = command("copy", "back up a mounted view into a directory (the reference provider)")
-    cp.epilog = ("Full views make sparse images; incremental views update them in place. "
-                 "A progress bar is shown on a terminal.")
+    cp.epilog = (
+        "Full views make sparse images; incremental views update them in place. "
+        "A progress bar is shown on a terminal."
+    )
     cp.add_argument("view", help="a mounted snapfs view")
     cp.add_argument("dest", help="the backup directory")
-    cp.add_argument("--discard", action="store_true",
-                    help="punch each copied range in the view, freeing fleecing space")
+    cp.add_argument(
+        "--discard",
+        action="store_true",
+        help="punch each copied range in the view, freeing fleecing space",
+    )
 
     s = command("status", "show active sessions")
     s.add_argument("vmid", nargs="?", help="only this VM")
@@ -137,7 +196,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         i = words.index("--")
         args = parser.parse_args(words[:i])
         if args.command == "run":
-            args.argv = [*args.argv, *words[i + 1:]]
+            args.argv = [*args.argv, *words[i + 1 :]]
             return args
     args = parser.parse_args(words)
     if args.command == "run" and args.argv and args.argv[0].startswith("-"):
@@ -184,10 +243,16 @@ class JournalHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            fields = {"MESSAGE": self.format(record), "PRIORITY": str(_priority(record.levelno)),
-                      "SYSLOG_IDENTIFIER": self.identifier, "SYSLOG_PID": str(os.getpid()),
-                      "LOGGER": record.name, "CODE_FILE": record.pathname,
-                      "CODE_LINE": str(record.lineno), "CODE_FUNC": record.funcName}
+            fields = {
+                "MESSAGE": self.format(record),
+                "PRIORITY": str(_priority(record.levelno)),
+                "SYSLOG_IDENTIFIER": self.identifier,
+                "SYSLOG_PID": str(os.getpid()),
+                "LOGGER": record.name,
+                "CODE_FILE": record.pathname,
+                "CODE_LINE": str(record.lineno),
+                "CODE_FUNC": record.funcName,
+            }
             self.sock.sendto(self.encode(fields), self.path)
         except Exception:
             self.handleError(record)
@@ -208,13 +273,15 @@ def setup_logging(args: argparse.Namespace, *, background: bool = False) -> None
     handler: logging.Handler
     if logfile:
         handler = logging.FileHandler(logfile)
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+        )
     elif background and os.path.exists(JOURNAL_SOCKET):
         handler = JournalHandler()
     elif background and os.path.exists("/dev/log"):
         handler = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        )
         handler.setFormatter(logging.Formatter("snapfs[%(process)d]: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -272,9 +339,15 @@ def mount_options(args: argparse.Namespace, mountpoint: str | None) -> session.M
     unknown = [o for opt in args.options for o in opt.split(",") if o != "allow_other"]
     if unknown:
         raise UsageError(f"unknown mount option {unknown[0]!r}")
-    opts = session.validate(args.vmid, mountpoint, args.qmp, args.fleecing_dir,
-                            args.exclude, args.incremental,
-                            allow_other=any("allow_other" in o for o in args.options))
+    opts = session.validate(
+        args.vmid,
+        mountpoint,
+        args.qmp,
+        args.fleecing_dir,
+        args.exclude,
+        args.incremental,
+        allow_other=any("allow_other" in o for o in args.options),
+    )
     # Options the session takes once it knows them (MountOptions.freeze: the guest freeze).
     extras: dict[str, Any] = {"freeze": freeze_config(args)}
     known = {f.name for f in dataclasses.fields(opts)}
@@ -393,8 +466,11 @@ _RSYNC_IN_PLACE = ("--inplace", "--append", "--append-verify")
 
 def in_place_rsync(argv: Sequence[str]) -> bool:
     """Whether COMMAND is rsync writing into existing files (see _RSYNC_IN_PLACE)."""
-    return bool(argv) and os.path.basename(argv[0]) == "rsync" and any(
-        a in _RSYNC_IN_PLACE for a in argv[1:])
+    return (
+        bool(argv)
+        and os.path.basename(argv[0]) == "rsync"
+        and any(a in _RSYNC_IN_PLACE for a in argv[1:])
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -403,9 +479,11 @@ def _run(args: argparse.Namespace) -> int:
     opts = mount_options(args, args.mountpoint)
     argv = command_line(args.argv, opts.mountpoint)
     if opts.incremental is not None and in_place_rsync(argv):
-        _warn("rsync --inplace on an incremental view overwrites the previous image's "
-              "unchanged regions with zeros (they cannot be read); use 'snapfs copy' or "
-              "'snapfs-rsync-remote' for incremental views")
+        _warn(
+            "rsync --inplace on an incremental view overwrites the previous image's "
+            "unchanged regions with zeros (they cannot be read); use 'snapfs copy' or "
+            "'snapfs-rsync-remote' for incremental views"
+        )
     with SignalRelay() as relay:
         code = _serve_in_background(args, opts)
         if code != 0:
@@ -423,14 +501,20 @@ def _run(args: argparse.Namespace) -> int:
                 rc = relay.child.wait()
                 status = 128 - rc if rc < 0 else rc
         if relay.signum is not None:
-            log.warning("VM %s: got %s: aborting the backup", opts.vmid,
-                        signal.Signals(relay.signum).name)
+            log.warning(
+                "VM %s: got %s: aborting the backup", opts.vmid, signal.Signals(relay.signum).name
+            )
             if status == 0:
                 status = 128 + relay.signum
         commit = status == 0
         if not commit and relay.signum is None:
-            log.warning("VM %s: %s exited with status %d: aborting the backup (the next "
-                        "incremental still contains everything)", opts.vmid, argv[0], status)
+            log.warning(
+                "VM %s: %s exited with status %d: aborting the backup (the next "
+                "incremental still contains everything)",
+                opts.vmid,
+                argv[0],
+                status,
+            )
         try:
             reply = session.umount(opts.vmid, commit=commit)
         except StateError as err:
@@ -451,8 +535,11 @@ def _fleecing_usage(path: str) -> dict[str, Any]:
         st = os.stat(path)
     except OSError:
         return {"fleecing_path": path, "fleecing_bytes": None, "fleecing_apparent_bytes": None}
-    return {"fleecing_path": path, "fleecing_bytes": st.st_blocks * 512,
-            "fleecing_apparent_bytes": st.st_size}
+    return {
+        "fleecing_path": path,
+        "fleecing_bytes": st.st_blocks * 512,
+        "fleecing_apparent_bytes": st.st_size,
+    }
 
 
 def session_status(vmid: str) -> dict[str, Any]:
@@ -460,24 +547,45 @@ def session_status(vmid: str) -> dict[str, Any]:
     and the fleecing images' allocated size (from the state file's paths)."""
     vmid, state = session.find_session(vmid)
     graph_disks = {d["name"]: d for d in state.get("graph", {}).get("disks", [])}
-    out: dict[str, Any] = {"vmid": vmid, "pid": state.get("pid"),
-                           "mountpoint": state.get("mountpoint")}
+    out: dict[str, Any] = {
+        "vmid": vmid,
+        "pid": state.get("pid"),
+        "mountpoint": state.get("mountpoint"),
+    }
     try:
         facts: dict[str, Any] = session.request(vmid, {"op": "status"}, timeout=10)["status"]
     except (StateError, OSError) as err:
         # The serving process is gone or hung: report what the state file knows.
         graph = state.get("graph", {})
-        out.update(state="stale", error=str(err), snapshot_time=graph.get("snapshot_time"),
-                   incremental=graph.get("incremental"), broken=None, freeze=None)
-        out["disks"] = {name: {"size": d.get("size"),
-                               "bitmap_mode": d.get("bitmap", {}).get("mode"),
-                               "broken": None, **_fleecing_usage(d["fleecing_path"])}
-                        for name, d in graph_disks.items()}
+        out.update(
+            state="stale",
+            error=str(err),
+            snapshot_time=graph.get("snapshot_time"),
+            incremental=graph.get("incremental"),
+            broken=None,
+            freeze=None,
+        )
+        out["disks"] = {
+            name: {
+                "size": d.get("size"),
+                "bitmap_mode": d.get("bitmap", {}).get("mode"),
+                "broken": None,
+                **_fleecing_usage(d["fleecing_path"]),
+            }
+            for name, d in graph_disks.items()
+        }
         return out
     broken = facts.get("broken")
-    out.update(state="active", error=None, mountpoint=facts.get("mountpoint"),
-               snapshot_time=facts.get("snapshot_time"), incremental=facts.get("incremental"),
-               pause_ms=facts.get("pause_ms"), broken=broken, freeze=facts.get("freeze"))
+    out.update(
+        state="active",
+        error=None,
+        mountpoint=facts.get("mountpoint"),
+        snapshot_time=facts.get("snapshot_time"),
+        incremental=facts.get("incremental"),
+        pause_ms=facts.get("pause_ms"),
+        broken=broken,
+        freeze=facts.get("freeze"),
+    )
     disks: dict[str, Any] = {}
     for name, d in facts.get("disks", {}).items():
         gd = graph_disks.get(name, {})
@@ -522,8 +630,9 @@ def _status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if not sessions:
         print("no active snapfs sessions", file=out)
     for st in sessions:
-        head = f"VM {st['vmid']}: {st['state']}, at {st['mountpoint']}, snapshot " \
-               f"{st['snapshot_time']}"
+        head = (
+            f"VM {st['vmid']}: {st['state']}, at {st['mountpoint']}, snapshot {st['snapshot_time']}"
+        )
         if st["incremental"]:
             head += f", incremental {st['incremental']}"
         if st["broken"]:
@@ -534,8 +643,10 @@ def _status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         for name, d in st["disks"].items():
             line = f"  {name}: {_size(d['size'])}, bitmap {d['bitmap_mode']}"
             if st["state"] == "active":
-                line += (f", dirty {_size(d['dirty_bytes'])}, read {_size(d['bytes_read'])}, "
-                         f"discarded {_size(d['discarded_bytes'])}")
+                line += (
+                    f", dirty {_size(d['dirty_bytes'])}, read {_size(d['bytes_read'])}, "
+                    f"discarded {_size(d['discarded_bytes'])}"
+                )
             line += f", fleecing {_size(d['fleecing_bytes'])}"
             if d["broken"]:
                 line += ", BROKEN"
@@ -561,17 +672,26 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             log.info("%s", _outcome(reply))
             sys.exit(0)
         if args.command == "cleanup":
-            for line in session.run_trio(session.cleanup, session.check_vmid(args.vmid),
-                                         Path(args.qmp) if args.qmp else None):
+            for line in session.run_trio(
+                session.cleanup, session.check_vmid(args.vmid), Path(args.qmp) if args.qmp else None
+            ):
                 log.info("%s", line)
             sys.exit(0)
         if args.command == "copy":
             stream: TextIO = io.StringIO() if args.quiet else sys.stderr
-            stats = provider.copy_view(Path(args.view), Path(args.dest), discard=args.discard,
-                                       progress_stream=stream)
+            stats = provider.copy_view(
+                Path(args.view), Path(args.dest), discard=args.discard, progress_stream=stream
+            )
             for name, st in stats.items():
-                log.info("%s: read %d, wrote %d, zero %d, holes %d, discarded %d bytes", name,
-                         st["read"], st["written"], st["zero"], st["holes"], st["discarded"])
+                log.info(
+                    "%s: read %d, wrote %d, zero %d, holes %d, discarded %d bytes",
+                    name,
+                    st["read"],
+                    st["written"],
+                    st["zero"],
+                    st["holes"],
+                    st["discarded"],
+                )
             sys.exit(0)
         if args.command == "status":
             sys.exit(_status(args))

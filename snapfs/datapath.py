@@ -98,11 +98,27 @@ Done = Callable[[NBDError | None], None]
 
 
 class _Job:
-    __slots__ = ("ahead", "done", "fetch", "length", "offset", "result", "retried",
-                 "tell_success", "unique")
+    __slots__ = (
+        "ahead",
+        "done",
+        "fetch",
+        "length",
+        "offset",
+        "result",
+        "retried",
+        "tell_success",
+        "unique",
+    )
 
-    def __init__(self, unique: int, offset: int, length: int, ahead: Sequence[tuple[int, int]],
-                 done: Done, tell_success: bool) -> None:
+    def __init__(
+        self,
+        unique: int,
+        offset: int,
+        length: int,
+        ahead: Sequence[tuple[int, int]],
+        done: Done,
+        tell_success: bool,
+    ) -> None:
         self.unique = unique
         self.offset = offset
         self.length = length
@@ -144,8 +160,19 @@ class _Fetch:
     ``wanted`` is false for a read-ahead nobody will use; ``job`` is the READ it answers.
     """
 
-    __slots__ = ("buf", "cur", "error", "filled", "job", "length", "offset", "parts", "pending",
-                 "pipe", "wanted")
+    __slots__ = (
+        "buf",
+        "cur",
+        "error",
+        "filled",
+        "job",
+        "length",
+        "offset",
+        "parts",
+        "pending",
+        "pipe",
+        "wanted",
+    )
 
     def __init__(self, offset: int, length: int, pipe: Pipe | None) -> None:
         self.offset = offset
@@ -204,9 +231,16 @@ class DiskReader:
     copy-before-write cluster; see ``snapfs.qmp.confine_reads``).
     """
 
-    def __init__(self, socket_path: str, export: str, reply_pipe: ReplyPipeFactory,
-                 *, pipe_size: int = PIPE_SIZE, depth: SharedDepth | None = None,
-                 confine: int = 0) -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        export: str,
+        reply_pipe: ReplyPipeFactory,
+        *,
+        pipe_size: int = PIPE_SIZE,
+        depth: SharedDepth | None = None,
+        confine: int = 0,
+    ) -> None:
         self.name = f"{socket_path}:{export}"
         self._socket_path = socket_path
         self._export = export
@@ -274,8 +308,16 @@ class DiskReader:
             os.close(self._wakeup)
             self._wakeup = -1
 
-    def submit(self, unique: int, offset: int, length: int, ahead: Sequence[tuple[int, int]],
-               done: Done, *, tell_success: bool = False) -> None:
+    def submit(
+        self,
+        unique: int,
+        offset: int,
+        length: int,
+        ahead: Sequence[tuple[int, int]],
+        done: Done,
+        *,
+        tell_success: bool = False,
+    ) -> None:
         """Answer READ ``unique`` with ``length`` bytes at ``offset``, reading ``ahead``
         ahead. If that fails, ``done`` gets the NBDError (the server's errno, or StreamLost)
         on the trio thread; a reply that went out is not reported unless ``tell_success``
@@ -289,8 +331,9 @@ class DiskReader:
         self._jobs.put(_Job(unique, offset, length, ahead, done, tell_success))
         self._wake()
 
-    async def read(self, unique: int, offset: int, length: int,
-                   ahead: Sequence[tuple[int, int]]) -> None:
+    async def read(
+        self, unique: int, offset: int, length: int, ahead: Sequence[tuple[int, int]]
+    ) -> None:
         """``submit`` and wait; raises what ``done`` would get."""
         finished = trio.Event()
         outcome: list[NBDError | None] = []
@@ -549,9 +592,14 @@ class DiskReader:
             return
         try:
             if fetch.error:
-                self._finish(job, NBDError(f"{self.name}: read of {job.length} bytes at "
-                                           f"{job.offset}: {os.strerror(fetch.error)}",
-                                           fetch.error))
+                self._finish(
+                    job,
+                    NBDError(
+                        f"{self.name}: read of {job.length} bytes at "
+                        f"{job.offset}: {os.strerror(fetch.error)}",
+                        fetch.error,
+                    ),
+                )
                 return
             if not job.retried:
                 self.hits += 1  # answered by a read-ahead
@@ -585,8 +633,7 @@ class DiskReader:
             del self._inflight[handle]
             part.done = True
             if not part.error and part.got != part.length:
-                raise StreamLost(f"{self.name}: a reply covered {part.got} of {part.length} "
-                                 "bytes")
+                raise StreamLost(f"{self.name}: a reply covered {part.got} of {part.length} bytes")
             fetch.error = fetch.error or part.error
             fetch.pending -= 1
             if fetch.complete:
@@ -657,8 +704,9 @@ class DiskReader:
                 return
             assert fetch.pipe is not None
             rel = fetch.filled - part.start
-            written = _write_some(fetch.pipe.w, memoryview(part.buf)[rel : part.got],
-                                  have - fetch.filled)
+            written = _write_some(
+                fetch.pipe.w, memoryview(part.buf)[rel : part.got], have - fetch.filled
+            )
             fetch.filled += written
             if fetch.filled < have:
                 self._to_buffer(fetch)

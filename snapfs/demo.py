@@ -47,8 +47,10 @@ def main() -> int:
     snapfs = [sys.executable, "-m", "snapfs"]
     with tempfile.TemporaryDirectory(prefix="snapfs-demo-") as tmp:
         work = Path(tmp)
-        disks = [DiskSpec("virtio0", "qcow2", "virtio", size=64 * MiB),
-                 DiskSpec("scsi0", "raw", "scsi", size=32 * MiB)]
+        disks = [
+            DiskSpec("virtio0", "qcow2", "virtio", size=64 * MiB),
+            DiskSpec("scsi0", "raw", "scsi", size=32 * MiB),
+        ]
         vm = TestVM(work, disks, contents={d.name: recognisable(d.name, d.size) for d in disks})
         print(f"demo: starting a paused QEMU VM in {work}", flush=True)
         with vm:
@@ -57,8 +59,16 @@ def main() -> int:
             mnt.mkdir()
             graph = vm.graph()
             at_mount = vm.snapshot()
-            show(*snapfs, "mount", vmid, str(mnt), "--qmp", str(vm.qmp_path),
-                 "--fleecing-dir", str(work / "fleecing"))
+            show(
+                *snapfs,
+                "mount",
+                vmid,
+                str(mnt),
+                "--qmp",
+                str(vm.qmp_path),
+                "--fleecing-dir",
+                str(work / "fleecing"),
+            )
             try:
                 show("ls", "-ls", str(mnt))
                 show("cat", str(mnt / "virtio0.dirty"))
@@ -81,9 +91,11 @@ def main() -> int:
                 live = sha256(vm.snapshot()[d.name])
                 same = copy == want
                 ok &= same and live != want
-                print(f"demo: {d.name}: backup sha256 {copy[:16]}… "
-                      f"{'equals' if same else 'DIFFERS FROM'} the disk at the mount "
-                      f"(the live disk has since changed: {live[:16]}…)")
+                print(
+                    f"demo: {d.name}: backup sha256 {copy[:16]}… "
+                    f"{'equals' if same else 'DIFFERS FROM'} the disk at the mount "
+                    f"(the live disk has since changed: {live[:16]}…)"
+                )
             restored = vm.graph() == graph
             ok &= restored
             verdict = "is exactly as before" if restored else "CHANGED"

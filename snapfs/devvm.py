@@ -167,17 +167,23 @@ class DiskSpec:
         opts = f"detect-zeroes={self.detect_zeroes},discard={'unmap' if self.discard else 'ignore'}"
         if self.bus == "virtio":
             file_opts = ",cache.direct=on,aio=native" if self.direct else ""
-            args = ["-blockdev", f"driver=file,filename={self.path},node-name={self.name}-file"
-                                 f"{file_opts},discard={'unmap' if self.discard else 'ignore'}",
-                    "-blockdev", f"driver={self.fmt},file={self.name}-file,"
-                                 f"node-name={self.name}-fmt,{opts}"]
+            args = [
+                "-blockdev",
+                f"driver=file,filename={self.path},node-name={self.name}-file"
+                f"{file_opts},discard={'unmap' if self.discard else 'ignore'}",
+                "-blockdev",
+                f"driver={self.fmt},file={self.name}-file,node-name={self.name}-fmt,{opts}",
+            ]
             top = f"{self.name}-fmt"
             if self.throttle is not None:
-                args += ["-object", f"throttle-group,id={self.name}-tg,"
-                                    f"x-bps-total={self.throttle}",
-                         "-blockdev", f"driver=throttle,throttle-group={self.name}-tg,"
-                                      f"file={top},node-name={self.name}-thr,"
-                                      f"discard={'unmap' if self.discard else 'ignore'}"]
+                args += [
+                    "-object",
+                    f"throttle-group,id={self.name}-tg,x-bps-total={self.throttle}",
+                    "-blockdev",
+                    f"driver=throttle,throttle-group={self.name}-tg,"
+                    f"file={top},node-name={self.name}-thr,"
+                    f"discard={'unmap' if self.discard else 'ignore'}",
+                ]
                 top = f"{self.name}-thr"
             return [*args, "-device", f"virtio-blk-pci,drive={top},id={self.name}"]
         cache = ",cache=none,aio=native" if self.direct else ""
@@ -187,8 +193,11 @@ class DiskSpec:
         args = ["-drive", f"if=none,{drive}"]
         if self.bus == "scsi":
             # Proxmox style: a legacy -drive with an id of drive-<device id>.
-            return [*args, "-device", f"scsi-hd,bus=scsihw0.0,drive=drive-{self.name},"
-                                      f"id={self.name}"]
+            return [
+                *args,
+                "-device",
+                f"scsi-hd,bus=scsihw0.0,drive=drive-{self.name},id={self.name}",
+            ]
         # ide: q35's own AHCI ports; sata: a controller of its own, as Proxmox adds.
         bus = f"ahci0.{self.name[-1]}" if self.bus == "sata" else f"ide.{self.name[-1]}"
         return [*args, "-device", f"ide-hd,bus={bus},drive=drive-{self.name},id={self.name}"]
@@ -199,9 +208,15 @@ class TestVM:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, workdir: Path, disks: list[DiskSpec], *, seed: int = 1,
-                 extra_args: list[str] | None = None,
-                 contents: dict[str, bytes] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        disks: list[DiskSpec],
+        *,
+        seed: int = 1,
+        extra_args: list[str] | None = None,
+        contents: dict[str, bytes] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.disks = {d.name: d for d in disks}
         self.seed = seed
@@ -226,8 +241,10 @@ class TestVM:
         for disk in self.disks.values():
             disk.path = self.workdir / f"{disk.name}.{disk.fmt}"
             if not disk.modelled:
-                subprocess.run([QEMU_IMG, "create", "-q", "-f", disk.fmt, str(disk.path),
-                                str(disk.size)], check=True)
+                subprocess.run(
+                    [QEMU_IMG, "create", "-q", "-f", disk.fmt, str(disk.path), str(disk.size)],
+                    check=True,
+                )
                 continue
             raw = self.workdir / f"{disk.name}.init.raw"
             if disk.name in self.contents:
@@ -250,24 +267,73 @@ class TestVM:
                 raw.rename(disk.path)
                 continue
             target = disk.path.with_suffix(".base.qcow2") if disk.backing else disk.path
-            subprocess.run([QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", "-S", "4k",
-                            str(raw), str(target)], check=True)
+            subprocess.run(
+                [
+                    QEMU_IMG,
+                    "convert",
+                    "-q",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "qcow2",
+                    "-S",
+                    "4k",
+                    str(raw),
+                    str(target),
+                ],
+                check=True,
+            )
             raw.unlink()
             if disk.backing:
                 # A linked clone: the overlay holds every fourth MiB's first 64 KiB anew.
-                subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
-                                str(target), str(disk.path)], check=True)
+                subprocess.run(
+                    [
+                        QEMU_IMG,
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        "-F",
+                        "qcow2",
+                        "-b",
+                        str(target),
+                        str(disk.path),
+                    ],
+                    check=True,
+                )
                 writes = [f"write -P 0xa5 {off} 65536" for off in range(0, disk.size, 4 * MiB)]
-                subprocess.run([QEMU_IO, "-f", "qcow2", *[a for w in writes for a in ("-c", w)],
-                                str(disk.path)], check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(
+                    [
+                        QEMU_IO,
+                        "-f",
+                        "qcow2",
+                        *[a for w in writes for a in ("-c", w)],
+                        str(disk.path),
+                    ],
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                )
                 for off in range(0, disk.size, 4 * MiB):
                     content[off : off + 65536] = b"\xa5" * 65536
 
     def qemu_args(self) -> list[str]:
-        args = [*qemu_command(), "-S", "-nodefaults", "-display", "none", "-machine", "q35",
-                "-m", "64", "-name", f"snapfs-test-{self.workdir.name}",
-                "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-                "-qmp", f"unix:{self.test_qmp_path},server=on,wait=off"]
+        args = [
+            *qemu_command(),
+            "-S",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-machine",
+            "q35",
+            "-m",
+            "64",
+            "-name",
+            f"snapfs-test-{self.workdir.name}",
+            "-qmp",
+            f"unix:{self.qmp_path},server=on,wait=off",
+            "-qmp",
+            f"unix:{self.test_qmp_path},server=on,wait=off",
+        ]
         if any(d.bus == "scsi" for d in self.disks.values()):
             args += ["-device", "virtio-scsi-pci,id=scsihw0"]
         if any(d.bus == "sata" for d in self.disks.values()):
@@ -289,8 +355,9 @@ class TestVM:
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
         log = open(self.workdir / "qemu.log", "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen(self.qemu_args(), stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.qemu_args(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
         log.close()
 
         def ready() -> bool:
@@ -316,8 +383,9 @@ class TestVM:
     def __enter__(self) -> TestVM:
         return self.start()
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def stop(self, *, kill: bool = False) -> None:
@@ -375,14 +443,14 @@ class TestVM:
         self._qemu_io(disk, f"write -P {pattern:#x} {offset} {length}")
         if self.disks[disk].modelled:
             with self.model_lock:
-                self.expected[disk][offset:offset + length] = bytes([pattern]) * length
+                self.expected[disk][offset : offset + length] = bytes([pattern]) * length
 
     def guest_zero(self, disk: str, offset: int, length: int, *, unmap: bool = False) -> None:
         """A guest write of zeros (WRITE ZEROES; ``unmap``: the guest allows unmapping)."""
         self._qemu_io(disk, f"write -z{' -u' if unmap else ''} {offset} {length}")
         if self.disks[disk].modelled:
             with self.model_lock:
-                self.expected[disk][offset:offset + length] = bytes(length)
+                self.expected[disk][offset : offset + length] = bytes(length)
 
     def guest_discard(self, disk: str, offset: int, length: int) -> None:
         """A guest discard. The model follows the image: a raw file punches the range, a
@@ -409,13 +477,19 @@ class TestVM:
         block = self.qmp("query-block")
         nodes = self.qmp("query-named-block-nodes", flat=True)
         return {
-            "devices": sorted((b.get("qdev", ""), b["device"],
-                               b.get("inserted", {}).get("node-name")) for b in block),
+            "devices": sorted(
+                (b.get("qdev", ""), b["device"], b.get("inserted", {}).get("node-name"))
+                for b in block
+            ),
             "nodes": sorted((n["node-name"], n["drv"], n["file"]) for n in nodes),
             "exports": self.qmp("query-block-exports"),
             # Filters keep internal, anonymous bitmaps: only named ones are the VM's.
-            "bitmaps": sorted((n["node-name"], b["name"], b.get("persistent", False))
-                              for n in nodes for b in n.get("dirty-bitmaps", []) if "name" in b),
+            "bitmaps": sorted(
+                (n["node-name"], b["name"], b.get("persistent", False))
+                for n in nodes
+                for b in n.get("dirty-bitmaps", [])
+                if "name" in b
+            ),
         }
 
     # -- content -------------------------------------------------------------------------------
@@ -431,8 +505,9 @@ class TestVM:
         if spec.fmt == "raw":
             return spec.path.read_bytes()
         out = self.workdir / f"{disk}.check.raw"
-        subprocess.run([QEMU_IMG, "convert", "-U", "-q", "-O", "raw", str(spec.path), str(out)],
-                       check=True)
+        subprocess.run(
+            [QEMU_IMG, "convert", "-U", "-q", "-O", "raw", str(spec.path), str(out)], check=True
+        )
         try:
             return out.read_bytes()
         finally:

@@ -64,8 +64,14 @@ class DirectSource(Protocol):
         """Whether ``start_read_direct`` may be tried now."""
         ...
 
-    def start_read_direct(self, unique: int, offset: int, length: int,
-                          ahead: Sequence[tuple[int, int]], done: ReadDone) -> None:
+    def start_read_direct(
+        self,
+        unique: int,
+        offset: int,
+        length: int,
+        ahead: Sequence[tuple[int, int]],
+        done: ReadDone,
+    ) -> None:
         """Answer READ ``unique`` with ``length`` bytes at ``offset`` (checked by the tree),
         and read the ranges ``ahead`` ahead. If it cannot, ``done(ReadPlain())`` (read it the
         plain way) or ``done(SourceError)`` on the trio thread; success is not reported."""
@@ -127,8 +133,9 @@ class ReadAhead:
         self.hits = 0
         self.misses = 0
 
-    def follow(self, ino: int, disk: Disk, offset: int, length: int,
-               depth: int = 1) -> list[tuple[int, int]]:
+    def follow(
+        self, ino: int, disk: Disk, offset: int, length: int, depth: int = 1
+    ) -> list[tuple[int, int]]:
         """Note a read of ``length`` (> 0, checked by the tree) bytes at ``offset``; return up
         to ``depth`` ranges of that length that follow it, to read ahead: none unless the
         read continues the previous one and is large enough, and only while they are
@@ -217,8 +224,9 @@ class ReadAhead:
 class TreeOperations:
     """``Operations`` for a snapfs ``Tree``. ``on_destroy`` runs when the kernel lets go."""
 
-    def __init__(self, tree: Tree, on_destroy: object = None,
-                 nursery: trio.Nursery | None = None) -> None:
+    def __init__(
+        self, tree: Tree, on_destroy: object = None, nursery: trio.Nursery | None = None
+    ) -> None:
         self.tree = tree
         self.pool = BufferPool()
         self.read_ahead = ReadAhead(self.pool, nursery)
@@ -227,9 +235,15 @@ class TreeOperations:
 
     def _attr(self, ino: int) -> Attr:
         a = self.tree.getattr(ino)
-        return Attr(ino=a.ino, mode=a.mode, size=a.size, blocks=a.blocks,
-                    mtime_ns=self.tree.mtime_ns, blksize=a.blksize,
-                    nlink=2 if ino == 1 else 1)
+        return Attr(
+            ino=a.ino,
+            mode=a.mode,
+            size=a.size,
+            blocks=a.blocks,
+            mtime_ns=self.tree.mtime_ns,
+            blksize=a.blksize,
+            nlink=2 if ino == 1 else 1,
+        )
 
     def lookup(self, parent: int, name: bytes) -> Attr:
         with _errno():
@@ -258,8 +272,11 @@ class TreeOperations:
 
     def open(self, ino: int, flags: int) -> OpenReply:
         with _errno():
-            self.tree.open(ino, writable=(flags & os.O_ACCMODE) != os.O_RDONLY,
-                           truncate=bool(flags & os.O_TRUNC))
+            self.tree.open(
+                ino,
+                writable=(flags & os.O_ACCMODE) != os.O_RDONLY,
+                truncate=bool(flags & os.O_TRUNC),
+            )
         # Direct I/O for every file: disk reads must never be widened by readahead (bytes
         # outside the readable set fail), and snapfs.json changes as the session goes on.
         return OpenReply(fh=0, direct_io=True)
@@ -269,8 +286,9 @@ class TreeOperations:
         # still read it, that only costs one request without read-ahead.
         self.read_ahead.forget(ino)
 
-    def start_read(self, ino: int, fh: int, offset: int, size: int, unique: int,
-                   done: ReadDone) -> bool:
+    def start_read(
+        self, ino: int, fh: int, offset: int, size: int, unique: int, done: ReadDone
+    ) -> bool:
         """Hand a disk READ to its direct source (after the tree's checks, as ``read``)."""
         tree = self.tree
         if size > self.pool.size or not tree.is_disk(ino):

@@ -59,8 +59,9 @@ def _options(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
 def _esc(text: str) -> str:
     """roff-escape running text."""
     out = text.replace("\\", "\\e").replace("-", "\\-")
-    return "\n".join("\\&" + line if line.startswith((".", "'")) else line
-                     for line in out.split("\n"))
+    return "\n".join(
+        "\\&" + line if line.startswith((".", "'")) else line for line in out.split("\n")
+    )
 
 
 def _action_tag(action: argparse.Action) -> str:
@@ -78,12 +79,14 @@ EXIT_CODES: list[tuple[int, str]] = [
     (0, "success (for \\fBrun\\fR: COMMAND succeeded and the backup was committed)"),
     (SnapfsError.exit_code, "an error without a more specific code"),
     (UsageError.exit_code, "bad input: a VMID, a path, an option; nothing was changed"),
-    (StateError.exit_code, "the session is not in a state for this (already mounted, not "
-                           "mounted, serving process gone)"),
+    (
+        StateError.exit_code,
+        "the session is not in a state for this (already mounted, not "
+        "mounted, serving process gone)",
+    ),
     (QMPError.exit_code, "talking to QEMU failed or QEMU refused"),
     (SetupError.exit_code, "a set-up step failed; what was added is rolled back"),
-    (TeardownError.exit_code, "teardown could not restore everything; run "
-                              "\\fBsnapfs cleanup\\fR"),
+    (TeardownError.exit_code, "teardown could not restore everything; run \\fBsnapfs cleanup\\fR"),
     (NBDError.exit_code, "the NBD connection to QEMU's export failed"),
     (FuseError.exit_code, "mounting or serving the FUSE file system failed"),
     (9, "\\fBcopy\\fR failed"),
@@ -103,18 +106,24 @@ def man_page(parser: argparse.ArgumentParser) -> str:
     for name, sub in subs.items():
         usage = " ".join(sub.format_usage().split())
         usage = usage.removeprefix("usage: ").replace(" [-h] [-v] [-q]", "")
-        lines += [".PP", f"\\fBsnapfs {name}\\fR " + _esc(usage.split(" ", 2)[2])
-                  if usage.count(" ") >= 2 else f"\\fBsnapfs {name}\\fR"]
+        lines += [
+            ".PP",
+            f"\\fBsnapfs {name}\\fR " + _esc(usage.split(" ", 2)[2])
+            if usage.count(" ") >= 2
+            else f"\\fBsnapfs {name}\\fR",
+        ]
     lines += [
         ".SH DESCRIPTION",
-        _esc("snapfs mounts a consistent point-in-time view of a running QEMU/KVM or Proxmox "
-             "VE virtual machine's disks as plain files, for backups with rsync, cp, dd or "
-             "borg. The guest keeps running; its writes first move the old data into a "
-             "fleecing image until the view is unmounted. The tree holds <disk>.raw (the "
-             "disk at the snapshot instant), <disk>.dirty (the readable regions, one "
-             "'OFFSET LENGTH' per line), snapfs.json (facts), and on Proxmox "
-             "qemu-server.conf and qemu-server.fw (the guest's configuration). A read outside "
-             "the readable regions fails with ENODATA, never with zeros."),
+        _esc(
+            "snapfs mounts a consistent point-in-time view of a running QEMU/KVM or Proxmox "
+            "VE virtual machine's disks as plain files, for backups with rsync, cp, dd or "
+            "borg. The guest keeps running; its writes first move the old data into a "
+            "fleecing image until the view is unmounted. The tree holds <disk>.raw (the "
+            "disk at the snapshot instant), <disk>.dirty (the readable regions, one "
+            "'OFFSET LENGTH' per line), snapfs.json (facts), and on Proxmox "
+            "qemu-server.conf and qemu-server.fw (the guest's configuration). A read outside "
+            "the readable regions fails with ENODATA, never with zeros."
+        ),
         ".SH GLOBAL OPTIONS",
     ]
     for action in _options(parser):
@@ -133,23 +142,33 @@ def man_page(parser: argparse.ArgumentParser) -> str:
         lines += [".TP", f"\\fB{code}\\fR", text]
     lines += [
         ".SH ENVIRONMENT",
-        ".TP", "\\fBSNAPFS_MOUNT\\fR, \\fBSNAPFS_VMID\\fR",
+        ".TP",
+        "\\fBSNAPFS_MOUNT\\fR, \\fBSNAPFS_VMID\\fR",
         _esc("set for COMMAND by snapfs run: the mountpoint and the VMID."),
-        ".TP", "\\fBSNAPFS_RUN_DIR\\fR",
+        ".TP",
+        "\\fBSNAPFS_RUN_DIR\\fR",
         _esc("instead of /run/snapfs: default mountpoints and session state."),
-        ".TP", "\\fBSNAPFS_PVE_DIR\\fR",
+        ".TP",
+        "\\fBSNAPFS_PVE_DIR\\fR",
         _esc("instead of /etc/pve: where the Proxmox guest configuration is read."),
-        ".TP", "\\fBSNAPFS_LOG_FILE\\fR",
+        ".TP",
+        "\\fBSNAPFS_LOG_FILE\\fR",
         _esc("log to this file instead of stderr, the journal or syslog."),
         ".SH FILES",
-        ".TP", _esc("/var/run/qemu-server/VMID.qmp, /var/run/qemu-server/VMID.qga"),
+        ".TP",
+        _esc("/var/run/qemu-server/VMID.qmp, /var/run/qemu-server/VMID.qga"),
         _esc("the VM's QMP and guest agent sockets (Proxmox's layout)."),
-        ".TP", _esc("/run/snapfs/VMID"), _esc("the default mountpoint."),
-        ".TP", _esc("/run/snapfs/.state/VMID/state.json"),
+        ".TP",
+        _esc("/run/snapfs/VMID"),
+        _esc("the default mountpoint."),
+        ".TP",
+        _esc("/run/snapfs/.state/VMID/state.json"),
         _esc("everything a teardown needs; snapfs cleanup uses it after a crash."),
-        ".TP", _esc("/var/lib/snapfs/VMID"),
+        ".TP",
+        _esc("/var/lib/snapfs/VMID"),
         _esc("fleecing images and the incremental bitmap record."),
-        ".TP", _esc("/etc/default/snapfs"),
+        ".TP",
+        _esc("/etc/default/snapfs"),
         _esc("settings of the snapfs-backup@VMID.service nightly backup."),
         ".SH EXAMPLES",
         ".nf",
@@ -170,12 +189,15 @@ def bash_completion(parser: argparse.ArgumentParser) -> str:
     cases = []
     for name, sub in subs.items():
         opts = sorted(o for a in _options(sub) for o in a.option_strings)
-        dir_opts = sorted(o for a in _options(sub) if a.metavar in DIR_METAVARS
-                          for o in a.option_strings)
-        file_opts = sorted(o for a in _options(sub) if a.metavar in FILE_METAVARS
-                           for o in a.option_strings)
-        value_opts = sorted(o for a in _options(sub) if a.option_strings and a.nargs != 0
-                            for o in a.option_strings)
+        dir_opts = sorted(
+            o for a in _options(sub) if a.metavar in DIR_METAVARS for o in a.option_strings
+        )
+        file_opts = sorted(
+            o for a in _options(sub) if a.metavar in FILE_METAVARS for o in a.option_strings
+        )
+        value_opts = sorted(
+            o for a in _options(sub) if a.option_strings and a.nargs != 0 for o in a.option_strings
+        )
         if name in ("mount", "run", "cleanup"):
             first = "_snapfs_vmids"
         elif name in ("umount", "status"):
@@ -183,10 +205,10 @@ def bash_completion(parser: argparse.ArgumentParser) -> str:
         else:
             first = "_snapfs_dirs"
         cases.append(f"""        {name})
-            opts="{' '.join(opts)}"
-            dir_opts="{' '.join(dir_opts)}"
-            file_opts="{' '.join(file_opts)}"
-            value_opts="{' '.join(value_opts)}"
+            opts="{" ".join(opts)}"
+            dir_opts="{" ".join(dir_opts)}"
+            file_opts="{" ".join(file_opts)}"
+            value_opts="{" ".join(value_opts)}"
             first={first}
             ;;""")
     top = sorted(o for a in _options(parser) for o in a.option_strings)
@@ -245,7 +267,7 @@ _snapfs() {{
         return
     fi
     if [ -z "$cmd" ]; then
-        COMPREPLY=($(compgen -W "{' '.join(subs)} {' '.join(top)}" -- "$cur"))
+        COMPREPLY=($(compgen -W "{" ".join(subs)} {" ".join(top)}" -- "$cur"))
         return
     fi
     local opts dir_opts file_opts value_opts first
@@ -296,8 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             path.write_text(text)
     if stale:
-        print(f"out of date (run python -m snapfs.manpage {args.dir}): {', '.join(stale)}",
-              file=sys.stderr)
+        print(
+            f"out of date (run python -m snapfs.manpage {args.dir}): {', '.join(stale)}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

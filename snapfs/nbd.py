@@ -56,8 +56,9 @@ _DEFAULT_MAX_REQUEST: Final = 32 * 1024 * 1024
 # Counts of trim and block status are 32-bit on the wire; stay aligned well below that.
 _MAX_COUNT: Final = 2**31
 # Errnos with which libnbd fails commands of a connection that died.
-_CONNECTION_LOST: Final = frozenset({errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNRESET,
-                                     errno.EPIPE})
+_CONNECTION_LOST: Final = frozenset(
+    {errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNRESET, errno.EPIPE}
+)
 
 Extent = tuple[int, int, int]
 """``(offset, length, flags)``; the flags' meaning depends on the metadata context."""
@@ -135,8 +136,9 @@ class NBDClient:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, socket_path: str, export: str, *,
-                   meta_contexts: Sequence[str] = ()) -> AsyncIterator[NBDClient]:
+    async def open(
+        cls, socket_path: str, export: str, *, meta_contexts: Sequence[str] = ()
+    ) -> AsyncIterator[NBDClient]:
         """Connect, run the driver tasks while the block runs, then close the connection.
 
         Exceptions of the block (and NBDError of the connect) come out as they are, not
@@ -145,8 +147,9 @@ class NBDClient:
         single: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
-                client = await cls.connect(socket_path, export, meta_contexts=meta_contexts,
-                                           nursery=nursery)
+                client = await cls.connect(
+                    socket_path, export, meta_contexts=meta_contexts, nursery=nursery
+                )
                 try:
                     yield client
                 finally:
@@ -162,9 +165,14 @@ class NBDClient:
             raise single
 
     @classmethod
-    async def connect(cls, socket_path: str, export: str, *,
-                      meta_contexts: Sequence[str] = (),
-                      nursery: trio.Nursery) -> NBDClient:
+    async def connect(
+        cls,
+        socket_path: str,
+        export: str,
+        *,
+        meta_contexts: Sequence[str] = (),
+        nursery: trio.Nursery,
+    ) -> NBDClient:
         """Connect to ``export`` on the unix socket and start the driver tasks in ``nursery``.
 
         The caller must :meth:`close` the client before the nursery ends (``open`` does).
@@ -180,8 +188,10 @@ class NBDClient:
             h.aio_connect_unix(socket_path)
             fd = os.dup(h.aio_get_fd())
         except nbd.Error as err:
-            raise NBDError(f"cannot connect to NBD export {export!r} at {socket_path}: "
-                           f"{err.string}", err.errnum or errno.EIO) from err
+            raise NBDError(
+                f"cannot connect to NBD export {export!r} at {socket_path}: {err.string}",
+                err.errnum or errno.EIO,
+            ) from err
         client = cls(h, fd, socket_path, export)
         nursery.start_soon(client._reader)
         nursery.start_soon(client._writer)
@@ -189,8 +199,10 @@ class NBDClient:
         try:
             while not h.aio_is_ready():
                 if client._dead is not None:
-                    raise NBDError(f"cannot connect to NBD export {export!r} at {socket_path}: "
-                                   f"{client._dead}", errno.EIO)
+                    raise NBDError(
+                        f"cannot connect to NBD export {export!r} at {socket_path}: {client._dead}",
+                        errno.EIO,
+                    )
                 await client._progress.wait()
             client._ready = True
             client.size = h.get_size()
@@ -200,8 +212,7 @@ class NBDClient:
             with trio.CancelScope(shield=True):
                 await client.close()
             raise
-        log.debug("connected to %s: %d bytes, trim=%s", client._name, client.size,
-                  client.can_trim)
+        log.debug("connected to %s: %d bytes, trim=%s", client._name, client.size, client.can_trim)
         return client
 
     async def close(self) -> None:
@@ -355,8 +366,9 @@ class NBDClient:
             raise self._issue_failed(f"read of {len(view)} bytes at {offset}", err) from err
         return op
 
-    async def pread_into(self, buf: bytearray, offset: int, length: int | None = None, *,
-                         confine: int = 0) -> None:
+    async def pread_into(
+        self, buf: bytearray, offset: int, length: int | None = None, *, confine: int = 0
+    ) -> None:
         """Read ``length`` (default ``len(buf)``) bytes at ``offset`` into the start of ``buf``.
 
         No allocation per read: libnbd writes straight into ``buf``. Requests larger than the
@@ -400,8 +412,9 @@ class NBDClient:
         pending = [op for op in ops if not op.done.is_set()]
         if pending:
             if len(self._orphans) > 64:
-                self._orphans = {k: v for k, v in self._orphans.items()
-                                 if not all(op.done.is_set() for op in v)}
+                self._orphans = {
+                    k: v for k, v in self._orphans.items() if not all(op.done.is_set() for op in v)
+                }
             self._orphans.setdefault(id(buf), []).extend(pending)
 
     async def trim(self, offset: int, length: int) -> None:
@@ -438,8 +451,9 @@ class NBDClient:
         """
         return (await self.block_status_all(offset, length, (context,)))[context]
 
-    async def block_status_all(self, offset: int, length: int,
-                               contexts: Sequence[str]) -> dict[str, list[Extent]]:
+    async def block_status_all(
+        self, offset: int, length: int, contexts: Sequence[str]
+    ) -> dict[str, list[Extent]]:
         """One block status request: the extents of each of ``contexts`` (see block_status).
 
         QEMU computes the contexts one after the other, in the order the export lists them
@@ -448,12 +462,16 @@ class NBDClient:
         self._check()
         for context in contexts:
             if not self._h.can_meta_context(context):
-                raise NBDError(f"NBD export {self._name} does not report {context!r}",
-                               errno.EOPNOTSUPP)
+                raise NBDError(
+                    f"NBD export {self._name} does not report {context!r}", errno.EOPNOTSUPP
+                )
         count = min(length, _MAX_COUNT, self.size - offset)
         if count <= 0 or offset < 0:
-            raise NBDError(f"block status of {length} bytes at {offset} is outside "
-                           f"{self._name} ({self.size} bytes)", errno.EINVAL)
+            raise NBDError(
+                f"block status of {length} bytes at {offset} is outside "
+                f"{self._name} ({self.size} bytes)",
+                errno.EINVAL,
+            )
         op = _Op(self._ops)
         found: dict[str, list[Extent]] = {}
 
@@ -477,13 +495,17 @@ class NBDClient:
         for context in contexts:
             got = found.get(context)
             if not got or got[0][1] <= 0:
-                raise NBDError(f"block status at {offset} on {self._name}: the server "
-                               f"returned no {context!r} extents", errno.EPROTO)
+                raise NBDError(
+                    f"block status at {offset} on {self._name}: the server "
+                    f"returned no {context!r} extents",
+                    errno.EPROTO,
+                )
         return found
 
 
-async def extents(client: NBDClient, context: str, offset: int = 0, end: int | None = None,
-                  chunk: int = 1 << 30) -> AsyncIterator[Extent]:
+async def extents(
+    client: NBDClient, context: str, offset: int = 0, end: int | None = None, chunk: int = 1 << 30
+) -> AsyncIterator[Extent]:
     """All extents of ``context`` in ``[offset, end)`` (default: to the end of the export).
 
     Adjacent extents with equal flags are merged, extents are clipped to the range, and only
@@ -686,8 +708,10 @@ class NBDStream:
             stream.server_sndbuf = _widen_server_sndbuf(sock, name)
         except OSError as err:
             sock.close()
-            raise NBDError(f"cannot connect to NBD export {export!r} at {socket_path}: "
-                           f"{err.strerror or err}", err.errno or errno.EIO) from err
+            raise NBDError(
+                f"cannot connect to NBD export {export!r} at {socket_path}: {err.strerror or err}",
+                err.errno or errno.EIO,
+            ) from err
         except BaseException:
             sock.close()
             raise
@@ -704,8 +728,9 @@ class NBDStream:
             payload = self.read_exact(rlen) if rlen else b""
             if rtype & _REP_FLAG_ERROR:
                 text = payload.decode(errors="replace") or f"error {rtype & ~_REP_FLAG_ERROR:#x}"
-                raise NBDError(f"{self.name}: the server refused option {option}: {text}",
-                               errno.ENOTSUP)
+                raise NBDError(
+                    f"{self.name}: the server refused option {option}: {text}", errno.ENOTSUP
+                )
             replies.append((rtype, payload))
             if rtype == _REP_ACK:
                 return replies
@@ -739,8 +764,10 @@ class NBDStream:
 
     def send_reads(self, requests: Sequence[tuple[int, int, int]]) -> None:
         """Ask for several ``(handle, offset, length)`` reads with one send."""
-        data = b"".join(_REQUEST.pack(_REQUEST_MAGIC, 0, _CMD_READ, handle, offset, length)
-                        for handle, offset, length in requests)
+        data = b"".join(
+            _REQUEST.pack(_REQUEST_MAGIC, 0, _CMD_READ, handle, offset, length)
+            for handle, offset, length in requests
+        )
         try:
             self._sock.sendall(data)
         except OSError as err:

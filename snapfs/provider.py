@@ -91,8 +91,9 @@ class Progress:
             self._last = now
             rate = self.done / max(now - self._start, 1e-6) / (1 << 20)
             pct = 100 * self.done / self.total
-            self.stream.write(f"\r{pct:5.1f}% {self.done >> 20} of {self.total >> 20} MiB, "
-                              f"{rate:.0f} MiB/s ")
+            self.stream.write(
+                f"\r{pct:5.1f}% {self.done >> 20} of {self.total >> 20} MiB, {rate:.0f} MiB/s "
+            )
             self.stream.flush()
 
     def finish(self) -> None:
@@ -112,8 +113,16 @@ def _fsync_dir(path: Path) -> None:
 class DiskCopy:
     """Copies one disk file's readable regions into a target file descriptor."""
 
-    def __init__(self, src_fd: int, dst_fd: int, *, in_place: bool, discard: bool,
-                 granularity: int, progress: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        src_fd: int,
+        dst_fd: int,
+        *,
+        in_place: bool,
+        discard: bool,
+        granularity: int,
+        progress: Callable[[int], None],
+    ) -> None:
         self.src = src_fd
         self.dst = dst_fd
         self.in_place = in_place
@@ -190,8 +199,9 @@ class DiskCopy:
         self.stats.discarded += length
 
 
-def copy_view(view: Path, dest: Path, *, discard: bool = False,
-              progress_stream: TextIO = sys.stderr) -> dict[str, Any]:
+def copy_view(
+    view: Path, dest: Path, *, discard: bool = False, progress_stream: TextIO = sys.stderr
+) -> dict[str, Any]:
     """Back up a mounted snapfs view into ``dest``; return per-disk statistics."""
     try:
         facts = json.loads((view / "snapfs.json").read_text())
@@ -207,15 +217,18 @@ def copy_view(view: Path, dest: Path, *, discard: bool = False,
         if d.get("discarded_bytes"):
             # Discarded bytes can no longer be read, and SEEK_DATA shows them as holes: a
             # copy would take them for zeros.
-            raise CopyError(f"{name}: {d['discarded_bytes']} bytes of this view were discarded "
-                            "already (an earlier copy with --discard?): mount a new snapshot")
+            raise CopyError(
+                f"{name}: {d['discarded_bytes']} bytes of this view were discarded "
+                "already (an earlier copy with --discard?): mount a new snapshot"
+            )
         if d["bitmap"]["mode"] != "reuse":
             continue
         if not (dest / f"{name}.raw").exists():
             raise CopyError(f"{name}: incremental view but no full image {dest / name}.raw")
         if record is None or record.get("incremental") != incremental:
-            raise CopyError(f"{dest} holds no backup of incremental ID {incremental!r} to "
-                            "apply this view to")
+            raise CopyError(
+                f"{dest} holds no backup of incremental ID {incremental!r} to apply this view to"
+            )
     total = sum(int(d.get("readable_bytes", d["size"])) for d in disks.values())
     bar = Progress(total, progress_stream)
     result: dict[str, Any] = {}
@@ -225,8 +238,12 @@ def copy_view(view: Path, dest: Path, *, discard: bool = False,
     for extra in sorted(view.iterdir()):
         if extra.suffix != ".raw":
             (dest / extra.name).write_bytes(extra.read_bytes())
-    new_record = {"vmid": facts["vmid"], "incremental": incremental,
-                  "snapshot_time": facts["snapshot_time"], "disks": sorted(disks)}
+    new_record = {
+        "vmid": facts["vmid"],
+        "incremental": incremental,
+        "snapshot_time": facts["snapshot_time"],
+        "disks": sorted(disks),
+    }
     tmp = dest / (RECORD + ".tmp")
     tmp.write_text(json.dumps(new_record, indent=1) + "\n")
     with open(tmp) as f:
@@ -236,8 +253,14 @@ def copy_view(view: Path, dest: Path, *, discard: bool = False,
     return result
 
 
-def _copy_disk(view: Path, dest: Path, name: str, d: dict[str, Any], discard: bool,
-               progress: Callable[[int], None]) -> dict[str, int]:
+def _copy_disk(
+    view: Path,
+    dest: Path,
+    name: str,
+    d: dict[str, Any],
+    discard: bool,
+    progress: Callable[[int], None],
+) -> dict[str, int]:
     size = int(d["size"])
     in_place = d["bitmap"]["mode"] == "reuse"
     final = dest / f"{name}.raw"
@@ -253,8 +276,14 @@ def _copy_disk(view: Path, dest: Path, name: str, d: dict[str, Any], discard: bo
             dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(dst, size)
-            copier = DiskCopy(src, dst, in_place=in_place, discard=discard,
-                              granularity=int(d.get("granularity", 65536)), progress=progress)
+            copier = DiskCopy(
+                src,
+                dst,
+                in_place=in_place,
+                discard=discard,
+                granularity=int(d.get("granularity", 65536)),
+                progress=progress,
+            )
             for offset, length in read_regions(view / f"{name}.dirty"):
                 copier.region(offset, length)
             os.fsync(dst)
@@ -272,5 +301,10 @@ def _copy_disk(view: Path, dest: Path, name: str, d: dict[str, Any], discard: bo
     _fsync_dir(dest)
     marker.unlink(missing_ok=True)
     s = copier.stats
-    return {"read": s.read, "written": s.written, "zero": s.zero, "holes": s.holes,
-            "discarded": s.discarded}
+    return {
+        "read": s.read,
+        "written": s.written,
+        "zero": s.zero,
+        "holes": s.holes,
+        "discarded": s.discarded,
+    }

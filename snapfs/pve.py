@@ -46,8 +46,13 @@ def guest_files(vmid: str, conf_dir: Path | None = None) -> dict[str, bytes]:
         except FileNotFoundError:
             continue
         except OSError as err:
-            log.warning("VM %s: cannot read %s (%s); %s is left out of the view", vmid, path,
-                        err.strerror or err, name)
+            log.warning(
+                "VM %s: cannot read %s (%s); %s is left out of the view",
+                vmid,
+                path,
+                err.strerror or err,
+                name,
+            )
             continue
         if len(data) > MAX_SIZE:
             log.warning("VM %s: %s is larger than %d bytes; left out", vmid, path, MAX_SIZE)

@@ -103,8 +103,7 @@ class QMP:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(cls, path: Path | str,
-                      timeout: float = 5.0) -> AsyncIterator[QMP]:  # noqa: ASYNC109
+    async def connect(cls, path: Path | str, timeout: float = 5.0) -> AsyncIterator[QMP]:  # noqa: ASYNC109
         # (the timeout bounds the asyncio handshake; cancel scopes cannot reach inside it)
         """Connect and negotiate within ``timeout`` seconds; always disconnect on exit.
 
@@ -115,7 +114,8 @@ class QMP:
         client = QMPClient(f"snapfs:{path.name}")
         # The library only calls the Logger methods that an adapter has too.
         client.logger = _LibraryLog(  # type: ignore[assignment]
-            logging.getLogger(f"{__name__}.lib"), {})
+            logging.getLogger(f"{__name__}.lib"), {}
+        )
 
         async def _connect() -> None:
             try:
@@ -131,13 +131,16 @@ class QMP:
         try:
             await trio_asyncio.aio_as_trio(_connect)()
         except TimeoutError as err:
-            raise QMPError(f"{path}: no QMP greeting within {timeout:g}s: not a QEMU monitor "
-                           "(or another client holds it)") from err
+            raise QMPError(
+                f"{path}: no QMP greeting within {timeout:g}s: not a QEMU monitor "
+                "(or another client holds it)"
+            ) from err
         except ConnectError as err:
             cause = err.exc
             if isinstance(cause, FileNotFoundError | ConnectionRefusedError):
-                raise VMGoneError(f"{path}: QEMU is not running (socket missing or refused: "
-                                  f"{cause.strerror})") from err
+                raise VMGoneError(
+                    f"{path}: QEMU is not running (socket missing or refused: {cause.strerror})"
+                ) from err
             if isinstance(cause, OSError):
                 raise VMGoneError(f"{path}: cannot connect to QEMU: {cause}") from err
             raise QMPError(f"{path}: not a QEMU monitor: {err}") from err
@@ -268,8 +271,13 @@ class DiskState:
         return self.bitmap.frozen if self.bitmap.mode == "reuse" else None
 
     def nodes(self) -> dict[str, str]:
-        nodes = {"disk": self.data_node or self.node, "fleecing": self.fleecing_node,
-                 "cbw": self.cbw_node, "access": self.access_node, "export": self.export_id}
+        nodes = {
+            "disk": self.data_node or self.node,
+            "fleecing": self.fleecing_node,
+            "cbw": self.cbw_node,
+            "access": self.access_node,
+            "export": self.export_id,
+        }
         if self.throttle is not None:
             nodes["throttle"] = self.node
         return nodes
@@ -395,19 +403,25 @@ def _throttle_options(info: dict[str, Any], child: str) -> dict[str, Any] | None
         return None
     # Options a reopen does not name go back to their defaults (discard is kept as it is).
     cache = info.get("cache", {})
-    return {"driver": "throttle", "node-name": info["node-name"], "throttle-group": group,
-            "file": child, "read-only": bool(info.get("ro", False)),
-            "detect-zeroes": info.get("detect_zeroes", "off"),
-            "cache": {"direct": bool(cache.get("direct", False)),
-                      "no-flush": bool(cache.get("no-flush", False))}}
+    return {
+        "driver": "throttle",
+        "node-name": info["node-name"],
+        "throttle-group": group,
+        "file": child,
+        "read-only": bool(info.get("ro", False)),
+        "detect-zeroes": info.get("detect_zeroes", "off"),
+        "cache": {
+            "direct": bool(cache.get("direct", False)),
+            "no-flush": bool(cache.get("no-flush", False)),
+        },
+    }
 
 
 async def scan_devices(q: QMP) -> tuple[list[BlockDevice], dict[str, str]]:
     """All guest disks with a medium, and the devices skipped with the reason."""
     disks: list[BlockDevice] = []
     skipped: dict[str, str] = {}
-    nodes = {n["node-name"]: n for n in
-             await q.execute("query-named-block-nodes", {"flat": True})}
+    nodes = {n["node-name"]: n for n in await q.execute("query-named-block-nodes", {"flat": True})}
     children = await _block_graph(q)
     for info in await q.execute("query-block"):
         label = info.get("qdev") or info.get("device") or "?"
@@ -435,17 +449,29 @@ async def scan_devices(q: QMP) -> tuple[list[BlockDevice], dict[str, str]]:
             child = children.get(node, {}).get("file", "")
             throttle = _throttle_options(nodes[node], child)
             if throttle is None:
-                log.warning("%s: cannot tell the throttle group of node %s; the snapshot "
-                            "filter goes above it (backup reads count against the limit)",
-                            name, node)
+                log.warning(
+                    "%s: cannot tell the throttle group of node %s; the snapshot "
+                    "filter goes above it (backup reads count against the limit)",
+                    name,
+                    node,
+                )
             else:
                 data_node = child
                 fmt = nodes.get(child, {}).get("drv", fmt)
-        disks.append(BlockDevice(
-            name=name, qom_path=path, node=node, fmt=fmt,
-            size=int(inserted["image"]["virtual-size"]), drive_id=info.get("device", ""),
-            read_only=read_only, removable=removable, data_node=data_node,
-            throttle=throttle))
+        disks.append(
+            BlockDevice(
+                name=name,
+                qom_path=path,
+                node=node,
+                fmt=fmt,
+                size=int(inserted["image"]["virtual-size"]),
+                drive_id=info.get("device", ""),
+                read_only=read_only,
+                removable=removable,
+                data_node=data_node,
+                throttle=throttle,
+            )
+        )
     for name, why in skipped.items():
         log.info("skipping %s: %s", name, why)
     return disks, skipped
@@ -461,14 +487,19 @@ def _session_leftovers(nodes: list[dict[str, Any]], exports: list[dict[str, Any]
     """Names of snapfs session objects present in QEMU (B, the persistent bitmap, is not one)."""
     found = [n["node-name"] for n in nodes if n["node-name"].startswith(PREFIX)]
     found += [e["id"] for e in exports if e["id"].startswith(PREFIX)]
-    found += [b["name"] for n in nodes for b in n.get("dirty-bitmaps", [])
-              if _is_session_bitmap(b.get("name", ""))]
+    found += [
+        b["name"]
+        for n in nodes
+        for b in n.get("dirty-bitmaps", [])
+        if _is_session_bitmap(b.get("name", ""))
+    ]
     return sorted(set(found))
 
 
 def _is_session_bitmap(name: str) -> bool:
     return name == WRITTEN_BITMAP or (
-        name.startswith(PREFIX) and name.endswith(("-next", "-frozen")))
+        name.startswith(PREFIX) and name.endswith(("-next", "-frozen"))
+    )
 
 
 def _bitmaps_of(nodes: list[dict[str, Any]], node: str) -> dict[str, dict[str, Any]]:
@@ -553,11 +584,19 @@ def _message(err: BaseException) -> str:
     return str(err)
 
 
-async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
-                exclude: Sequence[str] = (), incremental: str | None = None,
-                on_step: OnStep | None = None, cbw_timeout: int = 60,
-                state_dir: Path | None = None,
-                around_snapshot: AroundSnapshot | None = None) -> GraphState:
+async def setup(
+    q: QMP,
+    *,
+    vmid: str,
+    fleecing_dir: Path,
+    nbd_socket: Path,
+    exclude: Sequence[str] = (),
+    incremental: str | None = None,
+    on_step: OnStep | None = None,
+    cbw_timeout: int = 60,
+    state_dir: Path | None = None,
+    around_snapshot: AroundSnapshot | None = None,
+) -> GraphState:
     """Build the snapshot graph for every disk not excluded and export it over NBD.
 
     Validates everything before touching the VM; on any failure, undoes what was added and
@@ -565,11 +604,15 @@ async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
     each step and awaited if it returns an awaitable (progress reports; tests inject faults).
     The bitmap record lives in ``(state_dir or fleecing_dir)/bitmaps.json``.
     """
-    if incremental is not None and (not _INCREMENTAL_RE.fullmatch(incremental)
-                                    or len(incremental) > 64
-                                    or incremental.endswith(("-next", "-frozen"))):
-        raise UsageError(f"invalid incremental id {incremental!r}: use letters, digits, "
-                         "'_', '.', '-' (at most 64)")
+    if incremental is not None and (
+        not _INCREMENTAL_RE.fullmatch(incremental)
+        or len(incremental) > 64
+        or incremental.endswith(("-next", "-frozen"))
+    ):
+        raise UsageError(
+            f"invalid incremental id {incremental!r}: use letters, digits, "
+            "'_', '.', '-' (at most 64)"
+        )
 
     # (1) Look, validate, touch nothing.
     version, version_number = await vm_facts(q)
@@ -582,15 +625,18 @@ async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
 
     leftovers = _session_leftovers(nodes, exports)
     if leftovers:
-        raise StateError(f"a snapfs session is already active on VM {vmid} "
-                         f"({', '.join(leftovers)})")
+        raise StateError(
+            f"a snapfs session is already active on VM {vmid} ({', '.join(leftovers)})"
+        )
     if status["status"] in _MIGRATION_STATES:
         raise StateError(f"VM {vmid} is {status['status']}; try again later")
     known = {d.name for d in disks} | set(skipped)
     unknown = [e for e in exclude if e not in known]
     if unknown:
-        raise UsageError(f"--exclude: VM {vmid} has no disk {', '.join(sorted(unknown))} "
-                         f"(disks: {', '.join(sorted(d.name for d in disks)) or 'none'})")
+        raise UsageError(
+            f"--exclude: VM {vmid} has no disk {', '.join(sorted(unknown))} "
+            f"(disks: {', '.join(sorted(d.name for d in disks)) or 'none'})"
+        )
     disks = [d for d in disks if d.name not in exclude]
     seen: set[str] = set()
     for d in disks:
@@ -598,8 +644,10 @@ async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
             raise SetupError(f"VM {vmid}: two disks are named {d.name}")
         seen.add(d.name)
         if d.read_only:
-            raise SetupError(f"disk {d.name} is read-only: the copy-before-write filter cannot "
-                             "be inserted (exclude it)")
+            raise SetupError(
+                f"disk {d.name} is read-only: the copy-before-write filter cannot "
+                "be inserted (exclude it)"
+            )
     if not disks:
         raise SetupError(f"VM {vmid}: no disk to snapshot")
 
@@ -612,12 +660,26 @@ async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
         # Where block status may have to be corrected (see confine_reads): N records the
         # same writes when there is one.
         written = (bitmap.next or WRITTEN_BITMAP) if confine else ""
-        states.append(DiskState(
-            name=d.name, qom_path=d.qom_path, node=d.node, fmt=d.fmt, size=d.size,
-            fleecing_path=str(fleecing_dir / f"snapfs-{vmid}-{d.name}.qcow2"),
-            fleecing_node=fl, cbw_node=cbw, access_node=acc, export_id=f"{PREFIX}exp-{d.name}",
-            export_name=d.name, bitmap=bitmap, data_node=d.data_node, throttle=d.throttle,
-            confine=confine, written=written))
+        states.append(
+            DiskState(
+                name=d.name,
+                qom_path=d.qom_path,
+                node=d.node,
+                fmt=d.fmt,
+                size=d.size,
+                fleecing_path=str(fleecing_dir / f"snapfs-{vmid}-{d.name}.qcow2"),
+                fleecing_node=fl,
+                cbw_node=cbw,
+                access_node=acc,
+                export_id=f"{PREFIX}exp-{d.name}",
+                export_name=d.name,
+                bitmap=bitmap,
+                data_node=d.data_node,
+                throttle=d.throttle,
+                confine=confine,
+                written=written,
+            )
+        )
 
     undo = _Undo()
     current: tuple[str, str | None] = ("validate", None)
@@ -637,12 +699,15 @@ async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
         # A stale socket file of ours; QEMU cannot bind over it.
         await trio.Path(nbd_socket).unlink(missing_ok=True)
         try:
-            await q.execute("nbd-server-start", {
-                "addr": {"type": "unix", "data": {"path": str(nbd_socket)}}})
+            await q.execute(
+                "nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(nbd_socket)}}}
+            )
         except QMPCommandError as err:
             if "already running" in err.desc:
-                raise StateError(f"an NBD server is already running in VM {vmid} (another backup "
-                                 "or export is active); nothing was changed") from err
+                raise StateError(
+                    f"an NBD server is already running in VM {vmid} (another backup "
+                    "or export is active); nothing was changed"
+                ) from err
             raise
         undo.push("stop NBD server", lambda: q.execute("nbd-server-stop"))
 
@@ -652,16 +717,22 @@ async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
         await _create_fleecing_files(states, undo, step)
         for s in states:
             await step("add fleecing node", s.name)
-            await q.execute("blockdev-add", {
-                "driver": "qcow2", "node-name": s.fleecing_node, "discard": "unmap",
-                "file": {"driver": "file", "filename": s.fleecing_path, "discard": "unmap"}})
+            await q.execute(
+                "blockdev-add",
+                {
+                    "driver": "qcow2",
+                    "node-name": s.fleecing_node,
+                    "discard": "unmap",
+                    "file": {"driver": "file", "filename": s.fleecing_path, "discard": "unmap"},
+                },
+            )
             undo.push(f"delete {s.fleecing_node}", _deleter(q, s.fleecing_node))
-            if s.bitmap.mode == "new" and s.bitmap.persistent in _bitmaps_of(nodes,
-                                                                             s.data_node):
+            if s.bitmap.mode == "new" and s.bitmap.persistent in _bitmaps_of(nodes, s.data_node):
                 # Unusable (inconsistent, disabled, resized): start over.
                 await step("remove unusable bitmap", s.name)
-                await q.execute("block-dirty-bitmap-remove",
-                                {"node": s.data_node, "name": s.bitmap.persistent})
+                await q.execute(
+                    "block-dirty-bitmap-remove", {"node": s.data_node, "name": s.bitmap.persistent}
+                )
 
         # (4) The snapshot point. Freezing F, adding N and inserting the filters happen while
         # the guest is stopped, so F + the fleecing copy describe exactly the same instant:
@@ -688,17 +759,23 @@ async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
                     await q.execute("transaction", {"actions": actions})
                     for s in states:
                         for name in {s.bitmap.next, s.bitmap.frozen, s.written} - {""}:
-                            undo.push(f"remove bitmap {name}",
-                                      _bitmap_remover(q, s.data_node, name))
+                            undo.push(
+                                f"remove bitmap {name}", _bitmap_remover(q, s.data_node, name)
+                            )
                 for s in states:
                     await step("add copy-before-write filter", s.name)
                     # discard=unmap: the guest's discards pass on to the disk (old data first
                     # saved), where the disk's own setting decides; without it the filter
                     # would drop them.
                     cbw_args: dict[str, Any] = {
-                        "driver": "copy-before-write", "node-name": s.cbw_node,
-                        "file": s.data_node, "target": s.fleecing_node, "discard": "unmap",
-                        "on-cbw-error": "break-snapshot", "cbw-timeout": cbw_timeout}
+                        "driver": "copy-before-write",
+                        "node-name": s.cbw_node,
+                        "file": s.data_node,
+                        "target": s.fleecing_node,
+                        "discard": "unmap",
+                        "on-cbw-error": "break-snapshot",
+                        "cbw-timeout": cbw_timeout,
+                    }
                     if s.bitmap.mode == "reuse":
                         cbw_args["bitmap"] = {"node": s.bitmap.node, "name": s.bitmap.frozen}
                     await q.execute("blockdev-add", cbw_args)
@@ -708,11 +785,14 @@ async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
                     if s.throttle is not None:
                         # Below the throttle: backup reads and old-data copies do not spend
                         # the guest's I/O budget.
-                        await q.execute("blockdev-reopen", {
-                            "options": [{**s.throttle, "file": s.cbw_node}]})
+                        await q.execute(
+                            "blockdev-reopen", {"options": [{**s.throttle, "file": s.cbw_node}]}
+                        )
                     else:
-                        await q.execute("qom-set", {"path": s.qom_path, "property": "drive",
-                                                    "value": s.cbw_node})
+                        await q.execute(
+                            "qom-set",
+                            {"path": s.qom_path, "property": "drive", "value": s.cbw_node},
+                        )
                     undo.push(f"restore drive of {s.name}", _drive_restorer(q, s))
                 snapshot_time = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
             finally:
@@ -737,15 +817,25 @@ async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
         # (5) Export the snapshot.
         for s in states:
             await step("add snapshot-access node", s.name)
-            await q.execute("blockdev-add", {"driver": "snapshot-access",
-                                             "node-name": s.access_node, "file": s.cbw_node,
-                                             "discard": "unmap"})
+            await q.execute(
+                "blockdev-add",
+                {
+                    "driver": "snapshot-access",
+                    "node-name": s.access_node,
+                    "file": s.cbw_node,
+                    "discard": "unmap",
+                },
+            )
             undo.push(f"delete {s.access_node}", _deleter(q, s.access_node))
         for s in states:
             await step("add NBD export", s.name)
-            export: dict[str, Any] = {"type": "nbd", "id": s.export_id,
-                                      "node-name": s.access_node, "name": s.export_name,
-                                      "writable": True}
+            export: dict[str, Any] = {
+                "type": "nbd",
+                "id": s.export_id,
+                "node-name": s.access_node,
+                "name": s.export_name,
+                "writable": True,
+            }
             if s.export_bitmaps:
                 # By name QEMU 7.2 only looks down filter/COW children, and snapshot-access is
                 # neither: name the node explicitly.
@@ -778,20 +868,38 @@ async def setup(q: QMP, *, vmid: str, fleecing_dir: Path, nbd_socket: Path,
         elif s.bitmap.mode == "reuse":
             log.info("%s: incremental since the last commit of %s", s.name, s.bitmap.persistent)
     return GraphState(
-        vmid=vmid, qmp_socket=str(q.path), nbd_socket=str(nbd_socket), qemu_version=version,
-        snapshot_time=snapshot_time, pause_ms=pause_ms, disks=states, incremental=incremental,
-        fleecing_dir=str(fleecing_dir), bitmap_record=str(record_path) if incremental else "",
-        skipped=skipped)
+        vmid=vmid,
+        qmp_socket=str(q.path),
+        nbd_socket=str(nbd_socket),
+        qemu_version=version,
+        snapshot_time=snapshot_time,
+        pause_ms=pause_ms,
+        disks=states,
+        incremental=incremental,
+        fleecing_dir=str(fleecing_dir),
+        bitmap_record=str(record_path) if incremental else "",
+        skipped=skipped,
+    )
 
 
-def _plan_bitmap(d: BlockDevice, nodes: list[dict[str, Any]], record: dict[str, Any],
-                 vmid: str, incremental: str | None) -> BitmapState:
+def _plan_bitmap(
+    d: BlockDevice,
+    nodes: list[dict[str, Any]],
+    record: dict[str, Any],
+    vmid: str,
+    incremental: str | None,
+) -> BitmapState:
     """Decide new or reuse for one disk from what QEMU and the record say (no side effects)."""
     if incremental is None:
         return BitmapState()
     b_name = f"{PREFIX}{incremental}"
-    state = BitmapState(mode="new", node=d.data_node, persistent=b_name,
-                        next=f"{b_name}-next", persist=d.fmt == "qcow2")
+    state = BitmapState(
+        mode="new",
+        node=d.data_node,
+        persistent=b_name,
+        next=f"{b_name}-next",
+        persist=d.fmt == "qcow2",
+    )
     b = _bitmaps_of(nodes, d.data_node).get(b_name)
     recorded = _recorded_size(record, vmid, incremental, d.name)
     if b is None:
@@ -816,9 +924,17 @@ def _bitmap_prepare_actions(s: DiskState, nodes: list[dict[str, Any]]) -> list[d
     b = s.bitmap
     actions: list[dict[str, Any]] = []
     if s.written == WRITTEN_BITMAP:
-        actions.append({"type": "block-dirty-bitmap-add",
-                        "data": {"node": s.data_node, "name": s.written, "persistent": False,
-                                 "granularity": CBW_CLUSTER}})
+        actions.append(
+            {
+                "type": "block-dirty-bitmap-add",
+                "data": {
+                    "node": s.data_node,
+                    "name": s.written,
+                    "persistent": False,
+                    "granularity": CBW_CLUSTER,
+                },
+            }
+        )
     if b.mode == "none":
         return actions
     next_args: dict[str, Any] = {"node": b.node, "name": b.next, "persistent": False}
@@ -830,16 +946,26 @@ def _bitmap_prepare_actions(s: DiskState, nodes: list[dict[str, Any]]) -> list[d
     return [
         *actions,
         {"type": "block-dirty-bitmap-add", "data": next_args},
-        {"type": "block-dirty-bitmap-add",
-         "data": {"node": b.node, "name": b.frozen, "persistent": False, "disabled": True,
-                  "granularity": granularity}},
-        {"type": "block-dirty-bitmap-merge",
-         "data": {"node": b.node, "target": b.frozen, "bitmaps": [b.persistent]}},
+        {
+            "type": "block-dirty-bitmap-add",
+            "data": {
+                "node": b.node,
+                "name": b.frozen,
+                "persistent": False,
+                "disabled": True,
+                "granularity": granularity,
+            },
+        },
+        {
+            "type": "block-dirty-bitmap-merge",
+            "data": {"node": b.node, "target": b.frozen, "bitmaps": [b.persistent]},
+        },
     ]
 
 
-async def _create_fleecing_files(states: list[DiskState], undo: _Undo,
-                                 step: Callable[[str, str | None], Awaitable[None]]) -> None:
+async def _create_fleecing_files(
+    states: list[DiskState], undo: _Undo, step: Callable[[str, str | None], Awaitable[None]]
+) -> None:
     """Create every fleecing image (mode 0600) in parallel; raise _StepFailed for the first."""
     failures: list[_StepFailed] = []
 
@@ -855,8 +981,11 @@ async def _create_fleecing_files(states: list[DiskState], undo: _Undo,
             return
         undo.push(f"remove {path}", _file_remover(path))
         try:
-            await trio.run_process([QEMU_IMG, "create", "-q", "-f", "qcow2", str(path),
-                                    str(s.size)], capture_stdout=True, capture_stderr=True)
+            await trio.run_process(
+                [QEMU_IMG, "create", "-q", "-f", "qcow2", str(path), str(s.size)],
+                capture_stdout=True,
+                capture_stderr=True,
+            )
         except OSError as err:
             failures.append(_StepFailed("create fleecing image", s.name, err))
         except Exception as err:  # CalledProcessError, reported below
@@ -899,12 +1028,14 @@ def _qom_drive_setter(q: QMP, path: str, node: str) -> Callable[[], Awaitable[An
 def _export_deleter(q: QMP, export_id: str) -> Callable[[], Awaitable[None]]:
     async def delete() -> None:
         await _delete_export(q, export_id)
+
     return delete
 
 
 def _file_remover(path: Path) -> Callable[[], Awaitable[None]]:
     async def remove() -> None:
         await trio.Path(path).unlink(missing_ok=True)
+
     return remove
 
 
@@ -950,8 +1081,9 @@ async def teardown(q: QMP, state: GraphState, *, commit: bool) -> None:
 
     # Shielded: a half-done teardown is what we must avoid most.
     with trio.CancelScope(shield=True):
-        nodes = {n["node-name"]: n for n in
-                 await q.execute("query-named-block-nodes", {"flat": True})}
+        nodes = {
+            n["node-name"]: n for n in await q.execute("query-named-block-nodes", {"flat": True})
+        }
         exports = {e["id"] for e in await q.execute("query-block-exports")}
         drives = {}
         for info in await q.execute("query-block"):
@@ -961,12 +1093,16 @@ async def teardown(q: QMP, state: GraphState, *, commit: bool) -> None:
         children = await _block_graph(q)
 
         keep_files: set[str] = set()
-        live = any(s.export_id in exports or s.access_node in nodes or s.cbw_node in nodes
-                   or s.fleecing_node in nodes for s in state.disks)
+        live = any(
+            s.export_id in exports
+            or s.access_node in nodes
+            or s.cbw_node in nodes
+            or s.fleecing_node in nodes
+            for s in state.disks
+        )
         for s in state.disks:
             if s.export_id in exports:
-                await attempt(f"delete export {s.export_id}",
-                              _export_deleter(q, s.export_id))
+                await attempt(f"delete export {s.export_id}", _export_deleter(q, s.export_id))
         if live:
             # Only while our session is live: after a restart the server would not be ours.
             await attempt("stop NBD server", _nbd_stopper(q))
@@ -979,32 +1115,36 @@ async def teardown(q: QMP, state: GraphState, *, commit: bool) -> None:
                 await attempt(f"delete {s.access_node}", _deleter(q, s.access_node))
             if s.throttle is not None:
                 if children.get(s.node, {}).get("file") == s.cbw_node:
-                    await attempt(f"put {s.node} back onto {s.data_node}",
-                                  _drive_restorer(q, s))
+                    await attempt(f"put {s.node} back onto {s.data_node}", _drive_restorer(q, s))
             elif drives.get(s.qom_path) == s.cbw_node:
                 await attempt(f"restore drive of {s.name} to {s.node}", _drive_restorer(q, s))
             if s.cbw_node in nodes:
                 await attempt(f"delete {s.cbw_node}", _deleter(q, s.cbw_node))
             if s.fleecing_node in nodes and not await attempt(
-                    f"delete {s.fleecing_node}", _deleter(q, s.fleecing_node)):
+                f"delete {s.fleecing_node}", _deleter(q, s.fleecing_node)
+            ):
                 # QEMU still has the image open; a later teardown removes it.
                 keep_files.add(s.fleecing_path)
         for s in state.disks:
             if s.bitmap.mode != "none":
                 bitmaps = _bitmaps_of(list(nodes.values()), s.bitmap.node)
                 if commit:
-                    await attempt(f"commit bitmap {s.bitmap.persistent} of {s.name}",
-                                  _committer(q, state, s, bitmaps))
+                    await attempt(
+                        f"commit bitmap {s.bitmap.persistent} of {s.name}",
+                        _committer(q, state, s, bitmaps),
+                    )
                 else:
                     await attempt(f"abort bitmaps of {s.name}", _aborter(q, s, bitmaps))
-            if s.written == WRITTEN_BITMAP and s.written in _bitmaps_of(list(nodes.values()),
-                                                                        s.data_node):
-                await attempt(f"remove bitmap {s.written} of {s.name}",
-                              _bitmap_remover(q, s.data_node, s.written))
+            if s.written == WRITTEN_BITMAP and s.written in _bitmaps_of(
+                list(nodes.values()), s.data_node
+            ):
+                await attempt(
+                    f"remove bitmap {s.written} of {s.name}",
+                    _bitmap_remover(q, s.data_node, s.written),
+                )
         for s in state.disks:
             if s.fleecing_path not in keep_files:
-                await attempt(f"remove {s.fleecing_path}",
-                              _file_remover(Path(s.fleecing_path)))
+                await attempt(f"remove {s.fleecing_path}", _file_remover(Path(s.fleecing_path)))
 
     if problems:
         raise TeardownError(f"teardown of VM {state.vmid} left: " + "; ".join(problems))
@@ -1018,23 +1158,30 @@ def _nbd_stopper(q: QMP) -> Callable[[], Awaitable[None]]:
         except QMPCommandError as err:
             if "not running" not in err.desc:
                 raise
+
     return stop
 
 
-def _aborter(q: QMP, s: DiskState,
-             bitmaps: dict[str, dict[str, Any]]) -> Callable[[], Awaitable[None]]:
+def _aborter(
+    q: QMP, s: DiskState, bitmaps: dict[str, dict[str, Any]]
+) -> Callable[[], Awaitable[None]]:
     """Drop N and F, keep B: the next incremental then covers this one and everything since."""
+
     async def abort() -> None:
-        actions = [{"type": "block-dirty-bitmap-remove",
-                    "data": {"node": s.bitmap.node, "name": name}}
-                   for name in (s.bitmap.next, s.bitmap.frozen) if name and name in bitmaps]
+        actions = [
+            {"type": "block-dirty-bitmap-remove", "data": {"node": s.bitmap.node, "name": name}}
+            for name in (s.bitmap.next, s.bitmap.frozen)
+            if name and name in bitmaps
+        ]
         if actions:
             await q.execute("transaction", {"actions": actions})
+
     return abort
 
 
-def _committer(q: QMP, state: GraphState, s: DiskState,
-               bitmaps: dict[str, dict[str, Any]]) -> Callable[[], Awaitable[None]]:
+def _committer(
+    q: QMP, state: GraphState, s: DiskState, bitmaps: dict[str, dict[str, Any]]
+) -> Callable[[], Awaitable[None]]:
     """Atomically make B = N (what changed since the snapshot point) and drop N and F."""
     b = s.bitmap
 
@@ -1042,43 +1189,78 @@ def _committer(q: QMP, state: GraphState, s: DiskState,
         if b.next not in bitmaps:
             # Already committed, or QEMU restarted: B (if any) still covers everything since
             # the last commit, so leaving it alone loses nothing.
-            log.warning("%s: bitmap %s is gone; not committing (the next incremental will be "
-                        "larger, nothing is lost)", s.name, b.next)
+            log.warning(
+                "%s: bitmap %s is gone; not committing (the next incremental will be "
+                "larger, nothing is lost)",
+                s.name,
+                b.next,
+            )
             if b.frozen in bitmaps:
-                await q.execute("block-dirty-bitmap-remove",
-                                {"node": b.node, "name": b.frozen})
+                await q.execute("block-dirty-bitmap-remove", {"node": b.node, "name": b.frozen})
             return
-        tail = [{"type": "block-dirty-bitmap-merge",
-                 "data": {"node": b.node, "target": b.persistent, "bitmaps": [b.next]}},
-                {"type": "block-dirty-bitmap-remove", "data": {"node": b.node, "name": b.next}}]
+        tail = [
+            {
+                "type": "block-dirty-bitmap-merge",
+                "data": {"node": b.node, "target": b.persistent, "bitmaps": [b.next]},
+            },
+            {"type": "block-dirty-bitmap-remove", "data": {"node": b.node, "name": b.next}},
+        ]
         if b.frozen in bitmaps:
-            tail.append({"type": "block-dirty-bitmap-remove",
-                         "data": {"node": b.node, "name": b.frozen}})
+            tail.append(
+                {"type": "block-dirty-bitmap-remove", "data": {"node": b.node, "name": b.frozen}}
+            )
         if b.persistent in bitmaps:
-            head = [{"type": "block-dirty-bitmap-clear",
-                     "data": {"node": b.node, "name": b.persistent}}]
+            head = [
+                {"type": "block-dirty-bitmap-clear", "data": {"node": b.node, "name": b.persistent}}
+            ]
             await q.execute("transaction", {"actions": head + tail})
         else:
-            add: dict[str, Any] = {"node": b.node, "name": b.persistent,
-                                   "granularity": bitmaps[b.next]["granularity"]}
+            add: dict[str, Any] = {
+                "node": b.node,
+                "name": b.persistent,
+                "granularity": bitmaps[b.next]["granularity"],
+            }
             try:
-                await q.execute("transaction", {"actions": [
-                    {"type": "block-dirty-bitmap-add", "data": {**add, "persistent": b.persist}},
-                    *tail]})
+                await q.execute(
+                    "transaction",
+                    {
+                        "actions": [
+                            {
+                                "type": "block-dirty-bitmap-add",
+                                "data": {**add, "persistent": b.persist},
+                            },
+                            *tail,
+                        ]
+                    },
+                )
             except QMPCommandError as err:
                 if not b.persist:
                     raise
                 # E.g. a qcow2 v2 image: keep a bitmap that lives as long as QEMU does.
-                log.warning("%s: cannot store bitmap %s in the image (%s); keeping it in "
-                            "memory only", s.name, b.persistent, err.desc)
-                await q.execute("transaction", {"actions": [
-                    {"type": "block-dirty-bitmap-add", "data": {**add, "persistent": False}},
-                    *tail]})
+                log.warning(
+                    "%s: cannot store bitmap %s in the image (%s); keeping it in memory only",
+                    s.name,
+                    b.persistent,
+                    err.desc,
+                )
+                await q.execute(
+                    "transaction",
+                    {
+                        "actions": [
+                            {
+                                "type": "block-dirty-bitmap-add",
+                                "data": {**add, "persistent": False},
+                            },
+                            *tail,
+                        ]
+                    },
+                )
         if state.incremental and state.bitmap_record:
             path = Path(state.bitmap_record)
             record = _read_record(path)
             record.setdefault(state.vmid, {}).setdefault(state.incremental, {})[s.name] = s.size
             _write_record(path, record)
+
     return commit
 
 
@@ -1106,12 +1288,15 @@ async def cleanup_orphans(q: QMP) -> list[str]:
 
     with trio.CancelScope(shield=True):
         nodes: list[dict[str, Any]] = await q.execute("query-named-block-nodes", {"flat": True})
-        exports = [e["id"] for e in await q.execute("query-block-exports")
-                   if e["id"].startswith(PREFIX)]
+        exports = [
+            e["id"] for e in await q.execute("query-block-exports") if e["id"].startswith(PREFIX)
+        ]
         graph = await q.execute("x-debug-query-block-graph")
         names = {n["id"]: n["name"] for n in graph["nodes"]}
-        edges = [(names.get(e["parent"], ""), e["name"], names.get(e["child"], ""))
-                 for e in graph["edges"]]
+        edges = [
+            (names.get(e["parent"], ""), e["name"], names.get(e["child"], ""))
+            for e in graph["edges"]
+        ]
         for export_id in exports:
             await attempt(f"delete export {export_id}", _export_deleter(q, export_id))
         if exports:
@@ -1132,14 +1317,18 @@ async def cleanup_orphans(q: QMP) -> list[str]:
             cbw = n["node-name"]
             below = [c for p, role, c in edges if p == cbw and role == "file"]
             if cbw in drives and below:
-                await attempt(f"restore drive of {drives[cbw]} to {below[0]}",
-                              _qom_drive_setter(q, drives[cbw], below[0]))
+                await attempt(
+                    f"restore drive of {drives[cbw]} to {below[0]}",
+                    _qom_drive_setter(q, drives[cbw], below[0]),
+                )
             for parent in [p for p, role, c in edges if c == cbw and role == "file"]:
-                options = _throttle_options(by_name.get(parent, {"node-name": parent}),
-                                            below[0] if below else "")
+                options = _throttle_options(
+                    by_name.get(parent, {"node-name": parent}), below[0] if below else ""
+                )
                 if by_name.get(parent, {}).get("drv") == "throttle" and options is not None:
-                    await attempt(f"put {parent} back onto {options['file']}",
-                                  _throttle_restorer(q, options))
+                    await attempt(
+                        f"put {parent} back onto {options['file']}", _throttle_restorer(q, options)
+                    )
             await attempt(f"delete {cbw}", _deleter(q, cbw))
         for n in ours:
             if n["drv"] not in ("copy-before-write", "snapshot-access"):
@@ -1150,8 +1339,9 @@ async def cleanup_orphans(q: QMP) -> list[str]:
         for n in nodes:
             for b in n.get("dirty-bitmaps", []):
                 if _is_session_bitmap(b.get("name", "")):
-                    await attempt(f"remove bitmap {b['name']}",
-                                  _bitmap_remover(q, n["node-name"], b["name"]))
+                    await attempt(
+                        f"remove bitmap {b['name']}", _bitmap_remover(q, n["node-name"], b["name"])
+                    )
     if problems:
         raise TeardownError("cleanup left: " + "; ".join(problems))
     return removed

@@ -121,19 +121,25 @@ def _check_path(path: Path, what: str) -> Path:
     return path
 
 
-def validate(vmid: str, mountpoint: str | None, qmp_path: str | None,
-             fleecing_dir: str | None, exclude: list[str], incremental: str | None,
-             allow_other: bool = False) -> MountOptions:
+def validate(
+    vmid: str,
+    mountpoint: str | None,
+    qmp_path: str | None,
+    fleecing_dir: str | None,
+    exclude: list[str],
+    incremental: str | None,
+    allow_other: bool = False,
+) -> MountOptions:
     """Check a mount request before anything is touched; raise UsageError or StateError."""
     check_vmid(vmid)
     if incremental is not None and not BITMAP_ID_RE.fullmatch(incremental):
         raise UsageError(f"invalid incremental ID {incremental!r}: use letters, digits, _ . -")
     default_mp = mountpoint is None
     mp = _check_path(Path(mountpoint) if mountpoint else run_dir() / vmid, "mountpoint")
-    qp = _check_path(Path(qmp_path) if qmp_path else DEFAULT_QMP_DIR / f"{vmid}.qmp",
-                     "QMP socket")
-    fd = _check_path(Path(fleecing_dir) if fleecing_dir else DEFAULT_FLEECING_ROOT / vmid,
-                     "fleecing directory")
+    qp = _check_path(Path(qmp_path) if qmp_path else DEFAULT_QMP_DIR / f"{vmid}.qmp", "QMP socket")
+    fd = _check_path(
+        Path(fleecing_dir) if fleecing_dir else DEFAULT_FLEECING_ROOT / vmid, "fleecing directory"
+    )
     try:
         st = os.stat(qp)
     except FileNotFoundError:
@@ -164,8 +170,9 @@ def validate(vmid: str, mountpoint: str | None, qmp_path: str | None,
     for name in exclude:
         if not name or "/" in name:
             raise UsageError(f"invalid --exclude name {name!r}")
-    return MountOptions(vmid, mp, qp, fd, list(exclude), incremental, allow_other, default_mp,
-                        stale=sdir.exists())
+    return MountOptions(
+        vmid, mp, qp, fd, list(exclude), incremental, allow_other, default_mp, stale=sdir.exists()
+    )
 
 
 class NBDSource:
@@ -181,8 +188,9 @@ class NBDSource:
     what happened.
     """
 
-    def __init__(self, client: nbd.NBDClient, name: str,
-                 on_broken: Callable[[str], None], confine: int = 0) -> None:
+    def __init__(
+        self, client: nbd.NBDClient, name: str, on_broken: Callable[[str], None], confine: int = 0
+    ) -> None:
         self.client = client
         self.name = name
         self.on_broken = on_broken
@@ -193,15 +201,23 @@ class NBDSource:
         if not self.client.alive:
             self.on_broken("the VM went away (its NBD server is gone)")
         elif what == "reads":
-            self.on_broken(f"{self.name}: the snapshot broke: QEMU refuses {what} "
-                           "(fleecing storage full, or copy-before-write failed)")
+            self.on_broken(
+                f"{self.name}: the snapshot broke: QEMU refuses {what} "
+                "(fleecing storage full, or copy-before-write failed)"
+            )
         return SourceError(f"{self.name}: {err}", errno.EIO)
 
     def can_read_direct(self) -> bool:
         return self.reader is not None and self.reader.alive
 
-    def start_read_direct(self, unique: int, offset: int, length: int,
-                          ahead: Sequence[tuple[int, int]], done: ReadDone) -> None:
+    def start_read_direct(
+        self,
+        unique: int,
+        offset: int,
+        length: int,
+        ahead: Sequence[tuple[int, int]],
+        done: ReadDone,
+    ) -> None:
         assert self.reader is not None
 
         def finished(err: NBDError | None) -> None:
@@ -363,9 +379,14 @@ class Session:
                 self.created_mountpoint = True
             async with _qmp_session(opts.qmp_path) as q:
                 self.graph = await qmp.setup(
-                    q, vmid=opts.vmid, fleecing_dir=opts.fleecing_dir,
-                    nbd_socket=sdir / "nbd.sock", exclude=opts.exclude,
-                    incremental=opts.incremental, around_snapshot=self._around_snapshot)
+                    q,
+                    vmid=opts.vmid,
+                    fleecing_dir=opts.fleecing_dir,
+                    nbd_socket=sdir / "nbd.sock",
+                    exclude=opts.exclude,
+                    incremental=opts.incremental,
+                    around_snapshot=self._around_snapshot,
+                )
             self._save_state()
         except BaseException:
             self._remove_state_dir(sdir)
@@ -386,9 +407,11 @@ class Session:
         """qmp.setup's snapshot point runs inside this: the Proxmox config is read and the
         guest frozen right before it, the guest thawed right after it."""
         self.guest_files = await pve.read_guest_files(self.opts.vmid)
-        async with agent.frozen(self.opts.freeze, vmid=self.opts.vmid,
-                                skip=None if guest_running else "the VM is not running"
-                                ) as result:
+        async with agent.frozen(
+            self.opts.freeze,
+            vmid=self.opts.vmid,
+            skip=None if guest_running else "the VM is not running",
+        ) as result:
             self.freeze = result
             yield
 
@@ -397,16 +420,22 @@ class Session:
         try:
             sdir.mkdir(mode=0o700)
         except FileExistsError:
-            raise StateError(f"VM {self.opts.vmid} already has a snapfs session "
-                             f"(state in {sdir}; run 'snapfs cleanup {self.opts.vmid}' "
-                             "if its process is gone)") from None
+            raise StateError(
+                f"VM {self.opts.vmid} already has a snapfs session "
+                f"(state in {sdir}; run 'snapfs cleanup {self.opts.vmid}' "
+                "if its process is gone)"
+            ) from None
         _write_private(sdir / "pid", f"{os.getpid()}\n")
 
     def _save_state(self) -> None:
         assert self.graph is not None
-        state = {"graph": self.graph.to_dict(), "pid": os.getpid(),
-                 "mountpoint": str(self.opts.mountpoint), "qmp": str(self.opts.qmp_path),
-                 "created_mountpoint": self.created_mountpoint}
+        state = {
+            "graph": self.graph.to_dict(),
+            "pid": os.getpid(),
+            "mountpoint": str(self.opts.mountpoint),
+            "qmp": str(self.opts.qmp_path),
+            "created_mountpoint": self.created_mountpoint,
+        }
         _write_private(self.opts.state_dir / "state.json", json.dumps(state, indent=1))
 
     def _remove_state_dir(self, sdir: Path) -> None:
@@ -425,19 +454,28 @@ class Session:
                 # QEMU answers a block-status request for all negotiated contexts at once,
                 # and base:allocation fails outside the copy-before-write access bitmap:
                 # an incremental view asks for its dirty bitmap only.
-                contexts = ([f"qemu:dirty-bitmap:{ds.export_bitmap}"] if ds.export_bitmap
-                            else [BASE_ALLOCATION]
-                            + ([f"qemu:dirty-bitmap:{ds.written}"] if ds.written else []))
+                contexts = (
+                    [f"qemu:dirty-bitmap:{ds.export_bitmap}"]
+                    if ds.export_bitmap
+                    else [BASE_ALLOCATION]
+                    + ([f"qemu:dirty-bitmap:{ds.written}"] if ds.written else [])
+                )
                 client = await stack.enter_async_context(
-                    nbd.NBDClient.open(str(g.nbd_socket), ds.export, meta_contexts=contexts))
+                    nbd.NBDClient.open(str(g.nbd_socket), ds.export, meta_contexts=contexts)
+                )
                 clients.append(client)
                 disks.append(await self._disk(client, ds))
-            self.tree = Tree(disks, self.facts, extra_files=self.guest_files,
-                             mtime_ns=int(g.snapshot_epoch * 1e9))
+            self.tree = Tree(
+                disks,
+                self.facts,
+                extra_files=self.guest_files,
+                mtime_ns=int(g.snapshot_epoch * 1e9),
+            )
             async with trio.open_nursery() as nursery:
                 ops = TreeOperations(self.tree, nursery=nursery)
-                self._server = FuseServer(ops, self.opts.mountpoint, name=g.vmid,
-                                          allow_other=self.opts.allow_other)
+                self._server = FuseServer(
+                    ops, self.opts.mountpoint, name=g.vmid, allow_other=self.opts.allow_other
+                )
                 for client in clients:
                     nursery.start_soon(self._watch, client)
                 await nursery.start(self._run_fuse, nursery)
@@ -445,8 +483,9 @@ class Session:
                     for ds, disk in zip(g.disks, disks, strict=True):
                         await self._start_reader(nursery, ds, disk)
                     nursery.start_soon(self._signals)
-                    log.info("VM %s: %d disk(s) served at %s", g.vmid, len(disks),
-                             self.opts.mountpoint)
+                    log.info(
+                        "VM %s: %d disk(s) served at %s", g.vmid, len(disks), self.opts.mountpoint
+                    )
                     task_status.started()
                     await self._stop.wait()
                     nursery.cancel_scope.cancel()
@@ -458,8 +497,9 @@ class Session:
     async def _disk(self, client: nbd.NBDClient, ds: qmp.DiskState) -> Disk:
         zeros = Regions()
         if ds.export_bitmap:
-            dirty = await _regions(client, f"qemu:dirty-bitmap:{ds.export_bitmap}",
-                                   lambda f: bool(f & NBD_STATE_DIRTY))
+            dirty = await _regions(
+                client, f"qemu:dirty-bitmap:{ds.export_bitmap}", lambda f: bool(f & NBD_STATE_DIRTY)
+            )
             # Incremental view: nothing is shown as a hole (see tree.Disk): what is outside
             # the backup must fail a tool that reads it, not look like zeros.
         else:
@@ -467,14 +507,19 @@ class Session:
             # Full view: SEEK_HOLE and st_blocks follow what reads as zeros, so thin disks
             # copy sparsely.
             if client.can_meta_context(BASE_ALLOCATION):
-                zeros = await _zeros(client, f"qemu:dirty-bitmap:{ds.written}"
-                                     if ds.written else None)
+                zeros = await _zeros(
+                    client, f"qemu:dirty-bitmap:{ds.written}" if ds.written else None
+                )
         # Punches are aligned to what copy-before-write can drop: its cluster, which is never
         # below 64 KiB, nor below the bitmap's granularity.
-        return Disk(name=ds.name, size=client.size,
-                    source=NBDSource(client, ds.name, self._mark_broken, ds.confine),
-                    dirty=dirty, zeros=zeros,
-                    granularity=max(ds.granularity, qmp.CBW_CLUSTER))
+        return Disk(
+            name=ds.name,
+            size=client.size,
+            source=NBDSource(client, ds.name, self._mark_broken, ds.confine),
+            dirty=dirty,
+            zeros=zeros,
+            granularity=max(ds.granularity, qmp.CBW_CLUSTER),
+        )
 
     async def _start_reader(self, nursery: trio.Nursery, ds: qmp.DiskState, disk: Disk) -> None:
         """Start the splice data path of a disk; without it the disk is read through libnbd."""
@@ -482,8 +527,13 @@ class Session:
         assert isinstance(source, NBDSource)
         assert self._server is not None
         assert self.graph is not None
-        reader = DiskReader(str(self.graph.nbd_socket), ds.export, self._server.reply_pipe,
-                            depth=self._depth, confine=ds.confine)
+        reader = DiskReader(
+            str(self.graph.nbd_socket),
+            ds.export,
+            self._server.reply_pipe,
+            depth=self._depth,
+            confine=ds.confine,
+        )
         try:
             await nursery.start(reader.run)
         except (NBDError, FuseError) as err:
@@ -504,8 +554,9 @@ class Session:
         if not self._stop.is_set():
             self._mark_broken("the VM went away (its NBD server is gone)")
 
-    async def _run_fuse(self, nursery: trio.Nursery, *,
-                        task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def _run_fuse(
+        self, nursery: trio.Nursery, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
         assert self._server is not None
         try:
             await self._server.serve(task_status=task_status)
@@ -580,7 +631,8 @@ class Session:
         with contextlib.suppress(FuseError):
             if kernel.is_mounted(self.opts.mountpoint):
                 await trio.to_thread.run_sync(
-                    lambda: kernel.unmount(self.opts.mountpoint, lazy=True))
+                    lambda: kernel.unmount(self.opts.mountpoint, lazy=True)
+                )
         commit = self.commit and self.broken is None
         keep_state = False
         try:
@@ -588,23 +640,37 @@ class Session:
                 await qmp.teardown(q, g, commit=commit)
         except VMGoneError as err:
             removed = forget_fleecing(g)
-            log.error("VM %s went away during the backup (%s); removed %d fleecing image(s)",
-                      g.vmid, err, len(removed))
-            self.result = {"ok": False, "committed": False, "exit": err.exit_code,
-                           "error": f"VM {g.vmid} went away during the backup; "
-                                    "nothing was committed"}
+            log.error(
+                "VM %s went away during the backup (%s); removed %d fleecing image(s)",
+                g.vmid,
+                err,
+                len(removed),
+            )
+            self.result = {
+                "ok": False,
+                "committed": False,
+                "exit": err.exit_code,
+                "error": f"VM {g.vmid} went away during the backup; nothing was committed",
+            }
         except SnapfsError as err:
             # Keep the state file: `snapfs cleanup` can retry what is left.
             keep_state = True
             log.error("VM %s: teardown: %s", g.vmid, err)
-            self.result = {"ok": False, "exit": err.exit_code, "committed": False,
-                           "error": f"{err} (run 'snapfs cleanup {g.vmid}' to retry)"}
+            self.result = {
+                "ok": False,
+                "exit": err.exit_code,
+                "committed": False,
+                "error": f"{err} (run 'snapfs cleanup {g.vmid}' to retry)",
+            }
         else:
             self.result = {"ok": True, "committed": commit}
             if self.commit and not commit:
-                self.result = {"ok": False, "committed": False, "exit": StateError.exit_code,
-                               "error": f"the snapshot broke ({self.broken}); "
-                                        "nothing was committed"}
+                self.result = {
+                    "ok": False,
+                    "committed": False,
+                    "exit": StateError.exit_code,
+                    "error": f"the snapshot broke ({self.broken}); nothing was committed",
+                }
             log.info("VM %s: torn down (%s)", g.vmid, "committed" if commit else "aborted")
         self.result["incremental"] = g.incremental
         if keep_state:
@@ -652,8 +718,9 @@ def request(vmid: str, req: dict[str, Any], timeout: float = 120.0) -> dict[str,
         try:
             s.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError) as err:
-            raise StateError(f"the serving process of VM {vmid} is gone "
-                             f"(run 'snapfs cleanup {vmid}')") from err
+            raise StateError(
+                f"the serving process of VM {vmid} is gone (run 'snapfs cleanup {vmid}')"
+            ) from err
         s.sendall(json.dumps(req).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
@@ -737,8 +804,9 @@ async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
         with trio.move_on_after(5):
             await _wait_exit(pid)
     if pid is not None and pid != os.getpid() and _alive(pid):
-        raise StateError(f"VM {vmid}'s serving process ({pid}) is alive; "
-                         f"use 'snapfs umount {vmid}'")
+        raise StateError(
+            f"VM {vmid}'s serving process ({pid}) is alive; use 'snapfs umount {vmid}'"
+        )
     done: list[str] = []
     if st is not None:
         mp = Path(st["mountpoint"])
@@ -774,8 +842,7 @@ def unwrap(exc: BaseException) -> BaseException:
         if len(exc.exceptions) == 1:
             exc = exc.exceptions[0]
             continue
-        ours = [e for e in exc.exceptions
-                if isinstance(unwrap(e), SnapfsError)]
+        ours = [e for e in exc.exceptions if isinstance(unwrap(e), SnapfsError)]
         if not ours:
             return exc
         exc = unwrap(ours[0])

@@ -207,8 +207,13 @@ class Entry:
 class Tree:
     """The whole mounted tree of one session. ``facts`` is rendered as snapfs.json on demand."""
 
-    def __init__(self, disks: Sequence[Disk], facts: Callable[[], dict[str, Any]],
-                 extra_files: dict[str, bytes] | None = None, mtime_ns: int = 0) -> None:
+    def __init__(
+        self,
+        disks: Sequence[Disk],
+        facts: Callable[[], dict[str, Any]],
+        extra_files: dict[str, bytes] | None = None,
+        mtime_ns: int = 0,
+    ) -> None:
         self.disks = list(disks)
         self.facts = facts
         self.mtime_ns = mtime_ns
@@ -220,8 +225,9 @@ class Tree:
             self._names[f"{d.name}.dirty"] = DISK_INO_BASE + 2 * i + 1
         for j, name in enumerate(self._extra):
             self._names[name] = EXTRA_INO_BASE + j
-        self._extra_by_ino = {EXTRA_INO_BASE + j: data
-                              for j, data in enumerate(self._extra.values())}
+        self._extra_by_ino = {
+            EXTRA_INO_BASE + j: data for j, data in enumerate(self._extra.values())
+        }
 
     # -- names -----------------------------------------------------------------------------------
 
@@ -265,7 +271,8 @@ class Tree:
 
     def is_disk(self, ino: int) -> bool:
         return DISK_INO_BASE <= ino < DISK_INO_BASE + 2 * len(self.disks) and (
-            (ino - DISK_INO_BASE) % 2 == 0)
+            (ino - DISK_INO_BASE) % 2 == 0
+        )
 
     def open(self, ino: int, writable: bool, truncate: bool) -> None:
         """Opening a disk file read-write succeeds (fallocate needs it); nothing else may be

@@ -45,15 +45,23 @@ class Snapfs:
         self.log_file = log_file
         self.env = dict(os.environ, SNAPFS_RUN_DIR=str(run_dir), SNAPFS_LOG_FILE=str(log_file))
 
-    def __call__(self, *args: str, check: bool = True,
-                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "snapfs", *args], env=self.env,
-                              capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+    def __call__(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "snapfs", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         if check and proc.returncode != 0:
             log = self.log_file.read_text() if self.log_file.exists() else ""
-            raise AssertionError(f"snapfs {' '.join(args)} failed ({proc.returncode}): "
-                                 f"{proc.stderr}\n--- log ---\n{log}")
+            raise AssertionError(
+                f"snapfs {' '.join(args)} failed ({proc.returncode}): "
+                f"{proc.stderr}\n--- log ---\n{log}"
+            )
         return proc
 
     def pids(self) -> list[int]:
@@ -65,13 +73,22 @@ class Snapfs:
 
     def mount(self, vm: TestVM, mountpoint: Path, *args: str) -> Path:
         mountpoint.mkdir(exist_ok=True)
-        self("mount", vmid(vm), str(mountpoint), "--qmp", str(vm.qmp_path),
-             "--fleecing-dir", str(vm.workdir / "fleecing"), *args)
+        self(
+            "mount",
+            vmid(vm),
+            str(mountpoint),
+            "--qmp",
+            str(vm.qmp_path),
+            "--fleecing-dir",
+            str(vm.workdir / "fleecing"),
+            *args,
+        )
         return mountpoint
 
     @contextlib.contextmanager
-    def mounted(self, vm: TestVM, mountpoint: Path, *args: str,
-                commit: bool = False) -> Iterator[Path]:
+    def mounted(
+        self, vm: TestVM, mountpoint: Path, *args: str, commit: bool = False
+    ) -> Iterator[Path]:
         """Mounted for the ``with`` body; unmounted after it (``--commit`` if asked)."""
         self.mount(vm, mountpoint, *args)
         ok = False
@@ -105,8 +122,13 @@ def snapfs(tmp_path: Path) -> Iterator[Snapfs]:
 @pytest.fixture
 def vm(tmp_path: Path) -> Iterator[TestVM]:
     """Two disks of different formats and bus types: virtio-blk qcow2 and scsi-hd raw."""
-    machine = TestVM(tmp_path, [DiskSpec("virtio0", "qcow2", "virtio", size=32 << 20),
-                                DiskSpec("scsi0", "raw", "scsi", size=24 << 20)])
+    machine = TestVM(
+        tmp_path,
+        [
+            DiskSpec("virtio0", "qcow2", "virtio", size=32 << 20),
+            DiskSpec("scsi0", "raw", "scsi", size=24 << 20),
+        ],
+    )
     try:
         yield machine.start()
     finally:

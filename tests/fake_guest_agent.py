@@ -53,8 +53,12 @@ class FakeAgent:
             if self.mode == "error-freeze":
                 reply = {"error": {"class": "GenericError", "desc": "fsfreeze failed: EIO"}}
             elif self.state == "frozen":
-                reply = {"error": {"class": "GenericError",
-                                   "desc": "Command guest-fsfreeze-freeze has been disabled"}}
+                reply = {
+                    "error": {
+                        "class": "GenericError",
+                        "desc": "Command guest-fsfreeze-freeze has been disabled",
+                    }
+                }
             else:
                 self.state = "frozen"
                 reply = {"return": 2}
@@ -63,8 +67,12 @@ class FakeAgent:
             self.state = "thawed"
             reply = {"return": count}
         else:
-            reply = {"error": {"class": "CommandNotFound",
-                               "desc": f"The command {cmd} has not been found"}}
+            reply = {
+                "error": {
+                    "class": "CommandNotFound",
+                    "desc": f"The command {cmd} has not been found",
+                }
+            }
         self.log(cmd)
         if self.mode == "silent":
             return None
@@ -81,7 +89,7 @@ class FakeAgent:
                 return
             buf += data
             if b"\xff" in buf:  # parser reset: drop everything up to the last 0xFF
-                buf = buf[buf.rindex(b"\xff") + 1:]
+                buf = buf[buf.rindex(b"\xff") + 1 :]
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
                 if not line.strip():
@@ -102,8 +110,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("socket")
     ap.add_argument("record")
-    ap.add_argument("--mode", default="normal",
-                    choices=["normal", "silent", "slow-freeze", "error-freeze", "frozen"])
+    ap.add_argument(
+        "--mode",
+        default="normal",
+        choices=["normal", "silent", "slow-freeze", "error-freeze", "frozen"],
+    )
     ap.add_argument("--delay", type=float, default=1.0)
     args = ap.parse_args()
     agent = FakeAgent(Path(args.record), args.mode, args.delay)

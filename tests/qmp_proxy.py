@@ -50,8 +50,11 @@ class Refuse:
 def event(name: str, data: Json | None = None) -> Json:
     """A QMP event as QEMU sends it (with a timestamp)."""
     now = time.time()
-    return {"event": name, "data": data or {},
-            "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)}}
+    return {
+        "event": name,
+        "data": data or {},
+        "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)},
+    }
 
 
 class QMPProxy:
@@ -78,8 +81,9 @@ class QMPProxy:
     def __enter__(self) -> QMPProxy:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:
@@ -102,8 +106,9 @@ class QMPProxy:
             self.path.unlink()
 
     def _start(self, target: Callable[..., None], *args: Any) -> None:
-        t = threading.Thread(target=target, args=args, daemon=True,
-                             name=f"qmp-proxy-{target.__name__}")
+        t = threading.Thread(
+            target=target, args=args, daemon=True, name=f"qmp-proxy-{target.__name__}"
+        )
         with self._lock:
             if self._closing.is_set():
                 return

@@ -33,12 +33,25 @@ def fake_agent(tmp_path: Path) -> Iterator[StartAgent]:
     """Start the stand-in agent in a mode; returns (config, record file)."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(mode: str = "normal", delay: float = 1.0, **timeouts: float) -> tuple[
-            FreezeConfig, Path]:
+    def start(
+        mode: str = "normal", delay: float = 1.0, **timeouts: float
+    ) -> tuple[FreezeConfig, Path]:
         sock = tmp_path / f"agent-{len(procs)}.qga"
         record = tmp_path / f"agent-{len(procs)}.jsonl"
-        procs.append(subprocess.Popen([sys.executable, str(FAKE), str(sock), str(record),
-                                       "--mode", mode, "--delay", str(delay)]))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(FAKE),
+                    str(sock),
+                    str(record),
+                    "--mode",
+                    mode,
+                    "--delay",
+                    str(delay),
+                ]
+            )
+        )
         poll(sock.exists, 10, "the stand-in agent's socket")
         return FreezeConfig(sock, **timeouts), record
 
@@ -60,8 +73,9 @@ def cmds(record: Path) -> list[str]:
     return [c["cmd"] for c in calls(record)]
 
 
-def freeze_around(cfg: FreezeConfig | None, body: Callable[[], None] = lambda: None,
-                  **kw: Any) -> tuple[FreezeResult, float]:
+def freeze_around(
+    cfg: FreezeConfig | None, body: Callable[[], None] = lambda: None, **kw: Any
+) -> tuple[FreezeResult, float]:
     """Run ``frozen()`` around a stand-in snapshot point; return the result and that instant."""
     when = 0.0
 
@@ -79,8 +93,7 @@ def test_freeze_then_thaw_around_the_snapshot_point(fake_agent: StartAgent) -> N
     cfg, record = fake_agent()
     seen_inside: list[str] = []
     result, snap = freeze_around(cfg, lambda: seen_inside.extend(cmds(record)))
-    assert seen_inside == ["guest-sync-delimited", "guest-fsfreeze-status",
-                           "guest-fsfreeze-freeze"]
+    assert seen_inside == ["guest-sync-delimited", "guest-fsfreeze-status", "guest-fsfreeze-freeze"]
     log = calls(record)
     assert [c["cmd"] for c in log] == [*seen_inside, "guest-fsfreeze-thaw"]
     freeze, thaw = log[2], log[3]
@@ -95,7 +108,8 @@ def test_freeze_then_thaw_around_the_snapshot_point(fake_agent: StartAgent) -> N
 
 
 def test_an_agent_that_never_answers_gives_a_warning_within_the_timeout(
-        fake_agent: StartAgent, caplog: pytest.LogCaptureFixture) -> None:
+    fake_agent: StartAgent, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg, record = fake_agent("silent", sync_timeout=0.5)
     caplog.set_level(logging.INFO, logger="snapfs.agent")
     start = time.monotonic()
@@ -105,8 +119,10 @@ def test_an_agent_that_never_answers_gives_a_warning_within_the_timeout(
     assert result.reason is not None
     assert "guest-sync" in result.reason
     assert "qemu-guest-agent running" in result.reason
-    assert any(r.levelno == logging.WARNING and "crash-consistent" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        r.levelno == logging.WARNING and "crash-consistent" in r.getMessage()
+        for r in caplog.records
+    )
     # Nothing but the sync was sent: a late agent cannot freeze the guest.
     poll(lambda: cmds(record) == ["guest-sync-delimited"], 5, "the sync to be recorded")
 
@@ -126,7 +142,8 @@ def test_a_freeze_without_answer_is_still_thawed(fake_agent: StartAgent) -> None
 
 
 def test_a_failed_freeze_is_thawed_and_warned_about(
-        fake_agent: StartAgent, caplog: pytest.LogCaptureFixture) -> None:
+    fake_agent: StartAgent, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg, record = fake_agent("error-freeze")
     result, _ = freeze_around(cfg)
     assert result.state == "failed"
@@ -189,7 +206,8 @@ needs_wiring = pytest.mark.skipif(not WIRED, reason="the session does not take t
 @pytest.mark.qemu
 @pytest.mark.mount
 def test_mount_freezes_around_the_snapshot_point(
-        vm: TestVM, snapfs: Snapfs, fake_agent: StartAgent, tmp_path: Path) -> None:
+    vm: TestVM, snapfs: Snapfs, fake_agent: StartAgent, tmp_path: Path
+) -> None:
     vm.qmp("cont")  # a running guest (firmware only): a paused one cannot answer an agent
     cfg, record = fake_agent()
     pve_dir = tmp_path / "pve"
@@ -202,8 +220,12 @@ def test_mount_freezes_around_the_snapshot_point(
         assert (mnt / "qemu-server.conf").read_bytes() == conf
         assert not (mnt / "qemu-server.fw").exists()
     log = calls(record)
-    assert [c["cmd"] for c in log] == ["guest-sync-delimited", "guest-fsfreeze-status",
-                                       "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    assert [c["cmd"] for c in log] == [
+        "guest-sync-delimited",
+        "guest-fsfreeze-status",
+        "guest-fsfreeze-freeze",
+        "guest-fsfreeze-thaw",
+    ]
     snap = datetime.fromisoformat(facts["snapshot_time"]).timestamp()
     # snapshot_time is truncated to milliseconds.
     assert log[2]["t"] <= snap + 0.001 <= log[3]["t"] + 0.001
@@ -216,7 +238,8 @@ def test_mount_freezes_around_the_snapshot_point(
 @pytest.mark.qemu
 @pytest.mark.mount
 def test_mount_with_an_agent_that_never_answers(
-        vm: TestVM, snapfs: Snapfs, fake_agent: StartAgent, tmp_path: Path) -> None:
+    vm: TestVM, snapfs: Snapfs, fake_agent: StartAgent, tmp_path: Path
+) -> None:
     vm.qmp("cont")
     cfg, record = fake_agent("silent")
     start = time.monotonic()
@@ -234,7 +257,8 @@ def test_mount_with_an_agent_that_never_answers(
 @pytest.mark.qemu
 @pytest.mark.mount
 def test_a_paused_vm_is_not_frozen_and_no_freeze_skips(
-        vm: TestVM, snapfs: Snapfs, fake_agent: StartAgent, tmp_path: Path) -> None:
+    vm: TestVM, snapfs: Snapfs, fake_agent: StartAgent, tmp_path: Path
+) -> None:
     cfg, record = fake_agent()
     with snapfs.mounted(vm, tmp_path / "m1", "--agent", str(cfg.socket)) as mnt:
         facts = json.loads((mnt / "snapfs.json").read_text())

@@ -42,8 +42,16 @@ class Chain:
         self.guest = GuestIO(vm, seed=21)
 
     def mount_args(self, mnt: Path, chain: str) -> list[str]:
-        return [self.vm.vmid, str(mnt), "--qmp", str(self.vm.qmp_path),
-                "--fleecing-dir", str(self.tmp / "fleecing"), "--incremental", chain]
+        return [
+            self.vm.vmid,
+            str(mnt),
+            "--qmp",
+            str(self.vm.qmp_path),
+            "--fleecing-dir",
+            str(self.tmp / "fleecing"),
+            "--incremental",
+            chain,
+        ]
 
     def provider(self, chain: str, mnt: Path) -> list[str]:
         if chain == "a":
@@ -82,10 +90,15 @@ class Chain:
         for name, data in want.items():
             got = (self.dest[chain] / f"{name}.raw").read_bytes()
             if got != data:
-                bad = [off for off in range(0, len(data), 4096)
-                       if got[off : off + 4096] != data[off : off + 4096]]
-                raise AssertionError(f"run {self.runs}, chain {chain}, {name}: {len(bad)} "
-                                     f"wrong 4 KiB blocks, first at {bad[:4]}")
+                bad = [
+                    off
+                    for off in range(0, len(data), 4096)
+                    if got[off : off + 4096] != data[off : off + 4096]
+                ]
+                raise AssertionError(
+                    f"run {self.runs}, chain {chain}, {name}: {len(bad)} "
+                    f"wrong 4 KiB blocks, first at {bad[:4]}"
+                )
             assert not (self.dest[chain] / f"{name}.raw.incomplete").exists()
         self.check_graph()
 
@@ -96,12 +109,18 @@ class Chain:
         assert not self.vm.io_errors()
 
 
-def test_a_chain_of_backups_reproduces_every_snapshot(shm_dir: Path,  # noqa: F811
-                                                      snapfs: Snapfs, tmp_path: Path) -> None:
-    disks = [DiskSpec("virtio0", "qcow2", "virtio", size=SIZE, detect_zeroes="unmap"),
-             DiskSpec("scsi0", "raw", "scsi", size=SIZE, detect_zeroes="on")]
-    vm = TestVM(shm_dir, disks, contents={d.name: disk_content(10 + i)
-                                          for i, d in enumerate(disks)})
+def test_a_chain_of_backups_reproduces_every_snapshot(
+    shm_dir: Path,  # noqa: F811
+    snapfs: Snapfs,
+    tmp_path: Path,
+) -> None:
+    disks = [
+        DiskSpec("virtio0", "qcow2", "virtio", size=SIZE, detect_zeroes="unmap"),
+        DiskSpec("scsi0", "raw", "scsi", size=SIZE, detect_zeroes="on"),
+    ]
+    vm = TestVM(
+        shm_dir, disks, contents={d.name: disk_content(10 + i) for i, d in enumerate(disks)}
+    )
     with vm:
         chain = Chain(vm, snapfs, tmp_path)
         # Full backups, then incrementals.
@@ -139,11 +158,26 @@ def test_a_chain_of_backups_reproduces_every_snapshot(shm_dir: Path,  # noqa: F8
         mnt.mkdir()
         snapfs("mount", *chain.mount_args(mnt, "a"))
         with chain.guest.storm():
-            copy = subprocess.Popen([sys.executable, "-m", "snapfs", "copy", str(mnt),
-                                     str(chain.dest["a"]), "--discard"], env=snapfs.env,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            poll(lambda: (chain.dest["a"] / "virtio0.raw.incomplete").exists()
-                 or copy.poll() is not None, what="the copy to start")
+            copy = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "snapfs",
+                    "copy",
+                    str(mnt),
+                    str(chain.dest["a"]),
+                    "--discard",
+                ],
+                env=snapfs.env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            poll(
+                lambda: (
+                    (chain.dest["a"] / "virtio0.raw.incomplete").exists() or copy.poll() is not None
+                ),
+                what="the copy to start",
+            )
             os.kill(serving_pid(snapfs, vm), signal.SIGKILL)
             copy.wait(60)
         snapfs("cleanup", vm.vmid)

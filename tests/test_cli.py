@@ -30,13 +30,39 @@ MiB = 1 << 20
 
 
 def test_run_takes_options_then_the_command_after_dashdash() -> None:
-    args = cli.parse_args(["run", "100", "--incremental", "nightly", "-v", "--",
-                           "rsync", "-a", "--sparse", "{}/", "/dest/", "--", "x"])
+    args = cli.parse_args(
+        [
+            "run",
+            "100",
+            "--incremental",
+            "nightly",
+            "-v",
+            "--",
+            "rsync",
+            "-a",
+            "--sparse",
+            "{}/",
+            "/dest/",
+            "--",
+            "x",
+        ]
+    )
     assert (args.command, args.vmid, args.incremental, args.verbose) == (
-        "run", "100", "nightly", True)
+        "run",
+        "100",
+        "nightly",
+        True,
+    )
     assert args.argv == ["rsync", "-a", "--sparse", "{}/", "/dest/", "--", "x"]
     assert cli.command_line(args.argv, Path("/run/snapfs/100")) == [
-        "rsync", "-a", "--sparse", "/run/snapfs/100/", "/dest/", "--", "x"]
+        "rsync",
+        "-a",
+        "--sparse",
+        "/run/snapfs/100/",
+        "/dest/",
+        "--",
+        "x",
+    ]
     assert cli.parse_args(["-q", "run", "7", "--", "true"]).quiet is True
     assert cli.parse_args(["run", "7", "--", "true"]).quiet is False
     assert cli.parse_args(["umount", "7", "--commit"]).commit is True
@@ -47,8 +73,9 @@ def test_freeze_options() -> None:
     cfg = cli.freeze_config(args)
     assert cfg is not None
     assert (str(cfg.socket), cfg.timeout) == ("/var/run/qemu-server/100.qga", 10.0)
-    args = cli.parse_args(["run", "100", "--agent", "/x.qga", "--freeze-timeout", "2.5",
-                           "--", "true"])
+    args = cli.parse_args(
+        ["run", "100", "--agent", "/x.qga", "--freeze-timeout", "2.5", "--", "true"]
+    )
     cfg = cli.freeze_config(args)
     assert cfg is not None
     assert (str(cfg.socket), cfg.timeout) == ("/x.qga", 2.5)
@@ -77,7 +104,8 @@ def verbosity(verbose: bool = False, quiet: bool = False) -> argparse.Namespace:
 
 
 def test_background_logs_go_to_the_journal_with_fields(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_logging: None) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
     path = str(tmp_path / "journal.sock")
     journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     journal.bind(path)
@@ -99,7 +127,8 @@ def test_background_logs_go_to_the_journal_with_fields(
 
 
 def test_foreground_logs_go_to_stderr_and_levels_follow_the_flags(
-        monkeypatch: pytest.MonkeyPatch, restore_logging: None) -> None:
+    monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
     monkeypatch.delenv("SNAPFS_LOG_FILE", raising=False)
     cli.setup_logging(verbosity(), background=False)
     (handler,) = logging.getLogger().handlers
@@ -115,20 +144,32 @@ def test_foreground_logs_go_to_stderr_and_levels_follow_the_flags(
 # -- progress -------------------------------------------------------------------------------------
 
 
-def fake_view(path: Path, disks: dict[str, bytes], regions: dict[str, list[tuple[int, int]]],
-              mode: str = "none", incremental: str | None = None) -> Path:
+def fake_view(
+    path: Path,
+    disks: dict[str, bytes],
+    regions: dict[str, list[tuple[int, int]]],
+    mode: str = "none",
+    incremental: str | None = None,
+) -> Path:
     """A directory laid out like a view (plain files; enough for the providers)."""
     path.mkdir(exist_ok=True)
     disk_facts: dict[str, Any] = {}
-    facts = {"vmid": "100", "snapshot_time": "2026-01-01T00:00:00.000+00:00",
-             "incremental": incremental, "disks": disk_facts}
+    facts = {
+        "vmid": "100",
+        "snapshot_time": "2026-01-01T00:00:00.000+00:00",
+        "incremental": incremental,
+        "disks": disk_facts,
+    }
     for name, data in disks.items():
         (path / f"{name}.raw").write_bytes(data)
         (path / f"{name}.dirty").write_text(
-            "".join(f"{o} {n}\n" for o, n in regions.get(name, [(0, len(data))])))
-        disk_facts[name] = {"size": len(data), "bitmap": {"mode": mode},
-                            "readable_bytes": sum(n for _, n in regions.get(
-                                name, [(0, len(data))]))}
+            "".join(f"{o} {n}\n" for o, n in regions.get(name, [(0, len(data))]))
+        )
+        disk_facts[name] = {
+            "size": len(data),
+            "bitmap": {"mode": mode},
+            "readable_bytes": sum(n for _, n in regions.get(name, [(0, len(data))])),
+        }
     (path / "snapfs.json").write_text(json.dumps(facts))
     return path
 
@@ -136,14 +177,23 @@ def fake_view(path: Path, disks: dict[str, bytes], regions: dict[str, list[tuple
 def test_copy_shows_progress_only_on_a_terminal(tmp_path: Path) -> None:
     view = fake_view(tmp_path / "view", {"scsi0": random.randbytes(4 * MiB)}, {})
     cmd = [sys.executable, "-m", "snapfs", "copy", str(view), str(tmp_path / "a")]
-    quiet = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                           env={k: v for k, v in os.environ.items() if k != "SNAPFS_LOG_FILE"})
+    quiet = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={k: v for k, v in os.environ.items() if k != "SNAPFS_LOG_FILE"},
+    )
     assert "%" not in quiet.stderr
     assert "scsi0: read" in quiet.stderr  # the summary is logged, not a progress bar
     primary, secondary = pty.openpty()
     try:
-        subprocess.run([*cmd[:-1], str(tmp_path / "b")], stderr=secondary,
-                       stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(
+            [*cmd[:-1], str(tmp_path / "b")],
+            stderr=secondary,
+            stdout=subprocess.DEVNULL,
+            check=True,
+        )
         os.close(secondary)
         shown = b""
         while True:
@@ -163,8 +213,9 @@ def test_copy_shows_progress_only_on_a_terminal(tmp_path: Path) -> None:
 # -- Proxmox config -------------------------------------------------------------------------------
 
 
-def test_guest_files_reads_conf_and_firewall(tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_guest_files_reads_conf_and_firewall(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "qemu-server").mkdir()
     (tmp_path / "firewall").mkdir()
     (tmp_path / "qemu-server/100.conf").write_bytes(b"scsi0: local:vm-100-disk-0,size=8G\n")
@@ -173,7 +224,8 @@ def test_guest_files_reads_conf_and_firewall(tmp_path: Path,
     (tmp_path / "qemu-server/102.conf").write_bytes(b"x" * (pve.MAX_SIZE + 1))
     assert pve.guest_files("100", tmp_path) == {
         "qemu-server.conf": b"scsi0: local:vm-100-disk-0,size=8G\n",
-        "qemu-server.fw": b"[OPTIONS]\nenable: 1\n"}
+        "qemu-server.fw": b"[OPTIONS]\nenable: 1\n",
+    }
     assert pve.guest_files("101", tmp_path) == {"qemu-server.conf": b"memory: 512\n"}
     assert pve.guest_files("102", tmp_path) == {}
     assert pve.guest_files("103", tmp_path) == {}
@@ -186,8 +238,12 @@ def test_guest_files_reads_conf_and_firewall(tmp_path: Path,
 
 
 def provider(view: Path, dest: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["sh", str(RSYNC_REMOTE), str(view), dest], capture_output=True,
-                          text=True, env=dict(os.environ, **env))
+    return subprocess.run(
+        ["sh", str(RSYNC_REMOTE), str(view), dest],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **env),
+    )
 
 
 @pytest.mark.parametrize("remote", [False, True], ids=["local", "stand-in-ssh"])
@@ -198,9 +254,11 @@ def test_rsync_remote_full_then_incremental(tmp_path: Path, remote: bool) -> Non
     if remote:
         # A stand-in for ssh that runs the remote command here: no host is contacted.
         rsh = tmp_path / "fake-ssh"
-        rsh.write_text('#!/bin/sh\n'
-                       'while [ "${1#-}" != "$1" ]; do [ "$1" = -l ] && shift; shift; done\n'
-                       'shift\nexec sh -c "$*"\n')
+        rsh.write_text(
+            "#!/bin/sh\n"
+            'while [ "${1#-}" != "$1" ]; do [ "$1" = -l ] && shift; shift; done\n'
+            'shift\nexec sh -c "$*"\n'
+        )
         rsh.chmod(0o755)
         env["SNAPFS_RSH"] = str(rsh)
         target = f"backup@stand-in-host:{dest}"
@@ -216,12 +274,17 @@ def test_rsync_remote_full_then_incremental(tmp_path: Path, remote: bool) -> Non
     # never reach the backup (a real view would fail reads there with ENODATA).
     changes = [(65536, 4096), (2 * MiB, MiB)]
     for off, n in changes:
-        disk[off:off + n] = random.randbytes(n)
+        disk[off : off + n] = random.randbytes(n)
     garbage = bytearray(b"\xee" * len(disk))
     for off, n in changes:
-        garbage[off:off + n] = disk[off:off + n]
-    inc = fake_view(tmp_path / "inc", {"scsi0": bytes(garbage)}, {"scsi0": changes},
-                    mode="reuse", incremental="nightly")
+        garbage[off : off + n] = disk[off : off + n]
+    inc = fake_view(
+        tmp_path / "inc",
+        {"scsi0": bytes(garbage)},
+        {"scsi0": changes},
+        mode="reuse",
+        incremental="nightly",
+    )
     proc = provider(inc, target, **env)
     assert proc.returncode == 0, proc.stderr
     assert (dest / "scsi0.raw").read_bytes() == disk
@@ -230,8 +293,7 @@ def test_rsync_remote_full_then_incremental(tmp_path: Path, remote: bool) -> Non
 
 
 def test_rsync_remote_refuses_an_incremental_without_a_full_image(tmp_path: Path) -> None:
-    inc = fake_view(tmp_path / "inc", {"scsi0": bytes(MiB)}, {"scsi0": [(0, 4096)]},
-                    mode="reuse")
+    inc = fake_view(tmp_path / "inc", {"scsi0": bytes(MiB)}, {"scsi0": [(0, 4096)]}, mode="reuse")
     proc = provider(inc, str(tmp_path / "dest"))
     assert proc.returncode == 1
     assert "no full image" in proc.stderr
@@ -243,8 +305,12 @@ def test_rsync_remote_marks_an_interrupted_update_incomplete(tmp_path: Path) -> 
     full = fake_view(tmp_path / "full", {"scsi0": bytes(MiB)}, {})
     assert provider(full, str(dest)).returncode == 0
     # A region past the end of the view's file: the data stream comes up short.
-    inc = fake_view(tmp_path / "inc", {"scsi0": bytes(MiB)},
-                    {"scsi0": [(0, 4096), (2 * MiB, 4096)]}, mode="reuse")
+    inc = fake_view(
+        tmp_path / "inc",
+        {"scsi0": bytes(MiB)},
+        {"scsi0": [(0, 4096), (2 * MiB, 4096)]},
+        mode="reuse",
+    )
     proc = provider(inc, str(dest))
     assert proc.returncode != 0
     assert (dest / "scsi0.raw.incomplete").exists()

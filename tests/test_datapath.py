@@ -68,14 +68,21 @@ class FakeDevice:
         os.close(self.w)
 
 
-async def read_back(reader: DiskReader, dev: FakeDevice, unique: int, offset: int, length: int,
-                    ahead: Sequence[tuple[int, int]] = ()) -> bytes:
+async def read_back(
+    reader: DiskReader,
+    dev: FakeDevice,
+    unique: int,
+    offset: int,
+    length: int,
+    ahead: Sequence[tuple[int, int]] = (),
+) -> bytes:
     """One READ through the reader; the reply is taken off the fake device concurrently (a
     1 MiB reply does not fit into the fake device's pipe at once)."""
     got: list[tuple[int, int, bytes]] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: trio.to_thread.run_sync(lambda: got.append(dev.take()),
-                                                           abandon_on_cancel=True))
+        nursery.start_soon(
+            lambda: trio.to_thread.run_sync(lambda: got.append(dev.take()), abandon_on_cancel=True)
+        )
         try:
             await reader.read(unique, offset, length, ahead)
         except BaseException:
@@ -86,8 +93,14 @@ async def read_back(reader: DiskReader, dev: FakeDevice, unique: int, offset: in
     return payload
 
 
-def with_reader(sock: str, name: str, body: object, *, pipe_size: int = 1 << 20,
-                depth: SharedDepth | None = None) -> DiskReader:
+def with_reader(
+    sock: str,
+    name: str,
+    body: object,
+    *,
+    pipe_size: int = 1 << 20,
+    depth: SharedDepth | None = None,
+) -> DiskReader:
     """Run ``body(reader, dev)`` with a running DiskReader; return the reader (stopped)."""
     dev = FakeDevice()
     reader = DiskReader(sock, name, dev.factory, pipe_size=pipe_size, depth=depth)
@@ -178,15 +191,32 @@ def test_holes_arrive_as_zeros(vm: TestVM, tmp_path: Path) -> None:
     """A sparse qcow2 answers with hole chunks between data chunks."""
     image = tmp_path / "sparse.qcow2"
     subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
-    subprocess.run([QEMU_IO, "-f", "qcow2", "-c", "write -P 0x61 64k 64k", "-c",
-                    "write -P 0x62 1M 4k", "-c", "write -P 0x63 3M 1M", str(image)],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            QEMU_IO,
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x61 64k 64k",
+            "-c",
+            "write -P 0x62 1M 4k",
+            "-c",
+            "write -P 0x63 3M 1M",
+            str(image),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     want = bytearray(8 * MiB)
     want[64 * KiB : 128 * KiB] = b"\x61" * (64 * KiB)
     want[MiB : MiB + 4096] = b"\x62" * 4096
     want[3 * MiB : 4 * MiB] = b"\x63" * MiB
-    vm.qmp("blockdev-add", driver="qcow2", **{"node-name": "sparse"},
-           file={"driver": "file", "filename": str(image)})
+    vm.qmp(
+        "blockdev-add",
+        driver="qcow2",
+        **{"node-name": "sparse"},
+        file={"driver": "file", "filename": str(image)},
+    )
     sock = start_server(vm, tmp_path)
     export(vm, "sparse", "sparse")
 
@@ -287,9 +317,11 @@ def test_the_servers_send_buffer_is_widened(vm: TestVM, sock: str) -> None:
         stream.close()
 
 
-def test_a_server_out_of_reach_keeps_its_buffer(vm: TestVM, sock: str,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_server_out_of_reach_keeps_its_buffer(
+    vm: TestVM, sock: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without the right to reach into QEMU (pidfd_getfd refused), reads work as before."""
+
     def refused(pidfd: int, fd: int) -> int:
         raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
 
@@ -319,6 +351,7 @@ def test_qemu_killed_ends_the_reader(vm: TestVM, sock: str) -> None:
 
 def test_close_while_a_read_ahead_is_in_flight(vm: TestVM, sock: str) -> None:
     """close() ends the worker even while it waits on the socket; nothing hangs."""
+
     async def body(reader: DiskReader, dev: FakeDevice) -> None:
         await read_back(reader, dev, 1, 0, MiB, [(MiB, MiB), (2 * MiB, MiB)])
         reader.close()
@@ -346,7 +379,8 @@ def test_stream_handshake_errors(vm: TestVM, sock: str, tmp_path: Path) -> None:
 
 
 def test_a_read_spanning_saved_and_unsaved_clusters(
-        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    vm: TestVM, snapfs: Snapfs, tmp_path: Path
+) -> None:
     """One read over a cluster copy-before-write saved (the guest wrote it after the snapshot)
     and one it did not returns the snapshot's bytes for both. (QEMU 7.2 gets this wrong for
     reads without structured replies.)"""

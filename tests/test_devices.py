@@ -41,24 +41,32 @@ def machine(tmp_path: Path) -> TestVM:
     ]
     iso = tmp_path / "install.iso"
     iso.write_bytes(os.urandom(MiB))
-    cdroms = ["-drive", f"if=none,id=drive-ide2,media=cdrom,format=raw,readonly=on,file={iso}",
-              "-device", "ide-cd,bus=ide.2,drive=drive-ide2,id=ide2",
-              "-drive", "if=none,id=drive-ide3,media=cdrom",
-              "-device", "ide-cd,bus=ide.3,drive=drive-ide3,id=ide3"]
+    cdroms = [
+        "-drive",
+        f"if=none,id=drive-ide2,media=cdrom,format=raw,readonly=on,file={iso}",
+        "-device",
+        "ide-cd,bus=ide.2,drive=drive-ide2,id=ide2",
+        "-drive",
+        "if=none,id=drive-ide3,media=cdrom",
+        "-device",
+        "ide-cd,bus=ide.3,drive=drive-ide3,id=ide3",
+    ]
     return TestVM(tmp_path, disks, extra_args=cdroms)
 
 
 def node_info(vm: TestVM, name: str) -> dict[str, Any]:
-    (info,) = [n for n in vm.qmp("query-named-block-nodes", flat=True)
-               if n["node-name"] == name]
+    (info,) = [n for n in vm.qmp("query-named-block-nodes", flat=True) if n["node-name"] == name]
     return {k: v for k, v in info.items() if k not in ("image", "dirty-bitmaps")}
 
 
 def file_child(vm: TestVM, node: str) -> str:
     graph = vm.qmp("x-debug-query-block-graph")
     names = {n["id"]: n["name"] for n in graph["nodes"]}
-    (child,) = [names[e["child"]] for e in graph["edges"]
-                if names.get(e["parent"]) == node and e["name"] == "file"]
+    (child,) = [
+        names[e["child"]]
+        for e in graph["edges"]
+        if names.get(e["parent"]) == node and e["name"] == "file"
+    ]
     return str(child)
 
 
@@ -78,7 +86,8 @@ def test_every_kind_of_disk(tmp_path: Path, snapfs: Snapfs) -> None:
         with snapfs.mounted(vm, tmp_path / "m0", "--incremental", "n", commit=True) as mnt:
             want = vm.snapshot()
             assert sorted(p.name for p in mnt.glob("*.raw")) == sorted(
-                f"{name}.raw" for name in vm.disks)
+                f"{name}.raw" for name in vm.disks
+            )
             facts = json.loads((mnt / "snapfs.json").read_text())
             # The copy-before-write filter sits below the throttle node: backup reads and
             # old-data copies do not count against the guest's limit.
@@ -139,8 +148,7 @@ def test_the_skipped_devices_are_named(tmp_path: Path, snapfs: Snapfs) -> None:
 
 
 def throttled(tmp_path: Path) -> TestVM:
-    return TestVM(tmp_path, [DiskSpec("virtio0", "qcow2", "virtio", size=8 * MiB,
-                                      throttle=LIMIT)])
+    return TestVM(tmp_path, [DiskSpec("virtio0", "qcow2", "virtio", size=8 * MiB, throttle=LIMIT)])
 
 
 def test_a_throttled_disk_is_restored_after_a_crash(tmp_path: Path, snapfs: Snapfs) -> None:
@@ -159,8 +167,9 @@ def test_a_throttled_disk_is_restored_after_a_crash(tmp_path: Path, snapfs: Snap
 
         async def orphaned() -> list[str]:
             async with QMP.connect(vm.qmp_path) as q:
-                await setup(q, vmid=vm.vmid, fleecing_dir=tmp_path / "fl",
-                            nbd_socket=tmp_path / "nbd.sock")
+                await setup(
+                    q, vmid=vm.vmid, fleecing_dir=tmp_path / "fl", nbd_socket=tmp_path / "nbd.sock"
+                )
                 return await cleanup_orphans(q)
 
         assert any("virtio0-thr" in line for line in run_trio(orphaned))
@@ -179,8 +188,13 @@ def test_a_failed_set_up_restores_a_throttled_disk(tmp_path: Path) -> None:
 
         async def go() -> None:
             async with QMP.connect(vm.qmp_path) as q:
-                await setup(q, vmid=vm.vmid, fleecing_dir=tmp_path / "fl",
-                            nbd_socket=tmp_path / "nbd.sock", on_step=fail)
+                await setup(
+                    q,
+                    vmid=vm.vmid,
+                    fleecing_dir=tmp_path / "fl",
+                    nbd_socket=tmp_path / "nbd.sock",
+                    on_step=fail,
+                )
 
         with pytest.raises(SetupError, match="add NBD export for virtio0: injected"):
             run_trio(go)

@@ -45,8 +45,12 @@ def disk_content(seed: int, size: int = SIZE) -> bytes:
     """Random data with zero stretches of several sizes, as a used thin disk has."""
     rng = random.Random(seed)
     data = bytearray(rng.randbytes(size))
-    for start, length in ((64 * KiB, 960 * KiB), (3 * MiB, 256 * KiB), (5 * MiB + 4096, 8192),
-                          (size - 512 * KiB, 512 * KiB)):
+    for start, length in (
+        (64 * KiB, 960 * KiB),
+        (3 * MiB, 256 * KiB),
+        (5 * MiB + 4096, 8192),
+        (size - 512 * KiB, 512 * KiB),
+    ):
         data[start : start + length] = bytes(length)
     return bytes(data)
 
@@ -93,9 +97,13 @@ def trigger_copies(vm: TestVM, disk: str, at: int = 0) -> None:
     whole clusters with unmap), discards, sub-4 KiB and data writes."""
     size = vm.disks[disk].size
     for w in range(at, size, MiB):
-        for offset, length, op in ((1000, 100_000, "zero"), (512 * KiB, 64 * KiB, "unmap"),
-                                   (320 * KiB, 128 * KiB, "discard"), (700 * KiB + 5, 300, "data"),
-                                   (900 * KiB - 10, 20, "zero")):
+        for offset, length, op in (
+            (1000, 100_000, "zero"),
+            (512 * KiB, 64 * KiB, "unmap"),
+            (320 * KiB, 128 * KiB, "discard"),
+            (700 * KiB + 5, 300, "data"),
+            (900 * KiB - 10, 20, "zero"),
+        ):
             if w + offset + length > size:
                 continue
             if op == "discard":
@@ -112,10 +120,15 @@ def check_view(raw: Path, want: bytes) -> None:
     for step, start in ((MiB, 0), (MiB, 4096 + 512), (192 * KiB, 100), (64 * KiB, 60 * KiB)):
         got = read_everything(raw, size, step, start)
         if got != want:
-            bad = [off for off in range(0, size, 4096) if got[off : off + 4096]
-                   != want[off : off + 4096]]
-            raise AssertionError(f"{raw.name}, reads of {step} from {start}: {len(bad)} wrong "
-                                 f"4 KiB blocks, first at {bad[:4]}")
+            bad = [
+                off
+                for off in range(0, size, 4096)
+                if got[off : off + 4096] != want[off : off + 4096]
+            ]
+            raise AssertionError(
+                f"{raw.name}, reads of {step} from {start}: {len(bad)} wrong "
+                f"4 KiB blocks, first at {bad[:4]}"
+            )
     found = holes(raw)
     for start, end in found:
         assert want[start:end] == bytes(end - start), f"{raw.name}: hole {start}-{end} has data"
@@ -124,8 +137,9 @@ def check_view(raw: Path, want: bytes) -> None:
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 @pytest.mark.parametrize("detect_zeroes", ["off", "on", "unmap"])
-def test_a_full_view_is_the_snapshot(fmt: str, detect_zeroes: str, shm_dir: Path,
-                                     snapfs: Snapfs, tmp_path: Path) -> None:
+def test_a_full_view_is_the_snapshot(
+    fmt: str, detect_zeroes: str, shm_dir: Path, snapfs: Snapfs, tmp_path: Path
+) -> None:
     """Zero writes, discards and data writes after the snapshot point never show through:
     not in reads of any size or alignment, not as holes, not in a copy by cp, dd or snapfs
     copy; while the guest goes on writing."""
@@ -144,10 +158,13 @@ def test_a_full_view_is_the_snapshot(fmt: str, detect_zeroes: str, shm_dir: Path
             assert holes(raw)
             with guest.storm():
                 check_view(raw, want)
-                subprocess.run(["cp", "--sparse=always", str(raw), str(tmp_path / "cp.raw")],
-                               check=True)
-                subprocess.run(["dd", f"if={raw}", f"of={tmp_path / 'dd.raw'}", "bs=1M",
-                                "status=none"], check=True)
+                subprocess.run(
+                    ["cp", "--sparse=always", str(raw), str(tmp_path / "cp.raw")], check=True
+                )
+                subprocess.run(
+                    ["dd", f"if={raw}", f"of={tmp_path / 'dd.raw'}", "bs=1M", "status=none"],
+                    check=True,
+                )
                 snapfs("copy", str(mnt), str(tmp_path / "copy"))
             assert guest.done > 1
             for copy in (tmp_path / "cp.raw", tmp_path / "dd.raw", tmp_path / "copy/scsi0.raw"):
@@ -157,12 +174,15 @@ def test_a_full_view_is_the_snapshot(fmt: str, detect_zeroes: str, shm_dir: Path
     assert vm.image_content("scsi0") == vm.expected["scsi0"]
 
 
-def test_every_change_is_in_the_next_incremental(shm_dir: Path, snapfs: Snapfs,
-                                                 tmp_path: Path) -> None:
+def test_every_change_is_in_the_next_incremental(
+    shm_dir: Path, snapfs: Snapfs, tmp_path: Path
+) -> None:
     """Zero writes and discards between two backups are in the incremental's readable
     regions, read as the zeros they are, and a copy in place reproduces the snapshot."""
-    disks = [DiskSpec("virtio0", "qcow2", "virtio", size=SIZE, detect_zeroes="unmap"),
-             DiskSpec("scsi0", "raw", "scsi", size=SIZE, detect_zeroes="on")]
+    disks = [
+        DiskSpec("virtio0", "qcow2", "virtio", size=SIZE, detect_zeroes="unmap"),
+        DiskSpec("scsi0", "raw", "scsi", size=SIZE, detect_zeroes="on"),
+    ]
     vm = TestVM(shm_dir, disks, contents={d.name: disk_content(i) for i, d in enumerate(disks)})
     dest = tmp_path / "backup"
     with vm:
@@ -180,10 +200,11 @@ def test_every_change_is_in_the_next_incremental(shm_dir: Path, snapfs: Snapfs,
                 trigger_copies(vm, disk, at=128 * KiB)
             with GuestIO(vm, seed=4).storm():
                 for name in vm.disks:
-                    regions = [tuple(map(int, line.split()))
-                               for line in (mnt / f"{name}.dirty").read_text().splitlines()]
-                    changed = [off for off in range(SIZE)
-                               if want[name][off] != before[name][off]]
+                    regions = [
+                        tuple(map(int, line.split()))
+                        for line in (mnt / f"{name}.dirty").read_text().splitlines()
+                    ]
+                    changed = [off for off in range(SIZE) if want[name][off] != before[name][off]]
                     covered = bytearray(SIZE)
                     for off, length in regions:
                         covered[off : off + length] = b"\1" * length
@@ -202,8 +223,9 @@ def test_every_change_is_in_the_next_incremental(shm_dir: Path, snapfs: Snapfs,
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-def test_guest_discards_reach_the_disk_while_mounted(fmt: str, tmp_path: Path,
-                                                     snapfs: Snapfs) -> None:
+def test_guest_discards_reach_the_disk_while_mounted(
+    fmt: str, tmp_path: Path, snapfs: Snapfs
+) -> None:
     """A discard while the view is mounted frees the disk's space as without snapfs, after
     the old data was saved: the view still reads it."""
     vm = TestVM(tmp_path, [DiskSpec("virtio0", fmt, "virtio", size=SIZE)])  # type: ignore[arg-type]
@@ -218,15 +240,19 @@ def test_guest_discards_reach_the_disk_while_mounted(fmt: str, tmp_path: Path,
         assert vm.image_content("virtio0")[2 * MiB : 4 * MiB] == bytes(2 * MiB)
 
 
-def test_qemu_without_the_fix_needs_confined_reads(shm_dir: Path, snapfs: Snapfs,
-                                                   tmp_path: Path) -> None:
+def test_qemu_without_the_fix_needs_confined_reads(
+    shm_dir: Path, snapfs: Snapfs, tmp_path: Path
+) -> None:
     """What snapfs.json says about the QEMU, and that reads are confined exactly where QEMU
     needs it (before 8.0)."""
-    vm = TestVM(shm_dir, [DiskSpec("scsi0", "raw", "scsi", size=SIZE, detect_zeroes="on")],
-                contents={"scsi0": disk_content(9)})
+    vm = TestVM(
+        shm_dir,
+        [DiskSpec("scsi0", "raw", "scsi", size=SIZE, detect_zeroes="on")],
+        contents={"scsi0": disk_content(9)},
+    )
     with vm, snapfs.mounted(vm, tmp_path / "mnt") as mnt:
         facts = json.loads((mnt / "snapfs.json").read_text())
         major, minor = (int(x) for x in facts["qemu_version"].split(".")[:2])
         assert facts["disks"]["scsi0"]["confined_reads"] == (
-            65536 if (major, minor) < (8, 0) else 0)
-
+            65536 if (major, minor) < (8, 0) else 0
+        )

@@ -34,8 +34,10 @@ def serving_pid(snapfs: Snapfs, vm: TestVM) -> int:
 
 
 def sidecar(mnt: Path, disk: str) -> list[tuple[int, int]]:
-    return [(int(o), int(n)) for o, n in
-            (line.split() for line in (mnt / f"{disk}.dirty").read_text().splitlines())]
+    return [
+        (int(o), int(n))
+        for o, n in (line.split() for line in (mnt / f"{disk}.dirty").read_text().splitlines())
+    ]
 
 
 def covers(regions: list[tuple[int, int]], offset: int, length: int) -> bool:
@@ -61,7 +63,8 @@ def stat_in_thread(path: Path, timeout: float = 5.0) -> OSError | None:
 
 
 def test_sigkill_of_the_serving_process_then_cleanup(
-        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    vm: TestVM, snapfs: Snapfs, tmp_path: Path
+) -> None:
     graph = vm.graph()
     with snapfs.mounted(vm, tmp_path / "m0", "--incremental", "k", commit=True):
         pass
@@ -98,14 +101,22 @@ def test_sigkill_of_the_serving_process_then_cleanup(
 
 
 def test_next_mount_cleans_up_after_a_killed_session(
-        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    vm: TestVM, snapfs: Snapfs, tmp_path: Path
+) -> None:
     graph = vm.graph()
     mnt = snapfs.mount(vm, tmp_path / "mnt")
     os.kill(serving_pid(snapfs, vm), signal.SIGKILL)
     poll(lambda: stat_in_thread(mnt) is not None, 10, "the mount to die")
     # Same mountpoint: the dead mount there is cleaned up first.
-    snapfs("mount", vm.vmid, str(mnt), "--qmp", str(vm.qmp_path),
-           "--fleecing-dir", str(vm.workdir / "fleecing"))
+    snapfs(
+        "mount",
+        vm.vmid,
+        str(mnt),
+        "--qmp",
+        str(vm.qmp_path),
+        "--fleecing-dir",
+        str(vm.workdir / "fleecing"),
+    )
     assert (mnt / "virtio0.raw").stat().st_size == vm.disks["virtio0"].size
     snapfs("umount", vm.vmid)
     assert vm.graph() == graph
@@ -113,8 +124,9 @@ def test_next_mount_cleans_up_after_a_killed_session(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signals_abort_cleanly(vm: TestVM, snapfs: Snapfs, tmp_path: Path,
-                               signum: signal.Signals) -> None:
+def test_signals_abort_cleanly(
+    vm: TestVM, snapfs: Snapfs, tmp_path: Path, signum: signal.Signals
+) -> None:
     with snapfs.mounted(vm, tmp_path / "m0", "--incremental", "s", commit=True):
         pass
     base = vm.graph()
@@ -177,8 +189,10 @@ def test_qemu_dies_while_a_copy_reads(vm: TestVM, snapfs: Snapfs, tmp_path: Path
 @contextlib.contextmanager
 def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
     path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "snapfs-test",
-                    str(path)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "snapfs-test", str(path)],
+        check=True,
+    )
     try:
         yield path
     finally:
@@ -186,17 +200,24 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 
 def test_full_fleecing_storage_breaks_the_snapshot_not_the_guest(
-        snapfs: Snapfs, tmp_path: Path) -> None:
+    snapfs: Snapfs, tmp_path: Path
+) -> None:
     # The file system exists before QEMU starts: a QEMU in a chroot of its own (make
     # test-qemu10) sees only the mounts of its start where the host's are not shared.
-    with small_tmpfs(tmp_path / "small", "1m") as small, TestVM(tmp_path, [
-            DiskSpec("virtio0", "qcow2", "virtio"), DiskSpec("scsi0", "raw", "scsi",
-                                                            size=24 << 20)]) as vm:
+    with (
+        small_tmpfs(tmp_path / "small", "1m") as small,
+        TestVM(
+            tmp_path,
+            [
+                DiskSpec("virtio0", "qcow2", "virtio"),
+                DiskSpec("scsi0", "raw", "scsi", size=24 << 20),
+            ],
+        ) as vm,
+    ):
         graph = vm.graph()
         mnt = tmp_path / "mnt"
         mnt.mkdir()
-        snapfs("mount", vm.vmid, str(mnt), "--qmp", str(vm.qmp_path), "--fleecing-dir",
-               str(small))
+        snapfs("mount", vm.vmid, str(mnt), "--qmp", str(vm.qmp_path), "--fleecing-dir", str(small))
         try:
             for off in range(0, 8 * MiB, G):  # far more old data than 1 MiB can hold
                 vm.guest_write("virtio0", off, G, 0x66)
@@ -220,7 +241,8 @@ def test_full_fleecing_storage_breaks_the_snapshot_not_the_guest(
 
 
 def test_heavy_guest_writes_during_mount_copy_umount(
-        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    vm: TestVM, snapfs: Snapfs, tmp_path: Path
+) -> None:
     stop = threading.Event()
     written = [0]
 
@@ -257,8 +279,10 @@ def test_heavy_guest_writes_during_mount_copy_umount(
 def test_two_vms_at_once(tmp_path: Path, snapfs: Snapfs) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    with TestVM(tmp_path / "a", [DiskSpec("virtio0", size=8 * MiB)]) as a, \
-            TestVM(tmp_path / "b", [DiskSpec("scsi0", "raw", "scsi", size=8 * MiB)]) as b:
+    with (
+        TestVM(tmp_path / "a", [DiskSpec("virtio0", size=8 * MiB)]) as a,
+        TestVM(tmp_path / "b", [DiskSpec("scsi0", "raw", "scsi", size=8 * MiB)]) as b,
+    ):
         ga, gb = a.graph(), b.graph()
         with snapfs.mounted(a, tmp_path / "ma") as ma, snapfs.mounted(b, tmp_path / "mb") as mb:
             snapfs("umount", str(ma))
@@ -294,8 +318,7 @@ def test_hostile_cli_input(vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
     refused(snapfs, "mount", vm.vmid, str(mnt), "--qmp", "qmp.sock", words="absolute")
     refused(snapfs, "mount", vm.vmid, str(mnt), *q, "--fleecing-dir", "rel", words="absolute")
     refused(snapfs, "mount", vm.vmid, str(mnt), *q, "--fleecing-dir", "/x/../y", words="'..'")
-    refused(snapfs, "mount", vm.vmid, str(mnt), *q, "--incremental", "a/b",
-            words="incremental ID")
+    refused(snapfs, "mount", vm.vmid, str(mnt), *q, "--incremental", "a/b", words="incremental ID")
     refused(snapfs, "mount", vm.vmid, str(mnt), *q, "-o", "rw", words="mount option")
     refused(snapfs, "mount", vm.vmid, str(mnt), "--qmp", str(tmp_path), words="not a socket")
     refused(snapfs, "umount", "/nonexistent", words="no snapfs session")
@@ -308,8 +331,11 @@ def test_hostile_cli_input(vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
         srv.listen(4)
         stop = threading.Event()
 
-        def serve(srv: socket.socket = srv, greeting: bytes | None = greeting,
-                  stop: threading.Event = stop) -> None:
+        def serve(
+            srv: socket.socket = srv,
+            greeting: bytes | None = greeting,
+            stop: threading.Event = stop,
+        ) -> None:
             srv.settimeout(0.2)
             conns = []
             while not stop.is_set():
@@ -338,16 +364,24 @@ def test_hostile_cli_input(vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
         other = TestVM(tmp_path / "other", [DiskSpec("virtio0", size=4 * MiB)])
         (tmp_path / "other").mkdir()
         with other:
-            refused(snapfs, "mount", other.vmid, str(first), "--qmp", str(other.qmp_path),
-                    words="already a mount point")
+            refused(
+                snapfs,
+                "mount",
+                other.vmid,
+                str(first),
+                "--qmp",
+                str(other.qmp_path),
+                words="already a mount point",
+            )
 
 
 # -- security ----------------------------------------------------------------------------------
 
 
 def as_nobody(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["runuser", "-u", "nobody", "--", *cmd], capture_output=True,
-                          text=True, timeout=20)
+    return subprocess.run(
+        ["runuser", "-u", "nobody", "--", *cmd], capture_output=True, text=True, timeout=20
+    )
 
 
 def listening_tcp() -> set[str]:
@@ -374,16 +408,16 @@ def test_nothing_is_readable_by_other_users(vm: TestVM, snapfs: Snapfs, tmp_path
         assert os.stat(sdir).st_mode & 0o777 == 0o700
         assert os.stat(sdir / "state.json").st_mode & 0o777 == 0o600
         assert os.stat(fleece).st_mode & 0o777 == 0o600
-        for target in (mnt, mnt / "virtio0.raw", mnt / "snapfs.json", sdir / "state.json",
-                       fleece):
+        for target in (mnt, mnt / "virtio0.raw", mnt / "snapfs.json", sdir / "state.json", fleece):
             proc = as_nobody("cat", str(target))
             assert proc.returncode != 0, target
             assert "Permission denied" in proc.stderr, (target, proc.stderr)
         proc = as_nobody("ls", str(mnt))
         assert "Permission denied" in proc.stderr
         nbd = str(sdir / "nbd.sock")
-        proc = as_nobody("python3", "-c",
-                         f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({nbd!r})")
+        proc = as_nobody(
+            "python3", "-c", f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({nbd!r})"
+        )
         assert "Permission denied" in proc.stderr
         # The export is reachable only through that socket: no TCP listener appeared.
         assert listening_tcp() == tcp_before

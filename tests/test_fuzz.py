@@ -166,8 +166,11 @@ class World:
 # around (128 KiB) or far (2 MiB) from one of the model's edges. Drawn independently of the
 # model (hypothesis needs the same draws for the same choices) and resolved against the
 # model's current state by ``offset_of``.
-WHERE = st.tuples(st.sampled_from(["any", "inside", "tail", "edge", "near", "around", "far"]),
-                  st.integers(0, 1 << 24), st.integers(-2 * MiB, 2 * MiB))
+WHERE = st.tuples(
+    st.sampled_from(["any", "inside", "tail", "edge", "near", "around", "far"]),
+    st.integers(0, 1 << 24),
+    st.integers(-2 * MiB, 2 * MiB),
+)
 Where = tuple[str, int, int]
 
 
@@ -195,8 +198,11 @@ def offset_of(m: DiskModel, where: Where) -> int:
     return max(0, edge + delta)
 
 
-SIZES = st.one_of(st.integers(1, 8192), st.integers(1, 2 * MiB),
-                  st.sampled_from([1, 512, G, G + 1, MiB, MiB + 4096, 2 * MiB]))
+SIZES = st.one_of(
+    st.integers(1, 8192),
+    st.integers(1, 2 * MiB),
+    st.sampled_from([1, 512, G, G + 1, MiB, MiB + 4096, 2 * MiB]),
+)
 
 
 @dataclass
@@ -256,8 +262,7 @@ class FuseMachine(RuleBasedStateMachine):
         got = outcome(os.pread, h.fd, size, offset)
         check_read(m, offset, size, got, f"pread({h.disk}, {size}, {offset})", self.world.seen)
 
-    @rule(pick=st.integers(0, 7), whence=st.sampled_from([os.SEEK_DATA, os.SEEK_HOLE]),
-          where=WHERE)
+    @rule(pick=st.integers(0, 7), whence=st.sampled_from([os.SEEK_DATA, os.SEEK_HOLE]), where=WHERE)
     def seek(self, pick: int, whence: int, where: Where) -> None:
         h = self.handle(pick)
         m = self.model(h.disk)
@@ -267,8 +272,11 @@ class FuseMachine(RuleBasedStateMachine):
         assert got == m.seek(offset, whence), f"lseek({h.disk}, {offset}, {name})"
         self.world.seen[f"{name} {'ENXIO' if got == 'ENXIO' else 'ok'}"] += 1
 
-    @rule(reads=st.lists(st.tuples(st.sampled_from(["virtio0", "scsi0"]), WHERE, SIZES),
-                         min_size=2, max_size=6))
+    @rule(
+        reads=st.lists(
+            st.tuples(st.sampled_from(["virtio0", "scsi0"]), WHERE, SIZES), min_size=2, max_size=6
+        )
+    )
     def concurrent_reads(self, reads: list[tuple[str, Where, int]]) -> None:
         jobs = [(disk, offset_of(self.model(disk), where), size) for disk, where, size in reads]
 
@@ -281,8 +289,14 @@ class FuseMachine(RuleBasedStateMachine):
 
         futures = [self.world.pool.submit(one, *job) for job in jobs]
         for (disk, offset, size), fut in zip(jobs, futures, strict=True):
-            check_read(self.model(disk), offset, size, fut.result(timeout=60),
-                       f"concurrent pread({disk}, {size}, {offset})", self.world.seen)
+            check_read(
+                self.model(disk),
+                offset,
+                size,
+                fut.result(timeout=60),
+                f"concurrent pread({disk}, {size}, {offset})",
+                self.world.seen,
+            )
 
     # -- attributes, sidecars, facts -----------------------------------------------------------
 
@@ -293,8 +307,11 @@ class FuseMachine(RuleBasedStateMachine):
         assert st_.st_size == m.size
         assert st_.st_blocks * 512 == m.size, disk  # no hole: every byte counts
 
-    @rule(disk=st.sampled_from(["virtio0", "scsi0"]), offset=st.integers(0, 100),
-          size=st.integers(1, 4096))
+    @rule(
+        disk=st.sampled_from(["virtio0", "scsi0"]),
+        offset=st.integers(0, 100),
+        size=st.integers(1, 4096),
+    )
     def sidecar(self, disk: str, offset: int, size: int) -> None:
         m = self.model(disk)
         text = "".join(f"{o} {n}\n" for o, n in m.dirty).encode()
@@ -321,10 +338,13 @@ class FuseMachine(RuleBasedStateMachine):
 
     # -- changes -------------------------------------------------------------------------------
 
-    @rule(disk=st.sampled_from(["virtio0", "scsi0"]),
-          where=st.one_of(WHERE, st.just(("end", 0, 0))),
-          length=st.one_of(st.integers(1, 3 * G), st.integers(1, MiB),
-                           st.sampled_from([G, 2 * G, 3 * G])))
+    @rule(
+        disk=st.sampled_from(["virtio0", "scsi0"]),
+        where=st.one_of(WHERE, st.just(("end", 0, 0))),
+        length=st.one_of(
+            st.integers(1, 3 * G), st.integers(1, MiB), st.sampled_from([G, 2 * G, 3 * G])
+        ),
+    )
     def punch(self, disk: str, where: Where, length: int) -> None:
         if self.world.punches_left <= 0:
             return  # (not a precondition: those must not depend on state shared by examples)
@@ -343,9 +363,13 @@ class FuseMachine(RuleBasedStateMachine):
         effect = got or ("discarded" if m.discarded > before else "nothing")
         self.world.seen[f"punch {effect}"] += 1
 
-    @rule(disk=st.sampled_from(["virtio0", "scsi0"]), block=st.integers(0, 200),
-          length=st.sampled_from([1, 512, 4096, G, 3 * G + 512]),
-          how=st.sampled_from(["data", "zeros", "unmap", "discard"]), skew=st.integers(0, 4095))
+    @rule(
+        disk=st.sampled_from(["virtio0", "scsi0"]),
+        block=st.integers(0, 200),
+        length=st.sampled_from([1, 512, 4096, G, 3 * G + 512]),
+        how=st.sampled_from(["data", "zeros", "unmap", "discard"]),
+        skew=st.integers(0, 4095),
+    )
     def guest_write(self, disk: str, block: int, length: int, how: str, skew: int) -> None:
         """The guest keeps writing (data, zeros, discards, at any alignment): the view must
         keep showing the snapshot."""
@@ -364,8 +388,9 @@ class FuseMachine(RuleBasedStateMachine):
         self.world.ops += 1
 
 
-def check_read(m: DiskModel, offset: int, size: int, got: Any, what: str,
-               seen: Counter[str]) -> None:
+def check_read(
+    m: DiskModel, offset: int, size: int, got: Any, what: str, seen: Counter[str]
+) -> None:
     """``got`` is what the model says, or (see ``ONE_REQUEST``) a readable prefix of it."""
     want = m.read(offset, size)
     if want == "ENODATA" and size > ONE_REQUEST and isinstance(got, bytes) and got:
@@ -391,10 +416,13 @@ def assert_same(got: Any, want: bytes | str, what: str) -> None:
     """Compare without printing megabytes: the first differing byte is enough."""
     if isinstance(got, bytes) and isinstance(want, bytes):
         if got != want:
-            first = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
-                         min(len(got), len(want)))
-            pytest.fail(f"{what}: {len(got)} bytes, expected {len(want)}; "
-                        f"first difference at +{first}")
+            first = next(
+                (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
+                min(len(got), len(want)),
+            )
+            pytest.fail(
+                f"{what}: {len(got)} bytes, expected {len(want)}; first difference at +{first}"
+            )
         return
     summary = f"{len(got)} bytes" if isinstance(got, bytes) else got
     want_s = f"{len(want)} bytes" if isinstance(want, bytes) else want
@@ -407,9 +435,14 @@ def assert_same(got: Any, want: bytes | str, what: str) -> None:
 @pytest.fixture
 def fuzz_vm(tmp_path: Path) -> Iterator[TestVM]:
     """A qcow2 disk and a raw disk whose last 64 KiB block is partial."""
-    machine = TestVM(tmp_path, [DiskSpec("virtio0", "qcow2", "virtio", size=6 * MiB),
-                                DiskSpec("scsi0", "raw", "scsi", size=4 * MiB + 20 * 1024)],
-                     seed=3)
+    machine = TestVM(
+        tmp_path,
+        [
+            DiskSpec("virtio0", "qcow2", "virtio", size=6 * MiB),
+            DiskSpec("scsi0", "raw", "scsi", size=4 * MiB + 20 * 1024),
+        ],
+        seed=3,
+    )
     try:
         yield machine.start()
     finally:
@@ -435,7 +468,8 @@ def read_dirty(path: Path) -> list[tuple[int, int]]:
 
 
 def test_random_operations_through_the_mount(
-        fuzz_vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    fuzz_vm: TestVM, snapfs: Snapfs, tmp_path: Path
+) -> None:
     vm = fuzz_vm
     with snapfs.mounted(vm, tmp_path / "m0", "--incremental", "f", commit=True):
         pass
@@ -445,18 +479,20 @@ def test_random_operations_through_the_mount(
     pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="fuzz-reader")
     try:
         with snapfs.mounted(vm, tmp_path / "m1", "--incremental", "f") as mnt:
-            disks = {name: DiskModel(name, spec.size, at_point[name],
-                                     read_dirty(mnt / f"{name}.dirty"))
-                     for name, spec in vm.disks.items()}
+            disks = {
+                name: DiskModel(name, spec.size, at_point[name], read_dirty(mnt / f"{name}.dirty"))
+                for name, spec in vm.disks.items()
+            }
             for m in disks.values():
                 assert 0 < m.readable_bytes < m.size, m.dirty
             # The last, partial block of scsi0 was written, so it is a region reaching EOF.
-            assert disks["scsi0"].dirty[-1][0] + disks["scsi0"].dirty[-1][1] == disks[
-                "scsi0"].size
+            assert disks["scsi0"].dirty[-1][0] + disks["scsi0"].dirty[-1][1] == disks["scsi0"].size
             world = World(vm, mnt, disks, pool, rng)
             run_with_watchdog(world, snapfs)
-            print(f"\n{world.ops} steps: " + ", ".join(
-                f"{k} {v}" for k, v in sorted(world.seen.items())))
+            print(
+                f"\n{world.ops} steps: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(world.seen.items()))
+            )
             assert world.ops > 0
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -470,10 +506,18 @@ def run_with_watchdog(world: World, snapfs: Snapfs) -> None:
 
     def run() -> None:
         try:
-            run_state_machine_as_test(machine, settings=settings(
-                max_examples=40, stateful_step_count=30, deadline=None, database=None,
-                phases=[Phase.explicit, Phase.generate], print_blob=False,
-                suppress_health_check=[HealthCheck.too_slow]))
+            run_state_machine_as_test(
+                machine,
+                settings=settings(
+                    max_examples=40,
+                    stateful_step_count=30,
+                    deadline=None,
+                    database=None,
+                    phases=[Phase.explicit, Phase.generate],
+                    print_blob=False,
+                    suppress_health_check=[HealthCheck.too_slow],
+                ),
+            )
         except BaseException as err:
             failure.append(err)
 
@@ -484,7 +528,8 @@ def run_with_watchdog(world: World, snapfs: Snapfs) -> None:
         for pid in snapfs.pids():
             os.kill(pid, 9)
         worker.join(30)
-        pytest.fail(f"hang: the operations did not finish within {WATCHDOG_S:g}s "
-                    f"(after {world.ops} steps)")
+        pytest.fail(
+            f"hang: the operations did not finish within {WATCHDOG_S:g}s (after {world.ops} steps)"
+        )
     if failure:
         raise failure[0]

@@ -40,16 +40,28 @@ def facts(mnt: Path) -> dict[str, Any]:
 
 
 def sidecar(mnt: Path, disk: str) -> list[tuple[int, int]]:
-    return [(int(o), int(n)) for o, n in
-            (line.split() for line in (mnt / f"{disk}.dirty").read_text().splitlines())]
+    return [
+        (int(o), int(n))
+        for o, n in (line.split() for line in (mnt / f"{disk}.dirty").read_text().splitlines())
+    ]
 
 
-def copy(snapfs: Snapfs, mnt: Path, dest: Path, vm: TestVM | None = None,
-         rng: random.Random | None = None, *extra: str) -> None:
+def copy(
+    snapfs: Snapfs,
+    mnt: Path,
+    dest: Path,
+    vm: TestVM | None = None,
+    rng: random.Random | None = None,
+    *extra: str,
+) -> None:
     """`snapfs copy` in a subprocess; with a VM, guest writes land while it runs."""
-    proc = subprocess.Popen([sys.executable, "-m", "snapfs", "copy", str(mnt), str(dest), *extra],
-                            env=snapfs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "snapfs", "copy", str(mnt), str(dest), *extra],
+        env=snapfs.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         if vm is not None and rng is not None:
             random_writes(vm, rng, 10)
@@ -68,7 +80,8 @@ def check_backup(dest: Path, expected: dict[str, bytes]) -> None:
 
 
 def test_chain_of_one_full_and_three_incrementals(
-        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    vm: TestVM, snapfs: Snapfs, tmp_path: Path
+) -> None:
     rng = random.Random(7)
     dest = tmp_path / "backup"
     for round_ in range(4):
@@ -91,7 +104,8 @@ def test_chain_of_one_full_and_three_incrementals(
 
 
 def test_an_uncommitted_incremental_loses_nothing(
-        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    vm: TestVM, snapfs: Snapfs, tmp_path: Path
+) -> None:
     rng = random.Random(11)
     dest = tmp_path / "backup"
     with snapfs.mounted(vm, tmp_path / "m0", "--incremental", "n", commit=True) as mnt:
@@ -123,7 +137,8 @@ def test_an_uncommitted_incremental_loses_nothing(
 
 
 def test_reads_seeks_and_blocks_follow_the_sidecar(
-        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    vm: TestVM, snapfs: Snapfs, tmp_path: Path
+) -> None:
     with snapfs.mounted(vm, tmp_path / "m0", "--incremental", "b", commit=True):
         pass
     vm.guest_write("virtio0", 4 * G, 2 * G, 0x11)
@@ -153,20 +168,35 @@ def test_reads_seeks_and_blocks_follow_the_sidecar(
             os.close(fd)
         # Tools that do not know the sidecar fail loudly instead of storing zeros.
         out = tmp_path / "delta.raw"
-        for tool in (["cp", str(raw), str(out)],
-                     ["cp", "--sparse=always", str(raw), str(out)],
-                     ["tar", "--sparse", "-cf", str(tmp_path / "delta.tar"), str(raw)],
-                     ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
-                      str(tmp_path / "delta.qcow2")],
-                     ["dd", f"if={raw}", f"of={out}", "bs=1M"]):
+        for tool in (
+            ["cp", str(raw), str(out)],
+            ["cp", "--sparse=always", str(raw), str(out)],
+            ["tar", "--sparse", "-cf", str(tmp_path / "delta.tar"), str(raw)],
+            [
+                "qemu-img",
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                str(raw),
+                str(tmp_path / "delta.qcow2"),
+            ],
+            ["dd", f"if={raw}", f"of={out}", "bs=1M"],
+        ):
             proc = subprocess.run(tool, capture_output=True, text=True)
             assert proc.returncode != 0, f"{tool[0]} succeeded on an incremental view"
             assert "No data available" in proc.stderr, proc.stderr
 
 
 def test_bitmap_after_qemu_crash_and_clean_restart(tmp_path: Path, snapfs: Snapfs) -> None:
-    vm = TestVM(tmp_path, [DiskSpec("virtio0", "qcow2", "virtio", size=8 * MiB),
-                           DiskSpec("scsi0", "raw", "scsi", size=8 * MiB)])
+    vm = TestVM(
+        tmp_path,
+        [
+            DiskSpec("virtio0", "qcow2", "virtio", size=8 * MiB),
+            DiskSpec("scsi0", "raw", "scsi", size=8 * MiB),
+        ],
+    )
     with vm:
         with snapfs.mounted(vm, tmp_path / "m0", "--incremental", "x", commit=True):
             pass
@@ -207,7 +237,8 @@ def test_different_ids_are_independent(vm: TestVM, snapfs: Snapfs, tmp_path: Pat
 
 
 def test_provider_refuses_an_incremental_without_its_full_image(
-        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    vm: TestVM, snapfs: Snapfs, tmp_path: Path
+) -> None:
     with snapfs.mounted(vm, tmp_path / "m0", "--incremental", "p", commit=True):
         pass
     vm.guest_write("virtio0", 0, G, 1)
@@ -231,23 +262,31 @@ def test_huge_disk_with_many_dirty_extents(tmp_path: Path, snapfs: Snapfs) -> No
         # Offline writes through qemu-io: the persistent bitmap records them like QEMU would,
         # and one qemu-io process makes 100,000 writes far faster than as many HMP commands.
         script = "".join(f"write -q -P 0x5a {i * 2 * G * 3} 4096\n" for i in range(extents))
-        subprocess.run([QEMU_IO, "-f", "qcow2", str(spec.path)],
-                       input=script, text=True, check=True, capture_output=True)
+        subprocess.run(
+            [QEMU_IO, "-f", "qcow2", str(spec.path)],
+            input=script,
+            text=True,
+            check=True,
+            capture_output=True,
+        )
         vm.start()
         t0 = time.monotonic()
         mnt = snapfs.mount(vm, tmp_path / "m1", "--incremental", "big")
         mount_s = time.monotonic() - t0
         try:
             t0 = time.monotonic()
-            lines = subprocess.run(["cat", str(mnt / "virtio0.dirty")], capture_output=True,
-                                   check=True).stdout.count(b"\n")
+            lines = subprocess.run(
+                ["cat", str(mnt / "virtio0.dirty")], capture_output=True, check=True
+            ).stdout.count(b"\n")
             cat_s = time.monotonic() - t0
             pid = snapfs.pids()[0]
             status = Path(f"/proc/{pid}/status").read_text()
             hwm = next(line for line in status.splitlines() if line.startswith("VmHWM"))
             assert lines == extents
             assert facts(mnt)["disks"]["virtio0"]["bitmap"]["mode"] == "reuse"
-            print(f"\n1 TiB disk, {extents} dirty extents: mount {mount_s:.2f} s, "
-                  f"cat sidecar {cat_s:.2f} s, serving process {hwm}")
+            print(
+                f"\n1 TiB disk, {extents} dirty extents: mount {mount_s:.2f} s, "
+                f"cat sidecar {cat_s:.2f} s, serving process {hwm}"
+            )
         finally:
             snapfs("umount", str(mnt))

@@ -22,8 +22,12 @@ UNITS = ["snapfs-backup@.service", "snapfs-backup@.timer"]
 @pytest.fixture(scope="module")
 def prefix(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pfx = tmp_path_factory.mktemp("prefix")
-    proc = subprocess.run(["make", "-C", str(ROOT), "install", f"PREFIX={pfx}"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["make", "-C", str(ROOT), "install", f"PREFIX={pfx}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return pfx
 
@@ -33,28 +37,42 @@ def test_generated_man_page_and_completion_are_current() -> None:
 
 
 def test_everything_is_installed(prefix: Path) -> None:
-    for rel in ["bin/snapfs", "bin/snapfs-rsync-remote", "share/man/man1/snapfs.1",
-                "share/bash-completion/completions/snapfs", "share/doc/snapfs/snapfs.default",
-                *(f"lib/systemd/system/{u}" for u in UNITS)]:
+    for rel in [
+        "bin/snapfs",
+        "bin/snapfs-rsync-remote",
+        "share/man/man1/snapfs.1",
+        "share/bash-completion/completions/snapfs",
+        "share/doc/snapfs/snapfs.default",
+        *(f"lib/systemd/system/{u}" for u in UNITS),
+    ]:
         assert (prefix / rel).is_file(), rel
     assert os.access(prefix / "bin/snapfs-rsync-remote", os.X_OK)
-    version = subprocess.run([str(prefix / "bin/snapfs"), "--version"], capture_output=True,
-                             text=True, check=True)
+    version = subprocess.run(
+        [str(prefix / "bin/snapfs"), "--version"], capture_output=True, text=True, check=True
+    )
     assert version.stdout.strip().startswith("snapfs ")
     # The installed command is the installed package, not the work tree.
-    where = subprocess.run([str(prefix / "lib/snapfs/bin/python"), "-c",
-                            "import snapfs; print(snapfs.__file__)"],
-                           capture_output=True, text=True, check=True, cwd="/",
-                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    where = subprocess.run(
+        [str(prefix / "lib/snapfs/bin/python"), "-c", "import snapfs; print(snapfs.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/",
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
     assert where.stdout.startswith(str(prefix))
 
 
 def test_man_page_renders_every_command(prefix: Path) -> None:
     if not shutil.which("man"):
         pytest.skip("no man(1) to render with")
-    out = subprocess.run(["man", "-l", str(prefix / "share/man/man1/snapfs.1")],
-                         capture_output=True, text=True, check=True,
-                         env=dict(os.environ, MANWIDTH="200")).stdout
+    out = subprocess.run(
+        ["man", "-l", str(prefix / "share/man/man1/snapfs.1")],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, MANWIDTH="200"),
+    ).stdout
     out = re.sub(".\b", "", out)  # overstrike bold and underline
     for name in manpage.subcommands(cli.build_parser()):
         assert f"snapfs {name}" in out, name
@@ -77,9 +95,12 @@ def test_units_verify(prefix: Path, tmp_path: Path) -> None:
     units = instance_units(prefix, tmp_path / "units")
     analyze = shutil.which("systemd-analyze")
     if analyze:
-        proc = subprocess.run([analyze, "verify", *map(str, units)], capture_output=True,
-                              text=True, env=dict(os.environ,
-                                                  MANPATH=str(prefix / "share/man")))
+        proc = subprocess.run(
+            [analyze, "verify", *map(str, units)],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, MANPATH=str(prefix / "share/man")),
+        )
         assert proc.returncode == 0, proc.stderr
         assert proc.stderr == "", proc.stderr
     # Parsed as well (the only check without systemd-analyze).
@@ -123,10 +144,17 @@ def test_service_runs_snapfs_run_with_the_provider(prefix: Path) -> None:
     assert argv[0] == str(prefix / "bin/snapfs")
     args = cli.parse_args(argv[1:])
     assert (args.command, args.vmid, args.incremental) == ("run", "100", "nightly")
-    assert args.argv == [str(prefix / "bin/snapfs"), "copy", "--discard", "{}",
-                         "/var/backups/snapfs/100"]
-    assert cli.build_parser().parse_args(cli.command_line(args.argv, Path("/m"))[1:]).dest \
+    assert args.argv == [
+        str(prefix / "bin/snapfs"),
+        "copy",
+        "--discard",
+        "{}",
+        "/var/backups/snapfs/100",
+    ]
+    assert (
+        cli.build_parser().parse_args(cli.command_line(args.argv, Path("/m"))[1:]).dest
         == "/var/backups/snapfs/100"
+    )
 
 
 def test_bash_completion(prefix: Path, tmp_path: Path) -> None:
@@ -136,17 +164,24 @@ def test_bash_completion(prefix: Path, tmp_path: Path) -> None:
 
     def complete(line: str) -> list[str]:
         words = line.split(" ")
-        script = (f"source {prefix}/share/bash-completion/completions/snapfs\n"
-                  f"COMP_WORDS=({' '.join(shlex.quote(w) for w in words)})\n"
-                  f"COMP_CWORD={len(words) - 1}\n"
-                  "_snapfs\nprintf '%s\\n' \"${COMPREPLY[@]}\"\n")
-        out = subprocess.run(["bash", "--norc", "-c", script], capture_output=True, text=True,
-                             check=True, env=dict(os.environ,
-                                                  SNAPFS_RUN_DIR=str(tmp_path / "run")))
+        script = (
+            f"source {prefix}/share/bash-completion/completions/snapfs\n"
+            f"COMP_WORDS=({' '.join(shlex.quote(w) for w in words)})\n"
+            f"COMP_CWORD={len(words) - 1}\n"
+            "_snapfs\nprintf '%s\\n' \"${COMPREPLY[@]}\"\n"
+        )
+        out = subprocess.run(
+            ["bash", "--norc", "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=dict(os.environ, SNAPFS_RUN_DIR=str(tmp_path / "run")),
+        )
         return sorted(filter(None, out.stdout.splitlines()))
 
-    assert complete("snapfs ") == sorted([*manpage.subcommands(cli.build_parser()),
-                                          "--quiet", "--verbose", "--version", "-q", "-v"])
+    assert complete("snapfs ") == sorted(
+        [*manpage.subcommands(cli.build_parser()), "--quiet", "--verbose", "--version", "-q", "-v"]
+    )
     assert complete("snapfs run --inc") == ["--incremental"]
     assert complete("snapfs mount 100 --no") == ["--no-freeze"]
     assert complete("snapfs umount ") == ["4711"]

@@ -28,12 +28,18 @@ def write_everywhere(vm: TestVM, pattern: int) -> None:
 
 
 def test_cp_of_each_disk_equals_the_disk_at_the_mount(
-        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    vm: TestVM, snapfs: Snapfs, tmp_path: Path
+) -> None:
     before = vm.snapshot()
     with snapfs.mounted(vm, tmp_path / "mnt") as mnt:
         write_everywhere(vm, 0x5A)
-        assert sorted(os.listdir(mnt)) == ["scsi0.dirty", "scsi0.raw", "snapfs.json",
-                                           "virtio0.dirty", "virtio0.raw"]
+        assert sorted(os.listdir(mnt)) == [
+            "scsi0.dirty",
+            "scsi0.raw",
+            "snapfs.json",
+            "virtio0.dirty",
+            "virtio0.raw",
+        ]
         for name, spec in vm.disks.items():
             raw = mnt / f"{name}.raw"
             assert raw.stat().st_size == spec.size
@@ -51,8 +57,7 @@ def test_cp_of_each_disk_equals_the_disk_at_the_mount(
         d = facts["disks"][name]
         assert d["size"] == spec.size
         assert d["bitmap"]["mode"] == "none"
-        assert all(str(n).startswith("snapfs-") for k, n in d["nodes"].items()
-                   if k != "disk")
+        assert all(str(n).startswith("snapfs-") for k, n in d["nodes"].items() if k != "disk")
     # The guest's writes went to the guest's disks.
     vm.stop()
     for name in vm.disks:
@@ -65,8 +70,9 @@ def test_umount_restores_the_block_graph(vm: TestVM, snapfs: Snapfs, tmp_path: P
     for cycle in range(2):
         mnt = tmp_path / f"mnt{cycle}"
         mnt.mkdir()
-        snapfs("mount", vmid(vm), str(mnt), "--qmp", str(vm.qmp_path),
-               "--fleecing-dir", str(fleecing))
+        snapfs(
+            "mount", vmid(vm), str(mnt), "--qmp", str(vm.qmp_path), "--fleecing-dir", str(fleecing)
+        )
         assert vm.graph() != graph
         assert len(list(fleecing.iterdir())) == 2
         vm.guest_write("virtio0", 0, 4096, 0x11 + cycle)
@@ -98,8 +104,7 @@ def test_fusermount_u_tears_down(vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> 
     assert vm.graph() == graph
 
 
-def test_another_qmp_client_works_while_mounted(
-        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+def test_another_qmp_client_works_while_mounted(vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
     with snapfs.mounted(vm, tmp_path / "mnt"):
         mon = Monitor(vm.qmp_path)
         try:
@@ -121,7 +126,8 @@ def test_rsync_sparse_copies_match(vm: TestVM, snapfs: Snapfs, tmp_path: Path) -
 
 
 def test_disk_files_are_read_only_but_open_read_write(
-        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    vm: TestVM, snapfs: Snapfs, tmp_path: Path
+) -> None:
     with snapfs.mounted(vm, tmp_path / "mnt") as mnt:
         fd = os.open(mnt / "virtio0.raw", os.O_RDWR)
         try:
@@ -139,10 +145,18 @@ def test_disk_files_are_read_only_but_open_read_write(
 
 
 def test_empty_cdrom_is_left_out(tmp_path: Path, snapfs: Snapfs) -> None:
-    cd = ["-drive", "if=none,id=drive-ide2,media=cdrom",
-          "-device", "ide-cd,drive=drive-ide2,id=ide2"]
-    with TestVM(tmp_path, [DiskSpec("scsi0", "raw", "scsi", size=8 * MiB)],
-                extra_args=cd) as machine, snapfs.mounted(machine, tmp_path / "mnt") as mnt:
+    cd = [
+        "-drive",
+        "if=none,id=drive-ide2,media=cdrom",
+        "-device",
+        "ide-cd,drive=drive-ide2,id=ide2",
+    ]
+    with (
+        TestVM(
+            tmp_path, [DiskSpec("scsi0", "raw", "scsi", size=8 * MiB)], extra_args=cd
+        ) as machine,
+        snapfs.mounted(machine, tmp_path / "mnt") as mnt,
+    ):
         assert sorted(os.listdir(mnt)) == ["scsi0.dirty", "scsi0.raw", "snapfs.json"]
 
 
@@ -169,23 +183,25 @@ def test_bad_input_is_refused(vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> Non
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     qmp = ["--qmp", str(vm.qmp_path)]
-    assert_refused(snapfs, vm, ["mount", vmid(vm), str(mnt), "--qmp", str(tmp_path / "nope")],
-                   "does not exist")
+    assert_refused(
+        snapfs, vm, ["mount", vmid(vm), str(mnt), "--qmp", str(tmp_path / "nope")], "does not exist"
+    )
     assert_refused(snapfs, vm, ["mount", "4242", str(mnt)], "4242")
-    assert_refused(snapfs, vm, ["mount", vmid(vm), str(tmp_path / "missing"), *qmp],
-                   "does not exist")
+    assert_refused(
+        snapfs, vm, ["mount", vmid(vm), str(tmp_path / "missing"), *qmp], "does not exist"
+    )
     (mnt / "file").write_text("x")
     assert_refused(snapfs, vm, ["mount", vmid(vm), str(mnt), *qmp], "not empty")
     (mnt / "file").unlink()
     assert_refused(snapfs, vm, ["mount", "abc/def", str(mnt), *qmp], "invalid VMID")
     assert_refused(snapfs, vm, ["mount", vmid(vm), "relative", *qmp], "absolute")
-    assert_refused(snapfs, vm, ["mount", vmid(vm), str(mnt), *qmp, "--exclude", "sda"],
-                   "sda")
+    assert_refused(snapfs, vm, ["mount", vmid(vm), str(mnt), *qmp, "--exclude", "sda"], "sda")
     assert_refused(snapfs, vm, ["umount", "4242"], "no snapfs session")
 
 
 def test_second_mount_of_a_mounted_vm_is_refused(
-        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    vm: TestVM, snapfs: Snapfs, tmp_path: Path
+) -> None:
     with snapfs.mounted(vm, tmp_path / "mnt"):
         other = tmp_path / "mnt2"
         other.mkdir()
@@ -199,62 +215,94 @@ def test_second_mount_of_a_mounted_vm_is_refused(
 
 
 def test_running_nbd_server_is_refused(vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
-    vm.qmp("nbd-server-start", addr={"type": "unix",
-                                     "data": {"path": str(tmp_path / "other-nbd.sock")}})
+    vm.qmp(
+        "nbd-server-start",
+        addr={"type": "unix", "data": {"path": str(tmp_path / "other-nbd.sock")}},
+    )
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    assert_refused(snapfs, vm, ["mount", vmid(vm), str(mnt), "--qmp", str(vm.qmp_path)],
-                   "NBD server")
+    assert_refused(
+        snapfs, vm, ["mount", vmid(vm), str(mnt), "--qmp", str(vm.qmp_path)], "NBD server"
+    )
     assert not os.path.ismount(mnt)
 
 
-def test_a_socket_that_is_not_qemu_is_refused(
-        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+def test_a_socket_that_is_not_qemu_is_refused(vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
     path = tmp_path / "silent.sock"
     with socket.socket(socket.AF_UNIX) as srv:
         srv.bind(str(path))
         srv.listen(1)
         mnt = tmp_path / "mnt"
         mnt.mkdir()
-        proc = snapfs("mount", vmid(vm), str(mnt), "--qmp", str(path), check=False,
-                      timeout=30)
+        proc = snapfs("mount", vmid(vm), str(mnt), "--qmp", str(path), check=False, timeout=30)
     assert proc.returncode != 0
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_snapfs_json_and_mount_listing(vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
     with snapfs.mounted(vm, tmp_path / "mnt") as mnt:
-        line = next(ln for ln in Path("/proc/self/mounts").read_text().splitlines()
-                    if f" {mnt} " in ln)
+        line = next(
+            ln for ln in Path("/proc/self/mounts").read_text().splitlines() if f" {mnt} " in ln
+        )
         assert line.split()[2] == "fuse.snapfs"
-        du = subprocess.run(["du", "-B1", "--apparent-size", str(mnt / "scsi0.raw")],
-                            capture_output=True, text=True, check=True)
+        du = subprocess.run(
+            ["du", "-B1", "--apparent-size", str(mnt / "scsi0.raw")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert int(du.stdout.split()[0]) == vm.disks["scsi0"].size
     assert not os.path.ismount(mnt)
 
 
 def test_a_disk_that_cannot_be_snapshotted_fails_the_mount_unless_excluded(
-        tmp_path: Path, snapfs: Snapfs) -> None:
+    tmp_path: Path, snapfs: Snapfs
+) -> None:
     ro = tmp_path / "ro.raw"
     ro.write_bytes(b"\1" * MiB)
-    extra = ["-drive", f"file={ro},if=none,id=drive-scsi1,format=raw,readonly=on",
-             "-device", "scsi-hd,bus=scsihw0.0,drive=drive-scsi1,id=scsi1"]
-    with TestVM(tmp_path, [DiskSpec("scsi0", "raw", "scsi", size=4 * MiB)],
-                extra_args=extra) as machine:
+    extra = [
+        "-drive",
+        f"file={ro},if=none,id=drive-scsi1,format=raw,readonly=on",
+        "-device",
+        "scsi-hd,bus=scsihw0.0,drive=drive-scsi1,id=scsi1",
+    ]
+    with TestVM(
+        tmp_path, [DiskSpec("scsi0", "raw", "scsi", size=4 * MiB)], extra_args=extra
+    ) as machine:
         graph = machine.graph()
         mnt = tmp_path / "mnt"
         mnt.mkdir()
-        assert_refused(snapfs, machine, ["mount", vmid(machine), str(mnt), "--qmp",
-                                         str(machine.qmp_path)], "scsi1")
+        assert_refused(
+            snapfs,
+            machine,
+            ["mount", vmid(machine), str(mnt), "--qmp", str(machine.qmp_path)],
+            "scsi1",
+        )
         assert machine.graph() == graph
         with snapfs.mounted(machine, mnt, "--exclude", "scsi1") as m:
             assert sorted(os.listdir(m)) == ["scsi0.dirty", "scsi0.raw", "snapfs.json"]
 
 
 def test_non_root_gets_a_clear_error(tmp_path: Path) -> None:
-    proc = subprocess.run(["runuser", "-u", "nobody", "--", sys.executable, "-m", "snapfs",
-                           "mount", "100", str(tmp_path)], capture_output=True, text=True,
-                          cwd="/", timeout=60)
+    proc = subprocess.run(
+        [
+            "runuser",
+            "-u",
+            "nobody",
+            "--",
+            sys.executable,
+            "-m",
+            "snapfs",
+            "mount",
+            "100",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [
-        "snapfs: error: snapfs must run as root (it mounts FUSE and talks to QEMU)"]
+        "snapfs: error: snapfs must run as root (it mounts FUSE and talks to QEMU)"
+    ]

@@ -32,14 +32,23 @@ def start_server(vm: TestVM, tmp_path: Path) -> str:
 
 def export(vm: TestVM, node: str, name: str, *, writable: bool = False, **extra: Any) -> None:
     # The guest device does not share writes on its node: only other nodes can be writable.
-    vm.qmp("block-export-add", type="nbd", id=name, **{"node-name": node}, name=name,
-           writable=writable, **extra)
+    vm.qmp(
+        "block-export-add",
+        type="nbd",
+        id=name,
+        **{"node-name": node},
+        name=name,
+        writable=writable,
+        **extra,
+    )
 
 
 def unexport(vm: TestVM, name: str) -> None:
     vm.qmp("block-export-del", id=name)
-    poll(lambda: not any(e["id"] == name for e in vm.qmp("query-block-exports")),
-         what=f"export {name} to go away")
+    poll(
+        lambda: not any(e["id"] == name for e in vm.qmp("query-block-exports")),
+        what=f"export {name} to go away",
+    )
 
 
 def run(fn: Callable[[], Any]) -> Any:
@@ -84,12 +93,12 @@ def test_reads_match_disk(vm: TestVM, sock: str) -> None:
             buf = bytearray(MiB)
             for offset in (0, MiB, c.size - MiB):
                 await c.pread_into(buf, offset)
-                assert buf == expected[offset:offset + MiB]
+                assert buf == expected[offset : offset + MiB]
             for _ in range(100):
                 length = rng.randrange(1, MiB + 1)
                 offset = rng.randrange(0, c.size - length + 1)
                 await c.pread_into(buf, offset, length)
-                assert buf[:length] == expected[offset:offset + length]
+                assert buf[:length] == expected[offset : offset + length]
             # Larger than QEMU's 32 MiB maximum request: split and pipelined.
             whole = bytearray(c.size)
             await c.pread_into(whole, 0)
@@ -104,8 +113,10 @@ def test_reads_match_disk(vm: TestVM, sock: str) -> None:
 def test_concurrent_reads(vm: TestVM, sock: str) -> None:
     expected = vm.expected["virtio0"]
     rng = random.Random(8)
-    jobs = [(rng.randrange(0, len(expected) - 256 * KiB), rng.choice([4 * KiB, 256 * KiB]))
-            for _ in range(400)]
+    jobs = [
+        (rng.randrange(0, len(expected) - 256 * KiB), rng.choice([4 * KiB, 256 * KiB]))
+        for _ in range(400)
+    ]
 
     async def main() -> None:
         async with NBDClient.open(sock, "virtio0") as c:
@@ -115,7 +126,7 @@ def test_concurrent_reads(vm: TestVM, sock: str) -> None:
                 buf = bytearray(256 * KiB)
                 for offset, length in todo:
                     await c.pread_into(buf, offset, length)
-                    assert buf[:length] == expected[offset:offset + length]
+                    assert buf[:length] == expected[offset : offset + length]
 
             async with trio.open_nursery() as nursery:
                 for _ in range(16):
@@ -132,11 +143,12 @@ def test_more_requests_than_the_socket_holds(vm: TestVM, sock: str) -> None:
 
     async def main() -> None:
         async with NBDClient.open(sock, "virtio0") as c:
+
             async def one(i: int) -> None:
                 buf = bytearray(512)
                 offset = (i * 4096) % c.size
                 await c.pread_into(buf, offset)
-                assert buf == expected[offset:offset + 512]
+                assert buf == expected[offset : offset + 512]
 
             with trio.fail_after(60):
                 async with trio.open_nursery() as nursery:
@@ -158,7 +170,7 @@ def test_cancelled_read_keeps_buffer_safe(vm: TestVM, sock: str) -> None:
                     await c.pread_into(buf, 0)
                 # The cancelled read may still be in flight: this one must not be mixed with it.
                 await c.pread_into(buf, 16 * MiB)
-                assert buf == expected[16 * MiB:24 * MiB]
+                assert buf == expected[16 * MiB : 24 * MiB]
 
     run(main)
 
@@ -167,10 +179,18 @@ def test_trim_reads_zeros(vm: TestVM, tmp_path: Path) -> None:
     # The test VM's own qcow2 node ignores discards; a node with discard=unmap does not.
     image = tmp_path / "trim.qcow2"
     subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
-    subprocess.run([QEMU_IO, "-f", "qcow2", "-c", "write -P 0x5a 0 16M", str(image)], check=True,
-                   stdout=subprocess.DEVNULL)
-    vm.qmp("blockdev-add", driver="qcow2", **{"node-name": "trimmed"}, discard="unmap",
-           file={"driver": "file", "filename": str(image)})
+    subprocess.run(
+        [QEMU_IO, "-f", "qcow2", "-c", "write -P 0x5a 0 16M", str(image)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    vm.qmp(
+        "blockdev-add",
+        driver="qcow2",
+        **{"node-name": "trimmed"},
+        discard="unmap",
+        file={"driver": "file", "filename": str(image)},
+    )
     sock = start_server(vm, tmp_path)
     export(vm, "trimmed", "trimmed", writable=True)
 
@@ -180,9 +200,9 @@ def test_trim_reads_zeros(vm: TestVM, tmp_path: Path) -> None:
             await c.trim(4 * MiB, 2 * MiB)
             buf = bytearray(16 * MiB)
             await c.pread_into(buf, 0)
-            assert buf[:4 * MiB] == b"\x5a" * (4 * MiB)
-            assert buf[4 * MiB:6 * MiB] == bytes(2 * MiB)
-            assert buf[6 * MiB:] == b"\x5a" * (10 * MiB)
+            assert buf[: 4 * MiB] == b"\x5a" * (4 * MiB)
+            assert buf[4 * MiB : 6 * MiB] == bytes(2 * MiB)
+            assert buf[6 * MiB :] == b"\x5a" * (10 * MiB)
 
     try:
         run(main)
@@ -225,7 +245,8 @@ def test_dirty_bitmap_context(vm: TestVM, tmp_path: Path) -> None:
             assert first[1] == (gran, gran, 1)
             # A sub-range is clipped to the range.
             assert [e async for e in extents(c, ctx, 3 * MiB + KiB, 3 * MiB + 2 * KiB)] == [
-                (3 * MiB + KiB, KiB, 1)]
+                (3 * MiB + KiB, KiB, 1)
+            ]
 
     run(main)
 
@@ -236,13 +257,18 @@ def test_extents_of_large_sparse_disk(vm: TestVM, tmp_path: Path) -> None:
     rng = random.Random(9)
     image = tmp_path / "big.qcow2"
     subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(image), str(size)], check=True)
-    writes = sorted({(rng.randrange(0, size // cluster - 16) * cluster,
-                      rng.randrange(1, 16) * cluster) for _ in range(300)})
+    writes = sorted(
+        {
+            (rng.randrange(0, size // cluster - 16) * cluster, rng.randrange(1, 16) * cluster)
+            for _ in range(300)
+        }
+    )
     commands: list[str] = []
     for offset, length in writes:
         commands += ["-c", f"write -P 0x33 {offset} {length}"]
-    subprocess.run([QEMU_IO, "-f", "qcow2", *commands, str(image)], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [QEMU_IO, "-f", "qcow2", *commands, str(image)], check=True, stdout=subprocess.DEVNULL
+    )
     data: list[list[int]] = []
     for offset, length in writes:
         if data and data[-1][1] >= offset:
@@ -259,8 +285,12 @@ def test_extents_of_large_sparse_disk(vm: TestVM, tmp_path: Path) -> None:
     if pos < size:
         want.append((pos, size - pos, 3))
 
-    vm.qmp("blockdev-add", driver="qcow2", **{"node-name": "big"},
-           file={"driver": "file", "filename": str(image)})
+    vm.qmp(
+        "blockdev-add",
+        driver="qcow2",
+        **{"node-name": "big"},
+        file={"driver": "file", "filename": str(image)},
+    )
     sock = start_server(vm, tmp_path)
     export(vm, "big", "big")
 
@@ -294,7 +324,7 @@ def test_qemu_killed(vm: TestVM, sock: str) -> None:
                     except NBDError as err:
                         failures.append(err)
                         return
-                    assert buf == expected[offset:offset + MiB]
+                    assert buf == expected[offset : offset + MiB]
 
             with trio.fail_after(5):
                 async with trio.open_nursery() as nursery:
@@ -338,21 +368,42 @@ def test_connect_to_missing_export(vm: TestVM, sock: str) -> None:
 def fleecing(vm: TestVM, tmp_path: Path) -> Iterator[None]:
     """The copy-before-write graph snapfs builds, on the test monitor; torn down in reverse."""
     fl = tmp_path / "fl.qcow2"
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(fl),
-                    str(len(vm.expected["virtio0"]))], check=True)
+    subprocess.run(
+        [QEMU_IMG, "create", "-q", "-f", "qcow2", str(fl), str(len(vm.expected["virtio0"]))],
+        check=True,
+    )
     steps: list[Callable[[], Any]] = []
     try:
-        vm.qmp("blockdev-add", driver="qcow2", **{"node-name": "fl"}, discard="unmap",
-               file={"driver": "file", "filename": str(fl)})
+        vm.qmp(
+            "blockdev-add",
+            driver="qcow2",
+            **{"node-name": "fl"},
+            discard="unmap",
+            file={"driver": "file", "filename": str(fl)},
+        )
         steps.append(lambda: vm.qmp("blockdev-del", **{"node-name": "fl"}))
-        vm.qmp("blockdev-add", driver="copy-before-write", **{"node-name": "cbw"},
-               file="virtio0-fmt", target="fl", bitmap={"node": "virtio0-fmt", "name": "b0"})
+        vm.qmp(
+            "blockdev-add",
+            driver="copy-before-write",
+            **{"node-name": "cbw"},
+            file="virtio0-fmt",
+            target="fl",
+            bitmap={"node": "virtio0-fmt", "name": "b0"},
+        )
         steps.append(lambda: vm.qmp("blockdev-del", **{"node-name": "cbw"}))
         vm.qmp("qom-set", path="/machine/peripheral/virtio0", property="drive", value="cbw")
-        steps.append(lambda: vm.qmp("qom-set", path="/machine/peripheral/virtio0",
-                                    property="drive", value="virtio0-fmt"))
-        vm.qmp("blockdev-add", driver="snapshot-access", **{"node-name": "acc"}, file="cbw",
-               discard="unmap")
+        steps.append(
+            lambda: vm.qmp(
+                "qom-set", path="/machine/peripheral/virtio0", property="drive", value="virtio0-fmt"
+            )
+        )
+        vm.qmp(
+            "blockdev-add",
+            driver="snapshot-access",
+            **{"node-name": "acc"},
+            file="cbw",
+            discard="unmap",
+        )
         steps.append(lambda: vm.qmp("blockdev-del", **{"node-name": "acc"}))
         export(vm, "acc", "acc", writable=True)
         steps.append(lambda: unexport(vm, "acc"))
@@ -372,17 +423,17 @@ def test_copy_before_write_access_bitmap(vm: TestVM, tmp_path: Path) -> None:
         async with NBDClient.open(sock, "acc") as c:
             buf = bytearray(64 * KiB)
             await c.pread_into(buf, MiB)
-            assert buf == before[MiB:MiB + 64 * KiB]
+            assert buf == before[MiB : MiB + 64 * KiB]
             # The guest overwrites it: the snapshot still reads the old data.
             vm.guest_write("virtio0", MiB, 4 * KiB, 0x43)
             await c.pread_into(buf, MiB)
-            assert buf == before[MiB:MiB + 64 * KiB]
+            assert buf == before[MiB : MiB + 64 * KiB]
             with pytest.raises(NBDError) as info:
                 await c.pread_into(buf, 2 * MiB)
             assert info.value.errno == errno.EINVAL
             assert c.alive  # a refused read does not break the connection
             await c.pread_into(buf, MiB, 4 * KiB)
-            assert buf[:4 * KiB] == before[MiB:MiB + 4 * KiB]
+            assert buf[: 4 * KiB] == before[MiB : MiB + 4 * KiB]
 
     with fleecing(vm, tmp_path):
         run(main)

@@ -43,7 +43,8 @@ def fallocate(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_punch_discards_and_makes_the_range_unreadable(
-        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    vm: TestVM, snapfs: Snapfs, tmp_path: Path
+) -> None:
     before = vm.snapshot()
     with snapfs.mounted(vm, tmp_path / "mnt") as mnt:
         raw = mnt / "virtio0.raw"
@@ -86,7 +87,8 @@ def test_punch_discards_and_makes_the_range_unreadable(
 
 
 def test_unaligned_punch_discards_only_whole_blocks_inside(
-        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    vm: TestVM, snapfs: Snapfs, tmp_path: Path
+) -> None:
     before = vm.snapshot()
     with snapfs.mounted(vm, tmp_path / "mnt") as mnt:
         raw = mnt / "scsi0.raw"
@@ -106,7 +108,8 @@ def test_unaligned_punch_discards_only_whole_blocks_inside(
 
 
 def test_bad_punches_are_refused_without_side_effects(
-        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    vm: TestVM, snapfs: Snapfs, tmp_path: Path
+) -> None:
     with snapfs.mounted(vm, tmp_path / "mnt") as mnt:
         raw = str(mnt / "virtio0.raw")
         size = vm.disks["virtio0"].size
@@ -150,8 +153,9 @@ def racing_copy(vm: TestVM, mnt: Path, out: Path, *, discard: bool) -> tuple[int
     src = os.open(mnt / "virtio0.raw", os.O_RDWR)
     dst = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        DiskCopy(src, dst, in_place=False, discard=discard, granularity=G,
-                 progress=after_chunk).region(0, size)
+        DiskCopy(
+            src, dst, in_place=False, discard=discard, granularity=G, progress=after_chunk
+        ).region(0, size)
     finally:
         os.close(src)
         os.close(dst)
@@ -168,9 +172,11 @@ def test_provider_with_discard_keeps_fleecing_small(tmp_path: Path, snapfs: Snap
         vm = TestVM(work, [DiskSpec("virtio0", "qcow2", "virtio", size=64 * MiB)])
         with vm, snapfs.mounted(vm, work / "mnt") as mnt:
             figures[discard] = racing_copy(vm, mnt, work / "copy.raw", discard=discard)
-    print(f"\nfleecing peak/final bytes with {figures[True][2]} bytes of racing guest writes: "
-          f"discard {figures[True][0]}/{figures[True][1]}, "
-          f"no discard {figures[False][0]}/{figures[False][1]}")
+    print(
+        f"\nfleecing peak/final bytes with {figures[True][2]} bytes of racing guest writes: "
+        f"discard {figures[True][0]}/{figures[True][1]}, "
+        f"no discard {figures[False][0]}/{figures[False][1]}"
+    )
     plain_peak, _, written = figures[False]
     discard_peak, discard_final, _ = figures[True]
     assert plain_peak >= written // 2  # most writes hit distinct blocks and were copied
@@ -181,7 +187,8 @@ def test_provider_with_discard_keeps_fleecing_small(tmp_path: Path, snapfs: Snap
 
 
 def test_a_view_with_discarded_bytes_is_not_copied_again(
-        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    vm: TestVM, snapfs: Snapfs, tmp_path: Path
+) -> None:
     """After a copy with --discard the view's bytes can no longer be read, and SEEK_DATA shows
     them as holes: a second copy of that view fails instead of taking them for zeros."""
     first, second = tmp_path / "first", tmp_path / "second"

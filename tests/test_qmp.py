@@ -35,8 +35,12 @@ pytestmark = [
 
 T = TypeVar("T")
 KiB = 1024
-CDROM = ["-drive", "if=none,id=drive-ide2,media=cdrom",
-         "-device", "ide-cd,drive=drive-ide2,id=ide2"]
+CDROM = [
+    "-drive",
+    "if=none,id=drive-ide2,media=cdrom",
+    "-device",
+    "ide-cd,drive=drive-ide2,id=ide2",
+]
 
 
 def run(fn: Callable[[], Awaitable[T]]) -> T:
@@ -58,8 +62,14 @@ def vm(tmp_path: Path) -> Iterator[TestVM]:
 def do_setup(vm: TestVM, tmp_path: Path, **kw: Any) -> GraphState:
     async def go() -> GraphState:
         async with QMP.connect(vm.qmp_path) as q:
-            return await setup(q, vmid="100", fleecing_dir=tmp_path / "fleece",
-                               nbd_socket=tmp_path / "nbd.sock", **kw)
+            return await setup(
+                q,
+                vmid="100",
+                fleecing_dir=tmp_path / "fleece",
+                nbd_socket=tmp_path / "nbd.sock",
+                **kw,
+            )
+
     return run(go)
 
 
@@ -67,19 +77,25 @@ def do_teardown(vm: TestVM, state: GraphState, *, commit: bool) -> None:
     async def go() -> None:
         async with QMP.connect(vm.qmp_path) as q:
             await teardown(q, state, commit=commit)
+
     run(go)
 
 
 def bitmaps_on(vm: TestVM, state: GraphState) -> dict[tuple[str, str], dict[str, Any]]:
     """(disk, bitmap name) -> info, on each disk's original node (where snapfs keeps them)."""
     nodes = {n["node-name"]: n for n in vm.qmp("query-named-block-nodes", flat=True)}
-    return {(d.name, b["name"]): b for d in state.disks
-            for b in nodes[d.node].get("dirty-bitmaps", []) if "name" in b}
+    return {
+        (d.name, b["name"]): b
+        for d in state.disks
+        for b in nodes[d.node].get("dirty-bitmaps", [])
+        if "name" in b
+    }
 
 
 def fleecing_actual(path: str) -> int:
-    out = subprocess.run([QEMU_IMG, "info", "-U", "--output=json", path], check=True,
-                         capture_output=True).stdout
+    out = subprocess.run(
+        [QEMU_IMG, "info", "-U", "--output=json", path], check=True, capture_output=True
+    ).stdout
     size: int = json.loads(out)["actual-size"]
     return size
 
@@ -98,8 +114,11 @@ def test_setup_teardown_roundtrip(vm: TestVM, tmp_path: Path) -> None:
         assert state.qemu_version.startswith(vm.qemu_version())
         nodes = {n["node-name"]: n["drv"] for n in vm.qmp("query-named-block-nodes", flat=True)}
         exports = {e["id"]: e["node-name"] for e in vm.qmp("query-block-exports")}
-        devices = {b.get("qdev"): b["inserted"]["node-name"]
-                   for b in vm.qmp("query-block") if "inserted" in b}
+        devices = {
+            b.get("qdev"): b["inserted"]["node-name"]
+            for b in vm.qmp("query-block")
+            if "inserted" in b
+        }
         for d in state.disks:
             for node in (d.fleecing_node, d.cbw_node, d.access_node, d.export_id):
                 assert node.startswith("snapfs-")
@@ -127,6 +146,7 @@ def test_list_disks_skips_empty_cdrom(vm: TestVM) -> None:
     async def go() -> list[str]:
         async with QMP.connect(vm.qmp_path) as q:
             return [d.name for d in await list_disks(q)]
+
     assert sorted(run(go)) == ["scsi0", "virtio0"]
 
 
@@ -168,8 +188,9 @@ def test_teardown_reports_what_it_cannot_restore(vm: TestVM, tmp_path: Path) -> 
     with pytest.raises(TeardownError, match="delete snapfs-fl-virtio0") as exc:
         do_teardown(vm, state, commit=False)
     assert "scsi0" not in str(exc.value)
-    devices = {b.get("qdev"): b["inserted"]["node-name"]
-               for b in vm.qmp("query-block") if "inserted" in b}
+    devices = {
+        b.get("qdev"): b["inserted"]["node-name"] for b in vm.qmp("query-block") if "inserted" in b
+    }
     assert devices["scsi0"] != "snapfs-cbw-scsi0"  # the rest was restored
     assert devices["/machine/peripheral/virtio0/virtio-backend"] == "virtio0-fmt"
     fleecing = {d.name: Path(d.fleecing_path) for d in state.disks}
@@ -187,6 +208,7 @@ def test_cleanup_orphans(vm: TestVM, tmp_path: Path) -> None:
     async def go() -> list[str]:
         async with QMP.connect(vm.qmp_path) as q:
             return await cleanup_orphans_(q)
+
     assert run(go)
     assert vm.graph() == before
     assert not any(Path(d.fleecing_path).exists() for d in state.disks)
@@ -223,8 +245,13 @@ def test_unwritable_fleecing_dir(vm: TestVM, tmp_path: Path) -> None:
 
     async def go() -> None:
         async with QMP.connect(vm.qmp_path) as q:
-            await setup(q, vmid="100", fleecing_dir=tmp_path / "file" / "fleece",
-                        nbd_socket=tmp_path / "nbd.sock")
+            await setup(
+                q,
+                vmid="100",
+                fleecing_dir=tmp_path / "file" / "fleece",
+                nbd_socket=tmp_path / "nbd.sock",
+            )
+
     with pytest.raises(SetupError, match="create fleecing directory: Not a directory"):
         run(go)
     assert vm.graph() == before
@@ -232,9 +259,17 @@ def test_unwritable_fleecing_dir(vm: TestVM, tmp_path: Path) -> None:
     vm.qmp("nbd-server-start", addr={"type": "unix", "data": {"path": str(tmp_path / "o.sock")}})
 
 
-@pytest.mark.parametrize("at", ["add fleecing node", "prepare bitmaps",
-                                "add copy-before-write filter", "insert filter",
-                                "add snapshot-access node", "add NBD export"])
+@pytest.mark.parametrize(
+    "at",
+    [
+        "add fleecing node",
+        "prepare bitmaps",
+        "add copy-before-write filter",
+        "insert filter",
+        "add snapshot-access node",
+        "add NBD export",
+    ],
+)
 def test_qemu_failure_midway_rolls_back(vm: TestVM, tmp_path: Path, at: str) -> None:
     """QEMU refuses a step (for scsi0 where there is one): rollback restores the graph.
 
@@ -242,23 +277,33 @@ def test_qemu_failure_midway_rolls_back(vm: TestVM, tmp_path: Path, at: str) -> 
     """
     before = vm.graph()
     inject: dict[str, tuple[str, dict[str, Any]]] = {
-        "add fleecing node": ("blockdev-add", {"driver": "null-co",
-                                               "node-name": "snapfs-fl-scsi0"}),
-        "prepare bitmaps": ("block-dirty-bitmap-add", {"node": "virtio0-fmt",
-                                                       "name": "snapfs-t1-next"}),
-        "add copy-before-write filter": ("blockdev-add", {"driver": "null-co",
-                                                          "node-name": "snapfs-cbw-scsi0"}),
+        "add fleecing node": (
+            "blockdev-add",
+            {"driver": "null-co", "node-name": "snapfs-fl-scsi0"},
+        ),
+        "prepare bitmaps": (
+            "block-dirty-bitmap-add",
+            {"node": "virtio0-fmt", "name": "snapfs-t1-next"},
+        ),
+        "add copy-before-write filter": (
+            "blockdev-add",
+            {"driver": "null-co", "node-name": "snapfs-cbw-scsi0"},
+        ),
         # qom-set then finds no node to switch to.
         "insert filter": ("blockdev-del", {"node-name": "snapfs-cbw-scsi0"}),
-        "add snapshot-access node": ("blockdev-add", {"driver": "null-co",
-                                                      "node-name": "snapfs-acc-scsi0"}),
+        "add snapshot-access node": (
+            "blockdev-add",
+            {"driver": "null-co", "node-name": "snapfs-acc-scsi0"},
+        ),
         # The export then has no server.
         "add NBD export": ("nbd-server-stop", {}),
     }
     undo_injection = {
         "add fleecing node": ("blockdev-del", {"node-name": "snapfs-fl-scsi0"}),
-        "prepare bitmaps": ("block-dirty-bitmap-remove", {"node": "virtio0-fmt",
-                                                          "name": "snapfs-t1-next"}),
+        "prepare bitmaps": (
+            "block-dirty-bitmap-remove",
+            {"node": "virtio0-fmt", "name": "snapfs-t1-next"},
+        ),
         "add copy-before-write filter": ("blockdev-del", {"node-name": "snapfs-cbw-scsi0"}),
         "add snapshot-access node": ("blockdev-del", {"node-name": "snapfs-acc-scsi0"}),
     }
@@ -266,14 +311,22 @@ def test_qemu_failure_midway_rolls_back(vm: TestVM, tmp_path: Path, at: str) -> 
 
     async def go() -> None:
         async with QMP.connect(vm.qmp_path) as q:
+
             async def on_step(step: str, disk: str | None) -> None:
                 if step == at and disk in ("scsi0", None) and not injected:
                     cmd, args = inject[at]
                     await q.execute(cmd, args)
                     injected.append(step)
+
             try:
-                await setup(q, vmid="100", fleecing_dir=tmp_path / "fleece",
-                            nbd_socket=tmp_path / "nbd.sock", incremental="t1", on_step=on_step)
+                await setup(
+                    q,
+                    vmid="100",
+                    fleecing_dir=tmp_path / "fleece",
+                    nbd_socket=tmp_path / "nbd.sock",
+                    incremental="t1",
+                    on_step=on_step,
+                )
             finally:
                 if at in undo_injection:
                     cmd, args = undo_injection[at]
@@ -294,12 +347,20 @@ def test_cancelled_setup_rolls_back(vm: TestVM, tmp_path: Path) -> None:
     async def go() -> None:
         async with QMP.connect(vm.qmp_path) as q:
             with trio.CancelScope() as scope:
+
                 def on_step(step: str, disk: str | None) -> None:
                     if step == "add snapshot-access node":
                         scope.cancel()
-                await setup(q, vmid="100", fleecing_dir=tmp_path / "fleece",
-                            nbd_socket=tmp_path / "nbd.sock", on_step=on_step)
+
+                await setup(
+                    q,
+                    vmid="100",
+                    fleecing_dir=tmp_path / "fleece",
+                    nbd_socket=tmp_path / "nbd.sock",
+                    on_step=on_step,
+                )
             assert scope.cancelled_caught
+
     run(go)
     assert vm.graph() == before
 
@@ -340,9 +401,16 @@ def test_bitmaps_new_reuse_commit_abort(vm: TestVM, tmp_path: Path) -> None:
     assert {d.export_id for d in state.disks} <= exported
     if which_all("nbdinfo"):
         # F is exported through snapshot-access although it lives on the disk node below.
-        out = subprocess.run(["nbdinfo", f"--map=qemu:dirty-bitmap:{n}-frozen",
-                              f"nbd+unix:///scsi0?socket={state.nbd_socket}"],
-                             check=True, capture_output=True, text=True).stdout.split()
+        out = subprocess.run(
+            [
+                "nbdinfo",
+                f"--map=qemu:dirty-bitmap:{n}-frozen",
+                f"nbd+unix:///scsi0?socket={state.nbd_socket}",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         assert out[:8] == ["0", "131072", "0", "clean", "131072", "131072", "1", "dirty"]
     vm.guest_write("scsi0", 1024 * KiB, 64 * KiB, 3)
     do_teardown(vm, state, commit=False)  # abort: B keeps everything
@@ -370,15 +438,24 @@ def test_write_during_setup_is_in_frozen_bitmap(vm: TestVM, tmp_path: Path) -> N
 
     async def go() -> GraphState:
         async with QMP.connect(vm.qmp_path) as q:
+
             async def on_step(step: str, disk: str | None) -> None:
                 if step == "add fleecing node" and disk == "virtio0":
                     # A guest write through the device, as vm.guest_write does.
-                    line = 'qemu-io -d /machine/peripheral/virtio0/virtio-backend ' \
-                           '"write -P 9 512k 64k"'
+                    line = (
+                        "qemu-io -d /machine/peripheral/virtio0/virtio-backend "
+                        '"write -P 9 512k 64k"'
+                    )
                     await q.execute("human-monitor-command", {"command-line": line})
-            return await setup(q, vmid="100", fleecing_dir=tmp_path / "fleece",
-                               nbd_socket=tmp_path / "nbd.sock", incremental="t1",
-                               on_step=on_step)
+
+            return await setup(
+                q,
+                vmid="100",
+                fleecing_dir=tmp_path / "fleece",
+                nbd_socket=tmp_path / "nbd.sock",
+                incremental="t1",
+                on_step=on_step,
+            )
 
     state = run(go)
     bm = bitmaps_on(vm, state)
@@ -452,18 +529,22 @@ def fake_monitor(path: Path, greeting: bytes | None) -> Callable[[], None]:
         for c in conns:
             c.close()
         srv.close()
+
     return stop
 
 
-@pytest.mark.parametrize("greeting", [None, b"garbage\n", b"\x00\xff" * 100 + b"\n",
-                                      b'{"hello": 1}\n'])
+@pytest.mark.parametrize(
+    "greeting", [None, b"garbage\n", b"\x00\xff" * 100 + b"\n", b'{"hello": 1}\n']
+)
 def test_not_a_qemu_monitor(tmp_path: Path, greeting: bytes | None) -> None:
     path = tmp_path / "fake.sock"
     stop = fake_monitor(path, greeting)
     try:
+
         async def go() -> None:
             async with QMP.connect(path, timeout=1.0):
                 pass
+
         start = time.monotonic()
         with pytest.raises(QMPError, match="not a QEMU monitor") as exc:
             run(go)
@@ -477,12 +558,14 @@ def test_missing_socket(tmp_path: Path) -> None:
     async def go() -> None:
         async with QMP.connect(tmp_path / "nothing.sock"):
             pass
+
     with pytest.raises(VMGoneError, match=r"nothing\.sock"):
         run(go)
 
 
 def test_qmp_error_and_lost_connection(tmp_path: Path) -> None:
     with running_vm(tmp_path, [DiskSpec("virtio0", fill=0)]) as vm:
+
         async def go() -> None:
             async with QMP.connect(vm.qmp_path) as q:
                 with pytest.raises(QMPError, match=r"^blockdev-del: .*nosuch"):
@@ -492,4 +575,5 @@ def test_qmp_error_and_lost_connection(tmp_path: Path) -> None:
                 vm.proc.wait()
                 with pytest.raises(VMGoneError, match=r"qmp\.sock"):
                     await q.execute("query-status")
+
         run(go)

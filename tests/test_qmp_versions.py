@@ -26,8 +26,13 @@ MiB = 1 << 20
 @pytest.fixture
 def small_vm(tmp_path: Path) -> Iterator[TestVM]:
     """Two small disks, so a step can fail for the second disk after the first one succeeded."""
-    machine = TestVM(tmp_path, [DiskSpec("virtio0", "qcow2", "virtio", size=4 * MiB),
-                                DiskSpec("scsi0", "raw", "scsi", size=4 * MiB)])
+    machine = TestVM(
+        tmp_path,
+        [
+            DiskSpec("virtio0", "qcow2", "virtio", size=4 * MiB),
+            DiskSpec("scsi0", "raw", "scsi", size=4 * MiB),
+        ],
+    )
     try:
         yield machine.start()
     finally:
@@ -53,8 +58,17 @@ class View:
 
     def mount(self, qmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
         self.mnt.mkdir(exist_ok=True)
-        return self.snapfs("mount", self.vm.vmid, str(self.mnt), "--qmp", str(qmp),
-                           "--fleecing-dir", str(self.fleecing), *args, check=False)
+        return self.snapfs(
+            "mount",
+            self.vm.vmid,
+            str(self.mnt),
+            "--qmp",
+            str(qmp),
+            "--fleecing-dir",
+            str(self.fleecing),
+            *args,
+            check=False,
+        )
 
     @property
     def state_dir(self) -> Path:
@@ -100,34 +114,61 @@ def drive_set_to(node: str) -> Any:
 SETUP_FAILURES: dict[str, tuple[Refuse, list[str], list[str]]] = {
     # Missing commands (CommandNotFound), at every stage of the set-up.
     "query-block-exports": (Refuse("query-block-exports"), [], ["query-block-exports"]),
-    "nbd-server-start": (Refuse("nbd-server-start"), [],
-                         ["start NBD server", "nbd-server-start"]),
+    "nbd-server-start": (Refuse("nbd-server-start"), [], ["start NBD server", "nbd-server-start"]),
     "blockdev-add": (Refuse("blockdev-add"), [], ["add fleecing node", "blockdev-add"]),
-    "transaction": (Refuse("transaction"), ["--incremental", "v"],
-                    ["prepare bitmaps", "transaction"]),
+    "transaction": (
+        Refuse("transaction"),
+        ["--incremental", "v"],
+        ["prepare bitmaps", "transaction"],
+    ),
     "qom-set of the second disk": (
-        Refuse("qom-set", when=drive_set_to("snapfs-cbw-virtio0")), [],
-        ["insert filter for virtio0", "qom-set"]),
-    "block-export-add": (Refuse("block-export-add"), [],
-                         ["add NBD export", "block-export-add"]),
+        Refuse("qom-set", when=drive_set_to("snapfs-cbw-virtio0")),
+        [],
+        ["insert filter for virtio0", "qom-set"],
+    ),
+    "block-export-add": (Refuse("block-export-add"), [], ["add NBD export", "block-export-add"]),
     # Drivers and parameters an older QEMU does not have (its real GenericError texts).
     "no snapshot-access (QEMU < 7.1)": (
-        Refuse("blockdev-add", "GenericError", when=driver_is("snapshot-access"),
-               desc="Invalid parameter 'snapshot-access'"),
-        [], ["add snapshot-access node", "snapshot-access"]),
+        Refuse(
+            "blockdev-add",
+            "GenericError",
+            when=driver_is("snapshot-access"),
+            desc="Invalid parameter 'snapshot-access'",
+        ),
+        [],
+        ["add snapshot-access node", "snapshot-access"],
+    ),
     "no on-cbw-error (QEMU 7.0)": (
-        Refuse("blockdev-add", "GenericError", when=driver_is("copy-before-write"),
-               desc="Parameter 'on-cbw-error' is unexpected"),
-        ["--incremental", "v"], ["add copy-before-write filter", "on-cbw-error"]),
+        Refuse(
+            "blockdev-add",
+            "GenericError",
+            when=driver_is("copy-before-write"),
+            desc="Parameter 'on-cbw-error' is unexpected",
+        ),
+        ["--incremental", "v"],
+        ["add copy-before-write filter", "on-cbw-error"],
+    ),
     # Error classes this QEMU does not know.
     "unknown class on block-export-add": (
-        Refuse("block-export-add", "SomethingNew", when=lambda a: a.get("name") == "virtio0",
-               desc="exports need the new thing"),
-        [], ["add NBD export for virtio0", "exports need the new thing"]),
+        Refuse(
+            "block-export-add",
+            "SomethingNew",
+            when=lambda a: a.get("name") == "virtio0",
+            desc="exports need the new thing",
+        ),
+        [],
+        ["add NBD export for virtio0", "exports need the new thing"],
+    ),
     "unknown class on qom-set": (
-        Refuse("qom-set", "SomethingNew", when=drive_set_to("snapfs-cbw-scsi0"),
-               desc="drive is now immutable"),
-        ["--incremental", "v"], ["insert filter for scsi0", "drive is now immutable"]),
+        Refuse(
+            "qom-set",
+            "SomethingNew",
+            when=drive_set_to("snapfs-cbw-scsi0"),
+            desc="drive is now immutable",
+        ),
+        ["--incremental", "v"],
+        ["insert filter for scsi0", "drive is now immutable"],
+    ),
 }
 
 
@@ -151,8 +192,7 @@ def future_qemu(proxy: QMPProxy) -> None:
     """Unknown events and known ones about other jobs before every reply, extra fields in it."""
     proxy.events = [
         event("SNAPFS_TEST_FUTURE_EVENT", {"what": ["x", 1]}),
-        event("BLOCK_JOB_ERROR", {"device": "other-job", "operation": "write",
-                                  "action": "report"}),
+        event("BLOCK_JOB_ERROR", {"device": "other-job", "operation": "write", "action": "report"}),
         event("JOB_STATUS_CHANGE", {"id": "other-job", "status": "running"}),
     ]
     proxy.extra_fields = {"x-future-field": {"nested": [1, 2, {"k": None}]}}
@@ -177,7 +217,7 @@ def test_events_and_extra_fields_are_ignored(view: View, proxy: QMPProxy) -> Non
     assert view.mount(proxy.path, "--incremental", "v").returncode == 0
     assert (view.mnt / "scsi0.dirty").read_text() == f"{3 * 65536} 65536\n"
     with open(view.mnt / "scsi0.raw", "rb") as f:
-        assert os.pread(f.fileno(), 65536, 3 * 65536) == at_point["scsi0"][3 * 65536:4 * 65536]
+        assert os.pread(f.fileno(), 65536, 3 * 65536) == at_point["scsi0"][3 * 65536 : 4 * 65536]
     view.snapfs("umount", str(view.mnt))
     view.assert_restored()
     assert "SNAPFS_TEST_FUTURE_EVENT" not in view.snapfs.log_file.read_text()
@@ -187,14 +227,21 @@ TEARDOWN_FAILURES: dict[str, tuple[Refuse, list[str]]] = {
     "block-export-del": (Refuse("block-export-del"), ["block-export-del"]),
     "nbd-server-stop": (Refuse("nbd-server-stop"), ["nbd-server-stop"]),
     "unknown class on blockdev-del": (
-        Refuse("blockdev-del", "SomethingNew", when=lambda a: a.get("node-name", "").startswith(
-            "snapfs-cbw-"), desc="nodes are forever"), ["nodes are forever"]),
+        Refuse(
+            "blockdev-del",
+            "SomethingNew",
+            when=lambda a: a.get("node-name", "").startswith("snapfs-cbw-"),
+            desc="nodes are forever",
+        ),
+        ["nodes are forever"],
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(TEARDOWN_FAILURES))
 def test_a_refused_teardown_step_leaves_state_for_cleanup(
-        view: View, proxy: QMPProxy, case: str) -> None:
+    view: View, proxy: QMPProxy, case: str
+) -> None:
     rule, words = TEARDOWN_FAILURES[case]
     assert view.mount(proxy.path).returncode == 0
     pid = view.snapfs.pids()[0]

@@ -30,8 +30,18 @@ def test_status_json_reports_every_field(vm: TestVM, snapfs: Snapfs, tmp_path: P
         vm.guest_write("virtio0", 0, 4 * MiB, 0x77)  # copy-before-write: 4 MiB of old data
         with open(mnt / "scsi0.raw", "rb", buffering=0) as f:
             assert len(f.read(65536)) == 65536
-        subprocess.run(["fallocate", "--punch-hole", "--offset", str(8 * MiB), "--length",
-                        str(MiB), str(mnt / "virtio0.raw")], check=True)
+        subprocess.run(
+            [
+                "fallocate",
+                "--punch-hole",
+                "--offset",
+                str(8 * MiB),
+                "--length",
+                str(MiB),
+                str(mnt / "virtio0.raw"),
+            ],
+            check=True,
+        )
         sessions = status(snapfs)
         assert status(snapfs, vmid(vm)) == sessions
         human = snapfs("status").stdout
@@ -70,8 +80,7 @@ def test_status_json_reports_every_field(vm: TestVM, snapfs: Snapfs, tmp_path: P
     assert snapfs("status").stdout == "no active snapfs sessions\n"
 
 
-def test_a_dead_serving_process_shows_as_stale(
-        vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+def test_a_dead_serving_process_shows_as_stale(vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
     mnt = snapfs.mount(vm, tmp_path / "mnt")
     (pid,) = snapfs.pids()
     os.kill(pid, signal.SIGKILL)

@@ -46,8 +46,9 @@ class MemorySource:
         self.discards.append((offset, length))
 
 
-def make_tree(dirty: list[tuple[int, int]] | None = None, size: int = 16 * G,
-              zeros: Regions | None = None) -> tuple[Tree, MemorySource]:
+def make_tree(
+    dirty: list[tuple[int, int]] | None = None, size: int = 16 * G, zeros: Regions | None = None
+) -> tuple[Tree, MemorySource]:
     src = MemorySource(random.Random(3).randbytes(size))
     regions = Regions.from_extents(dirty) if dirty is not None else Regions.whole(size)
     disk = Disk("scsi0", size, src, regions, zeros=zeros or Regions(), granularity=G)
@@ -83,10 +84,14 @@ def test_regions_remove() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 200), st.integers(1, 40)), max_size=12),
-       st.integers(0, 300), st.integers(0, 80))
+@given(
+    st.lists(st.tuples(st.integers(0, 200), st.integers(1, 40)), max_size=12),
+    st.integers(0, 300),
+    st.integers(0, 80),
+)
 def test_regions_remove_matches_a_set_of_bytes(
-        spans: list[tuple[int, int]], off: int, length: int) -> None:
+    spans: list[tuple[int, int]], off: int, length: int
+) -> None:
     covered: set[int] = set()
     for s, n in spans:
         covered.update(range(s, s + n))

@@ -91,8 +91,9 @@ reported."""
 class DirectReads(Protocol):
     """Optional for ``Operations``: reads answered without handing bytes to the server."""
 
-    def start_read(self, ino: int, fh: int, offset: int, size: int, unique: int,
-                   done: ReadDone) -> bool:
+    def start_read(
+        self, ino: int, fh: int, offset: int, size: int, unique: int, done: ReadDone
+    ) -> bool:
         """Start answering READ ``unique`` (e.g. through a ``ReplyPipe``) and return True;
         ``done`` follows if it is not answered after all. False: not this one, use ``read``.
         May raise FuseErrno."""

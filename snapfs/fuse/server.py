@@ -364,7 +364,13 @@ class FuseServer:
             self._slots.release()
 
     async def _run_read(
-        self, unique: int, scope: trio.CancelScope, ino: int, fh: int, offset: int, size: int,
+        self,
+        unique: int,
+        scope: trio.CancelScope,
+        ino: int,
+        fh: int,
+        offset: int,
+        size: int,
         slot: bool,
     ) -> None:
         """The READ path, kept apart from ``_run_async`` to stay lean: header and data go out in
@@ -432,14 +438,19 @@ class FuseServer:
         # is bounded by the kernel (max_background async requests, one per blocked reader).
         start = self._start_read
         if start is not None and start(
-            nodeid, fh, offset, size, unique,
+            nodeid,
+            fh,
+            offset,
+            size,
+            unique,
             functools.partial(self._started_read_failed, unique, nodeid, fh, offset, size),
         ):
             return False
         return self._spawn_read(unique, nodeid, fh, offset, size, True)
 
-    def _started_read_failed(self, unique: int, nodeid: int, fh: int, offset: int, size: int,
-                             outcome: Exception) -> None:
+    def _started_read_failed(
+        self, unique: int, nodeid: int, fh: int, offset: int, size: int, outcome: Exception
+    ) -> None:
         # Runs as a trio callback: it must never raise.
         try:
             if self._fd < 0 or self._nursery is None:
@@ -451,8 +462,9 @@ class FuseServer:
         except Exception as exc:
             log.error("FUSE READ failed after it started: %r", exc)
 
-    def _spawn_read(self, unique: int, nodeid: int, fh: int, offset: int, size: int,
-                    slot: bool) -> bool:
+    def _spawn_read(
+        self, unique: int, nodeid: int, fh: int, offset: int, size: int, slot: bool
+    ) -> bool:
         """Run the READ in a task; it gives the reader's slot back at the end if ``slot``."""
         assert self._nursery is not None
         scope = trio.CancelScope()
