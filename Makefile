@@ -32,9 +32,7 @@ venv: apt $(VENV)/.stamp
 demo: deps
 	$(VPY) -m snapfs.demo
 
-test: deps
-	$(VENV)/bin/ruff check snapfs tests
-	$(VENV)/bin/mypy
+test: lint
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # The real-QEMU tests again, against Debian 13's QEMU 10.0 (what Proxmox VE 9 users run), in a
