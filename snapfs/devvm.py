@@ -85,8 +85,12 @@ class Monitor:
 
     def __init__(self, path: Path, timeout: float = 30.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(str(path))
+        except BaseException:
+            self.sock.close()  # QEMU may not listen yet: the caller tries again
+            raise
         self.file = self.sock.makefile("rwb")
         # Tests write from a background thread while the main thread inspects the graph.
         self.lock = threading.Lock()
