@@ -53,6 +53,8 @@ class FreezeConfig:
 
     socket: Path
     timeout: float = 10.0  # guest-fsfreeze-freeze: flushing can legitimately take a while
+    #: --freeze=required: a snapshot without frozen file systems is not taken at all.
+    required: bool = False
     sync_timeout: float = 2.0  # connect, guest-sync-delimited, guest-fsfreeze-status
     thaw_timeout: float = 10.0
 
@@ -66,6 +68,12 @@ class FreezeResult:
     filesystems: int | None = None  # as the agent counted them
     thaw: str | None = None  # None (no thaw needed), "ok", or why it failed
     frozen_ms: float | None = None  # from the freeze's reply to the thaw's
+    already_frozen: bool = False  # frozen by someone else at the snapshot point
+
+    @property
+    def consistent(self) -> bool:
+        """Whether the guest's file systems were frozen at the snapshot point."""
+        return self.state == "frozen" or self.already_frozen
 
     def facts(self) -> dict[str, Any]:
         """For snapfs.json and ``snapfs status``."""
@@ -75,7 +83,17 @@ class FreezeResult:
             "filesystems": self.filesystems,
             "thaw": self.thaw,
             "frozen_ms": self.frozen_ms,
+            "already_frozen": self.already_frozen,
         }
+
+    def describe(self) -> str:
+        """One line for people: what the snapshot's consistency rests on."""
+        if self.state == "frozen":
+            thaw = "thawed" if self.thaw == "ok" else f"THAW FAILED: {self.thaw}"
+            took = f" after {self.frozen_ms:.1f} ms" if self.frozen_ms is not None else ""
+            count = f"{self.filesystems} file system(s) " if self.filesystems is not None else ""
+            return f"frozen ({count}{thaw}{took})"
+        return f"{self.state}: {self.reason}" if self.reason else self.state
 
 
 class AgentError(Exception):
@@ -241,10 +259,14 @@ class Freezer:
             )
             status = await self._agent.command("guest-fsfreeze-status", cfg.sync_timeout)
             if status == "frozen":
-                raise AgentError(
-                    "the guest's file systems are already frozen (by another "
-                    "tool?); leaving them alone"
+                # Consistent as long as whoever froze them keeps them so; not ours to thaw.
+                self.result = FreezeResult(
+                    "skipped",
+                    "the guest's file systems were already frozen (by another tool?); left alone",
+                    already_frozen=True,
                 )
+                log.warning("%sguest agent: %s", self._who(), self.result.reason)
+                return self.result
             self._sent_freeze = True
             count = await self._agent.command("guest-fsfreeze-freeze", cfg.timeout)
         except AgentError as err:

@@ -91,9 +91,17 @@ def _mount_options(p: argparse.ArgumentParser) -> None:
         help="mount option; only allow_other is known",
     )
     p.add_argument(
+        "--freeze",
+        choices=["auto", "required", "off"],
+        default="auto",
+        help="the guest's file systems through its agent: auto (freeze if an agent is there, "
+        "else warn and take a crash-consistent snapshot; the default), required (no snapshot "
+        "unless frozen), off",
+    )
+    p.add_argument(
         "--no-freeze",
         action="store_true",
-        help="do not freeze the guest's file systems through the guest agent",
+        help="the same as --freeze=off",
     )
     p.add_argument(
         "--agent",
@@ -262,7 +270,26 @@ class JournalHandler(logging.Handler):
         super().close()
 
 
-def setup_logging(args: argparse.Namespace, *, background: bool = False) -> None:
+def _fallback_log(vmid: str) -> logging.Handler:
+    """A log file for a serving process on a host without journald or syslog: root's own
+    directory, opened without following links."""
+    directory = session.run_dir() / "log"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / f"{vmid}.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s snapfs[%(process)d] %(levelname)s: %(message)s")
+    )
+    handler.set_name(str(path))
+    return handler
+
+
+def setup_logging(
+    args: argparse.Namespace, *, background: bool = False, vmid: str | None = None
+) -> str:
+    """Send the log where it can be read; return where that is ("journal", "syslog",
+    "stderr", or a file's path: what ``snapfs status`` shows)."""
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO
     root = logging.getLogger()
     for old in root.handlers[:]:
@@ -271,26 +298,33 @@ def setup_logging(args: argparse.Namespace, *, background: bool = False) -> None
     root.setLevel(level)
     logfile = os.environ.get("SNAPFS_LOG_FILE")
     handler: logging.Handler
+    where = "stderr"
     if logfile:
         handler = logging.FileHandler(logfile)
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
         )
+        where = logfile
     elif background and os.path.exists(JOURNAL_SOCKET):
         handler = JournalHandler()
+        where = "journal"
     elif background and os.path.exists("/dev/log"):
         handler = logging.handlers.SysLogHandler(
             address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
         )
         handler.setFormatter(logging.Formatter("snapfs[%(process)d]: %(message)s"))
+        where = "syslog"
+    elif background and vmid is not None:
+        handler = _fallback_log(vmid)
+        where = handler.get_name() or "file"
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("snapfs: %(message)s"))
     root.addHandler(handler)
-    if args.verbose:
-        return
-    # qemu.qmp logs every negotiation step at INFO; that is noise for users.
-    logging.getLogger("qemu").setLevel(logging.WARNING)
+    if not args.verbose:
+        # qemu.qmp logs every negotiation step at INFO; that is noise for users.
+        logging.getLogger("qemu").setLevel(logging.WARNING)
+    return where
 
 
 def fail(err: SnapfsError) -> NoReturn:
@@ -313,26 +347,55 @@ def _warn(message: str) -> None:
 # -- mount ----------------------------------------------------------------------------------------
 
 
+class WarningCollector(logging.Handler):
+    """Keeps the serving process's warnings of the set-up, for the terminal that asked for
+    the mount: a failed guest freeze or a slower read path must reach the person, not only a
+    log they may not read."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 class _ReadyPipe:
-    """Stands in for trio's task_status: tells the waiting parent the tree is served."""
+    """Stands in for trio's task_status: tells the waiting parent, in one JSON line, that the
+    tree is served (``{"ready": true, "warnings": [...]}``) or why not (``{"error": ...,
+    "exit": N, "warnings": [...]}``). Said once."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.collector = WarningCollector()
+        logging.getLogger().addHandler(self.collector)
 
-    def started(self, value: Any = None) -> None:
-        os.write(self.fd, b"ok\n")
+    def _say(self, message: dict[str, Any]) -> None:
+        if self.fd < 0:
+            return
+        logging.getLogger().removeHandler(self.collector)
+        message["warnings"] = self.collector.messages
+        os.write(self.fd, json.dumps(message).encode() + b"\n")
         os.close(self.fd)
         self.fd = -1
 
+    def started(self, value: Any = None) -> None:
+        self._say({"ready": True})
+
+    def failed(self, message: str, code: int) -> None:
+        self._say({"error": message, "exit": code})
+
 
 def freeze_config(args: argparse.Namespace) -> agent.FreezeConfig | None:
-    """The guest freeze asked for: None with --no-freeze."""
-    if args.no_freeze:
+    """The guest freeze asked for: None with --freeze=off (--no-freeze)."""
+    if args.no_freeze and args.freeze == "required":
+        raise UsageError("--no-freeze and --freeze=required contradict each other")
+    if args.no_freeze or args.freeze == "off":
         return None
     if args.freeze_timeout <= 0:
         raise UsageError("--freeze-timeout must be positive")
     sock = Path(args.agent) if args.agent else agent.default_socket(args.vmid)
-    return agent.FreezeConfig(sock, timeout=args.freeze_timeout)
+    return agent.FreezeConfig(sock, timeout=args.freeze_timeout, required=args.freeze == "required")
 
 
 def mount_options(args: argparse.Namespace, mountpoint: str | None) -> session.MountOptions:
@@ -369,37 +432,41 @@ def _serve_in_background(args: argparse.Namespace, opts: session.MountOptions) -
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-        setup_logging(args, background=True)
+        opts = dataclasses.replace(
+            opts, log_to=setup_logging(args, background=True, vmid=opts.vmid)
+        )
         status = 0
         ready = _ReadyPipe(w)
         try:
             session.run_trio(session.Session(opts).serve, task_status=ready)
         except SnapfsError as err:
-            log.error("VM %s: %s", opts.vmid, err)
             status = err.exit_code
-            if ready.fd >= 0:
-                os.write(w, f"err {status} {err}\n".encode())
+            ready.failed(str(err), status)  # first: the error is not also a warning
+            log.error("VM %s: %s", opts.vmid, err)
         except BaseException as err:
-            log.exception("VM %s: serving process failed", opts.vmid)
             status = 1
-            if ready.fd >= 0:
-                os.write(w, f"err 1 internal error: {err!r}\n".encode())
+            ready.failed(f"internal error: {err!r}", 1)
+            log.exception("VM %s: serving process failed", opts.vmid)
         os._exit(status)
 
     os.close(w)
     with os.fdopen(r, "rb") as f:
-        line = f.readline().decode(errors="replace").rstrip("\n")
-    if line == "ok":
+        line = f.readline()
+    try:
+        said: dict[str, Any] = json.loads(line)
+    except ValueError:
+        _, status = os.waitpid(pid, 0)
+        _error(f"the serving process died during set-up (status {status})")
+        return 1
+    for warning in said.get("warnings", []):
+        _warn(str(warning))
+    if said.get("ready"):
         log.info("VM %s mounted at %s", opts.vmid, opts.mountpoint)
         return 0
-    if line.startswith("err "):
-        _, code, msg = line.split(" ", 2)
-        _error(msg)
-        os.waitpid(pid, 0)
-        return int(code) if code.isdigit() else 1
-    _, status = os.waitpid(pid, 0)
-    _error(f"the serving process died during set-up (status {status})")
-    return 1
+    _error(str(said.get("error", "the set-up failed")))
+    os.waitpid(pid, 0)
+    code = said.get("exit")
+    return code if isinstance(code, int) and code > 0 else 1
 
 
 def _outcome(reply: dict[str, Any]) -> str:
@@ -585,6 +652,7 @@ def session_status(vmid: str) -> dict[str, Any]:
         pause_ms=facts.get("pause_ms"),
         broken=broken,
         freeze=facts.get("freeze"),
+        log=facts.get("log"),
     )
     disks: dict[str, Any] = {}
     for name, d in facts.get("disks", {}).items():
@@ -621,6 +689,19 @@ def _size(n: int | None) -> str:
     return f"{n} B"
 
 
+def _consistency(st: dict[str, Any]) -> str:
+    """What a session's snapshot rests on: the guest freeze and the pause; and its log."""
+    freeze = st.get("freeze")
+    if isinstance(freeze, dict):
+        fields = {f.name for f in dataclasses.fields(agent.FreezeResult)}
+        text = agent.FreezeResult(**{k: v for k, v in freeze.items() if k in fields}).describe()
+    else:
+        text = "not attempted"
+    pause = st.get("pause_ms")
+    paused = f"paused {pause:.1f} ms" if isinstance(pause, int | float) else "was not running"
+    return f"guest freeze: {text}; {paused}; log: {st.get('log') or '?'}"
+
+
 def _status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     vmids = [session.check_vmid(args.vmid)] if args.vmid else _all_vmids()
     sessions = [session_status(v) for v in vmids]
@@ -640,6 +721,8 @@ def _status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         if st["error"]:
             head += f" ({st['error']})"
         print(head, file=out)
+        if st["state"] == "active":
+            print(f"  {_consistency(st)}", file=out)
         for name, d in st["disks"].items():
             line = f"  {name}: {_size(d['size'])}, bitmap {d['bitmap_mode']}"
             if st["state"] == "active":

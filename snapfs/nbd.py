@@ -626,7 +626,7 @@ def _pidfd_getfd(pidfd: int, fd: int) -> int:
 
 
 def _not_widened(name: str, err: OSError) -> int:
-    log.info("%s: cannot widen QEMU's send buffer (reads are slower): %s", name, err.strerror)
+    log.warning("%s: cannot widen QEMU's send buffer (reads are slower): %s", name, err.strerror)
     return 0
 
 

@@ -41,6 +41,7 @@ from snapfs.datapath import DiskReader, SharedDepth
 from snapfs.errors import (
     FuseError,
     NBDError,
+    SetupError,
     SnapfsError,
     StateError,
     TeardownError,
@@ -93,6 +94,8 @@ class MountOptions:
     stale: bool = False
     # The guest freeze through the guest agent; None: --no-freeze.
     freeze: agent.FreezeConfig | None = None
+    # Where the serving process logs (journal, syslog, stderr or a file): for `snapfs status`.
+    log_to: str = "stderr"
 
     @property
     def state_dir(self) -> Path:
@@ -173,6 +176,10 @@ def validate(
     return MountOptions(
         vmid, mp, qp, fd, list(exclude), incremental, allow_other, default_mp, stale=sdir.exists()
     )
+
+
+class FreezeRequired(SetupError):
+    """--freeze=required, and the guest could not be frozen."""
 
 
 class NBDSource:
@@ -359,6 +366,7 @@ class Session:
             "mountpoint": str(self.opts.mountpoint),
             "broken": self.broken,
             "freeze": self.freeze.facts() if self.freeze else None,
+            "log": self.opts.log_to,
             "disks": disks,
         }
 
@@ -413,6 +421,16 @@ class Session:
             skip=None if guest_running else "the VM is not running",
         ) as result:
             self.freeze = result
+            if (
+                self.opts.freeze is not None
+                and self.opts.freeze.required
+                and not (result.consistent)
+            ):
+                # Before the snapshot point: the set-up rolls back, the guest is thawed.
+                raise FreezeRequired(
+                    f"the guest's file systems are not frozen ({result.describe()}) and "
+                    "--freeze=required: no snapshot was taken"
+                )
             yield
 
     def _lock_state_dir(self, sdir: Path) -> None:

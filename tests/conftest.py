@@ -72,8 +72,15 @@ class Snapfs:
         return pids
 
     def mount(self, vm: TestVM, mountpoint: Path, *args: str) -> Path:
+        self.mount_proc(vm, mountpoint, *args)
+        return mountpoint
+
+    def mount_proc(
+        self, vm: TestVM, mountpoint: Path, *args: str, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """``snapfs mount`` of the VM at ``mountpoint``: what it printed, and its status."""
         mountpoint.mkdir(exist_ok=True)
-        self(
+        return self(
             "mount",
             vmid(vm),
             str(mountpoint),
@@ -82,8 +89,8 @@ class Snapfs:
             "--fleecing-dir",
             str(vm.workdir / "fleecing"),
             *args,
+            check=check,
         )
-        return mountpoint
 
     @contextlib.contextmanager
     def mounted(

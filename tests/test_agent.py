@@ -4,9 +4,9 @@ agent can fail without leaving a guest frozen."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 import trio
 
-from snapfs import session
 from snapfs.agent import FreezeConfig, FreezeResult, frozen
 from snapfs.devvm import TestVM, poll
 from tests.conftest import Snapfs, vmid
@@ -34,7 +33,7 @@ def fake_agent(tmp_path: Path) -> Iterator[StartAgent]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(
-        mode: str = "normal", delay: float = 1.0, **timeouts: float
+        mode: str = "normal", delay: float = 1.0, **timeouts: Any
     ) -> tuple[FreezeConfig, Path]:
         sock = tmp_path / f"agent-{len(procs)}.qga"
         record = tmp_path / f"agent-{len(procs)}.jsonl"
@@ -156,7 +155,9 @@ def test_a_failed_freeze_is_thawed_and_warned_about(
 def test_a_guest_frozen_by_someone_else_is_left_alone(fake_agent: StartAgent) -> None:
     cfg, record = fake_agent("frozen")
     result, _ = freeze_around(cfg)
-    assert result.state == "failed"
+    assert result.state == "skipped"
+    assert result.already_frozen
+    assert result.consistent
     assert result.reason is not None
     assert "already frozen" in result.reason
     assert cmds(record) == ["guest-sync-delimited", "guest-fsfreeze-status"]
@@ -198,11 +199,7 @@ def test_consecutive_sessions_reuse_the_agent(fake_agent: StartAgent) -> None:
 
 # -- wired into the session: real QEMU, real mount, the stand-in agent ----------------------------
 
-WIRED = "freeze" in {f.name for f in dataclasses.fields(session.MountOptions)}
-needs_wiring = pytest.mark.skipif(not WIRED, reason="the session does not take the freeze yet")
 
-
-@needs_wiring
 @pytest.mark.qemu
 @pytest.mark.mount
 def test_mount_freezes_around_the_snapshot_point(
@@ -234,26 +231,98 @@ def test_mount_freezes_around_the_snapshot_point(
     assert log[-1]["state"] == "thawed"
 
 
-@needs_wiring
 @pytest.mark.qemu
 @pytest.mark.mount
 def test_mount_with_an_agent_that_never_answers(
     vm: TestVM, snapfs: Snapfs, fake_agent: StartAgent, tmp_path: Path
 ) -> None:
+    """The mount succeeds with a crash-consistent snapshot, and says so on the terminal."""
     vm.qmp("cont")
     cfg, record = fake_agent("silent")
+    mnt = tmp_path / "mnt"
     start = time.monotonic()
-    with snapfs.mounted(vm, tmp_path / "mnt", "--agent", str(cfg.socket)) as mnt:
-        took = time.monotonic() - start
+    proc = snapfs.mount_proc(vm, mnt, "--agent", str(cfg.socket))
+    took = time.monotonic() - start
+    try:
         facts = json.loads((mnt / "snapfs.json").read_text())
+    finally:
+        snapfs("umount", str(mnt))
     assert took < cfg.sync_timeout + 5
     assert facts["freeze"]["state"] == "failed"
-    assert "no answer to guest-sync" in snapfs.log_file.read_text()
-    assert "crash-consistent" in snapfs.log_file.read_text()
+    (warning,) = [line for line in proc.stderr.splitlines() if line.startswith("snapfs: warn")]
+    assert "guest agent" in warning
+    assert "no answer to guest-sync" in warning
+    assert "crash-consistent" in warning
     assert "guest-fsfreeze-freeze" not in cmds(record)
 
 
-@needs_wiring
+@pytest.mark.qemu
+@pytest.mark.mount
+def test_freeze_required_takes_no_unfrozen_snapshot(
+    vm: TestVM, snapfs: Snapfs, fake_agent: StartAgent, tmp_path: Path
+) -> None:
+    """--freeze=required: an agent that does not freeze fails the mount (nothing changed in
+    the VM); one that does, or a guest frozen by someone else, gives a view."""
+    vm.qmp("cont")
+    graph = vm.graph()
+    mnt = tmp_path / "mnt"
+    for mode in ("silent", "error-freeze"):
+        cfg, record = fake_agent(mode)
+        proc = snapfs.mount_proc(
+            vm, mnt, "--agent", str(cfg.socket), "--freeze=required", check=False
+        )
+        assert proc.returncode == 5, proc.stderr
+        assert "--freeze=required: no snapshot was taken" in proc.stderr
+        assert len(proc.stderr.splitlines()) <= 2, proc.stderr  # the warning and the error
+        assert vm.graph() == graph
+        assert not (snapfs.run_dir / ".state" / vmid(vm)).exists()
+        if mode == "error-freeze":
+            assert cmds(record)[-1] == "guest-fsfreeze-thaw"
+    for mode in ("normal", "frozen"):
+        cfg, _ = fake_agent(mode)
+        with snapfs.mounted(vm, mnt, "--agent", str(cfg.socket), "--freeze=required"):
+            facts = json.loads((mnt / "snapfs.json").read_text())
+        assert facts["freeze"]["state"] == ("frozen" if mode == "normal" else "skipped")
+    # No agent at all (and a paused VM) are refused as well.
+    proc = snapfs.mount_proc(
+        vm, mnt, "--agent", str(tmp_path / "none.sock"), "--freeze=required", check=False
+    )
+    assert proc.returncode == 5
+    assert "no guest agent socket" in proc.stderr
+    assert vm.graph() == graph
+
+
+@pytest.mark.qemu
+@pytest.mark.mount
+def test_status_tells_the_freeze_the_pause_and_where_the_log_is(
+    vm: TestVM, snapfs: Snapfs, fake_agent: StartAgent, tmp_path: Path
+) -> None:
+    """Without SNAPFS_LOG_FILE the serving process logs to the journal, to syslog, or (on a
+    host with neither) to a file of its own; `snapfs status` names it."""
+    vm.qmp("cont")
+    cfg, _ = fake_agent("silent")
+    del snapfs.env["SNAPFS_LOG_FILE"]
+    mnt = tmp_path / "mnt"
+    snapfs.mount(vm, mnt, "--agent", str(cfg.socket))
+    try:
+        text = snapfs("status", vmid(vm)).stdout
+        (info,) = json.loads(snapfs("status", vmid(vm), "--json").stdout)
+    finally:
+        snapfs("umount", str(mnt))
+    assert "guest freeze: failed: " in text
+    assert "no answer to guest-sync" in text
+    assert "; paused " in text
+    where = info["log"]
+    assert f"log: {where}" in text
+    if os.path.exists("/run/systemd/journal/socket"):
+        assert where == "journal"
+    elif os.path.exists("/dev/log"):
+        assert where == "syslog"
+    else:
+        assert where == str(snapfs.run_dir / "log" / f"{vmid(vm)}.log")
+        assert "no answer to guest-sync" in Path(where).read_text()
+
+
 @pytest.mark.qemu
 @pytest.mark.mount
 def test_a_paused_vm_is_not_frozen_and_no_freeze_skips(
