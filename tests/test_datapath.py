@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import random
 import socket
@@ -100,10 +101,11 @@ def with_reader(
     *,
     pipe_size: int = 1 << 20,
     depth: SharedDepth | None = None,
+    confine: int = 0,
 ) -> DiskReader:
     """Run ``body(reader, dev)`` with a running DiskReader; return the reader (stopped)."""
     dev = FakeDevice()
-    reader = DiskReader(sock, name, dev.factory, pipe_size=pipe_size, depth=depth)
+    reader = DiskReader(sock, name, dev.factory, pipe_size=pipe_size, depth=depth, confine=confine)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -156,10 +158,13 @@ def test_read_aheads_stay_within_the_shared_depth(vm: TestVM, sock: str, limit: 
     assert reader.outstanding == 0
 
 
+@pytest.mark.parametrize("confine", [0, 64 * KiB], ids=["whole", "confined"])
 @pytest.mark.parametrize("pipe_size", [1 << 20, 64 * KiB], ids=["splice", "small-pipes"])
-def test_reads_match_the_disk(vm: TestVM, sock: str, pipe_size: int) -> None:
+def test_reads_match_the_disk(vm: TestVM, sock: str, pipe_size: int, confine: int) -> None:
     """Random and sequential reads, with read-aheads used, dropped when done and dropped in
-    flight. With 64 KiB pipes no 1 MiB reply fits: every one goes out by copying."""
+    flight. With 64 KiB pipes no 1 MiB reply fits: every one goes out by copying. Confined:
+    one NBD request (with a simple reply) per 64 KiB block a read touches, answered in any
+    order and reassembled."""
     expected = vm.expected["virtio0"]
     size = len(expected)
     rng = random.Random(11)
@@ -179,12 +184,64 @@ def test_reads_match_the_disk(vm: TestVM, sock: str, pipe_size: int) -> None:
                 assert got == expected[offset : offset + length]
                 offset += length
 
-    reader = with_reader(sock, "virtio0", body, pipe_size=pipe_size)
+    reader = with_reader(sock, "virtio0", body, pipe_size=pipe_size, confine=confine)
     assert reader.hits > 10
     if pipe_size < MiB:
         assert reader.copied > 0
-    else:
+    elif not confine:
         assert reader.copied == 0
+    # Confined: most reads are split (every read that is not inside one 64 KiB block).
+    if confine:
+        assert reader.requests > 1.5 * reader.fetches
+    else:
+        assert reader.requests == reader.fetches
+
+
+def test_many_reads_in_flight_at_once(vm: TestVM, sock: str) -> None:
+    """Concurrent READs of one disk are all in flight together, answered in any order, each
+    with its own bytes; one that fails (past the end of the disk) fails alone."""
+    expected = vm.expected["virtio0"]
+    size = len(expected)
+    rng = random.Random(5)
+    reads = {
+        u: (rng.randrange(0, size - MiB), rng.choice([4096, 65536, 300_000, MiB]))
+        for u in range(1, 41)
+    }
+    reads[41] = (size - 4096, 8192)  # fails: past the end
+
+    async def body(reader: DiskReader, dev: FakeDevice) -> None:
+        failed: dict[int, NBDError | None] = {}
+        got: dict[int, bytes] = {}
+
+        def taker() -> None:
+            while len(got) < len(reads) - 1:
+                u, error, payload = dev.take()
+                assert error == 0
+                got[u] = payload
+
+        one_failed = trio.Event()
+
+        def done(u: int, err: NBDError | None) -> None:
+            failed[u] = err
+            one_failed.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: trio.to_thread.run_sync(taker, abandon_on_cancel=True))
+            for u, (offset, length) in reads.items():
+                reader.submit(u, offset, length, (), functools.partial(done, u))
+            with trio.fail_after(60):
+                await one_failed.wait()
+        for u, (offset, length) in reads.items():
+            if u != 41:
+                assert got[u] == expected[offset : offset + length], u
+        error = failed[41]
+        assert error is not None
+        assert error.errno == errno.EINVAL
+        assert set(failed) == {41}
+
+    for confine in (0, 64 * KiB):
+        reader = with_reader(sock, "virtio0", body, confine=confine)
+        assert reader.most_jobs > 1
 
 
 def test_holes_arrive_as_zeros(vm: TestVM, tmp_path: Path) -> None:
