@@ -10,16 +10,20 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import trio
 
+from snapfs.datapath import DiskReader, SharedDepth
 from snapfs.devvm import DiskSpec, TestVM, poll
 from snapfs.errors import FuseError
 from snapfs.fuse import kernel
+from snapfs.fuse.splice import ReplyPipe
 
 
 def mounts_below(path: Path) -> list[str]:
@@ -144,3 +148,89 @@ def vm(tmp_path: Path) -> Iterator[TestVM]:
 
 def wait_gone(path: Path, timeout: float = 10) -> None:
     poll(lambda: not path.exists(), timeout, f"{path} to go away")
+
+
+# -- the data path without a mount: replies arrive in a pipe standing in for /dev/fuse ----------
+
+FUSE_OUT_HEADER = struct.Struct("=IiQ")
+
+
+class FakeDevice:
+    """A pipe in place of /dev/fuse: what a DiskReader sends arrives here."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe2(os.O_CLOEXEC)
+        # Big enough for a reply; the test reads each reply before the next one is sent.
+        self.replies: list[tuple[int, int, bytes]] = []
+
+    def factory(self, size: int) -> ReplyPipe:
+        return ReplyPipe(self.w, size)
+
+    def take(self) -> tuple[int, int, bytes]:
+        """The next reply: (unique, error, payload)."""
+        length, error, unique = FUSE_OUT_HEADER.unpack(self._exact(FUSE_OUT_HEADER.size))
+        return unique, error, self._exact(length - FUSE_OUT_HEADER.size)
+
+    def _exact(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            out += os.read(self.r, n - len(out))
+        return bytes(out)
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+async def read_back(
+    reader: DiskReader,
+    dev: FakeDevice,
+    unique: int,
+    offset: int,
+    length: int,
+    ahead: Sequence[tuple[int, int]] = (),
+) -> bytes:
+    """One READ through the reader; the reply is taken off the fake device concurrently (a
+    1 MiB reply does not fit into the fake device's pipe at once)."""
+    got: list[tuple[int, int, bytes]] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: trio.to_thread.run_sync(lambda: got.append(dev.take()), abandon_on_cancel=True)
+        )
+        try:
+            await reader.read(unique, offset, length, ahead)
+        except BaseException:
+            nursery.cancel_scope.cancel()
+            raise
+    ((u, error, payload),) = got
+    assert (u, error) == (unique, 0)
+    return payload
+
+
+def with_reader(
+    sock: str,
+    name: str,
+    body: object,
+    *,
+    pipe_size: int = 1 << 20,
+    depth: SharedDepth | None = None,
+    confine: int = 0,
+) -> DiskReader:
+    """Run ``body(reader, dev)`` with a running DiskReader; return the reader (stopped)."""
+    dev = FakeDevice()
+    reader = DiskReader(sock, name, dev.factory, pipe_size=pipe_size, depth=depth, confine=confine)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reader.run)
+            try:
+                with trio.fail_after(60):
+                    await body(reader, dev)  # type: ignore[operator]
+            finally:
+                reader.close()
+
+    try:
+        trio.run(main)
+    finally:
+        dev.close()
+    return reader

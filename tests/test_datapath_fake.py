@@ -1,0 +1,181 @@
+"""The splice data path against a FAKE NBD server (tests/fake_nbd.py): the fast tier, no QEMU.
+
+The fake answers requests out of order, interleaves the chunks of different replies, sends
+holes, fails chosen ranges and breaks the protocol on purpose: what QEMU may do but cannot be
+made to do at will. ``test_datapath.py`` runs the same reader against QEMU's own server.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from snapfs.datapath import DiskReader
+from snapfs.errors import NBDError
+from snapfs.nbd import StreamLost
+from tests.conftest import FakeDevice, read_back, with_reader
+from tests.fake_nbd import FakeNBD
+
+KiB = 1024
+MiB = 1 << 20
+SIZE = 8 * MiB
+
+
+def content(seed: int = 1) -> bytes:
+    """Random data with zero runs of many lengths (holes for the fake's structured replies)."""
+    rng = random.Random(seed)
+    data = bytearray(rng.randbytes(SIZE))
+    for start, length in [(0, 70_000), (MiB, 4096), (5 * MiB + 12345, 300_000)] + [
+        (rng.randrange(0, SIZE - 200_000), rng.choice([1, 100, 4096, 10_000, 200_000]))
+        for _ in range(40)
+    ]:
+        data[start : start + length] = bytes(length)
+    return bytes(data)
+
+
+@pytest.fixture
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[FakeNBD]:
+    opts = getattr(request, "param", {})
+    with FakeNBD(tmp_path / "nbd.sock", content(), **opts) as fake:
+        yield fake
+
+
+async def read_many(
+    reader: DiskReader, dev: FakeDevice, reads: dict[int, tuple[int, int]]
+) -> tuple[dict[int, bytes], dict[int, NBDError]]:
+    """Submit every read at once; collect the replies (any order) and the failures."""
+    got: dict[int, bytes] = {}
+    failed: dict[int, NBDError] = {}
+    settled = trio.Event()
+
+    def note() -> None:
+        if len(got) + len(failed) == len(reads):
+            settled.set()
+
+    def done(u: int, err: NBDError | None) -> None:
+        if err is not None:
+            failed[u] = err
+            note()
+
+    def taker() -> None:
+        while not settled.is_set():
+            u, error, payload = dev.take()
+            assert error == 0
+            got[u] = payload
+            trio.from_thread.run_sync(note)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            functools.partial(trio.to_thread.run_sync, taker, abandon_on_cancel=True)
+        )
+        for u, (offset, length) in reads.items():
+            reader.submit(u, offset, length, (), functools.partial(done, u))
+        with trio.fail_after(30):
+            await settled.wait()
+        nursery.cancel_scope.cancel()
+    return got, failed
+
+
+def random_reads(n: int, seed: int) -> dict[int, tuple[int, int]]:
+    rng = random.Random(seed)
+    reads = {}
+    for u in range(1, n + 1):
+        length = rng.choice([1, 512, 4096, 65536, 65537, 300_000, MiB])
+        reads[u] = (rng.randrange(0, SIZE - length), length)
+    return reads
+
+
+@pytest.mark.parametrize("confine", [0, 64 * KiB], ids=["whole", "confined"])
+@pytest.mark.parametrize(
+    "server",
+    [{"shuffle": True, "chunk": 24 * KiB}, {"shuffle": False}],
+    ids=["shuffled", "in-order"],
+    indirect=True,
+)
+def test_concurrent_reads_out_of_order(server: FakeNBD, confine: int) -> None:
+    """Many READs at once; the server answers in any order and interleaves chunks (structured
+    replies) or whole replies (simple ones, when confined); every reply has its own bytes."""
+    reads = random_reads(60, 2)
+
+    async def body(reader: DiskReader, dev: FakeDevice) -> None:
+        got, failed = await read_many(reader, dev, reads)
+        assert not failed
+        for u, (offset, length) in reads.items():
+            assert got[u] == server.data[offset : offset + length], (u, offset, length)
+
+    reader = with_reader(str(server.path), "disk", body, confine=confine)
+    assert reader.most_jobs > 1
+    if confine:
+        # Every request stays inside one 64 KiB block.
+        assert all(o // confine == (o + n - 1) // confine for o, n in server.reads[1:])
+        assert len(server.reads) > len(reads)
+
+
+@pytest.mark.parametrize("server", [{"shuffle": True, "chunk": 8 * KiB}], indirect=True)
+def test_sequential_reads_with_read_ahead_and_small_pipes(server: FakeNBD) -> None:
+    """Read-aheads used and dropped, pipes too small for a reply (copied instead)."""
+
+    async def body(reader: DiskReader, dev: FakeDevice) -> None:
+        unique = 0
+        for start in (0, 3 * MiB):
+            for i in range(8):
+                offset = start + i * 256 * KiB
+                ahead = [(offset + k * 256 * KiB, 256 * KiB) for k in (1, 2)]
+                unique += 1
+                got = await read_back(reader, dev, unique, offset, 256 * KiB, ahead)
+                assert got == server.data[offset : offset + 256 * KiB]
+
+    for pipe_size in (MiB, 64 * KiB):
+        reader = with_reader(str(server.path), "disk", body, pipe_size=pipe_size)
+        assert reader.hits > 8
+        assert (reader.copied > 0) == (pipe_size < 256 * KiB)
+
+
+@pytest.mark.parametrize("server", [{"shuffle": True, "fail": [(2 * MiB + 100, 1)]}], indirect=True)
+@pytest.mark.parametrize("confine", [0, 64 * KiB], ids=["whole", "confined"])
+def test_a_failing_request_among_many(server: FakeNBD, confine: int) -> None:
+    """The one read touching the failing byte fails with the server's errno, alone; the
+    others in flight with it are answered, and the reader goes on."""
+    reads = random_reads(30, 3)
+    reads[99] = (2 * MiB, 64 * KiB)
+
+    async def body(reader: DiskReader, dev: FakeDevice) -> None:
+        got, failed = await read_many(reader, dev, reads)
+        bad = {u for u, (o, n) in reads.items() if o <= 2 * MiB + 100 < o + n}
+        assert set(failed) == bad
+        assert all(
+            err.errno == errno.EIO and not isinstance(err, StreamLost) for err in failed.values()
+        )
+        for u in set(reads) - bad:
+            offset, length = reads[u]
+            assert got[u] == server.data[offset : offset + length]
+        assert reader.alive
+        assert await read_back(reader, dev, 1000, 0, 4096) == server.data[:4096]
+
+    with_reader(str(server.path), "disk", body, confine=confine)
+
+
+@pytest.mark.parametrize("server", [{"break_after": 5}], indirect=True)
+def test_a_broken_protocol_fails_everything_in_flight(server: FakeNBD) -> None:
+    """Garbage from the server ends the stream: every read in flight and every later one
+    fails with StreamLost (the caller then reads the libnbd way), nothing hangs."""
+    reads = random_reads(20, 4)
+
+    async def body(reader: DiskReader, dev: FakeDevice) -> None:
+        got, failed = await read_many(reader, dev, reads)
+        assert failed
+        assert all(isinstance(err, StreamLost) for err in failed.values())
+        for u, payload in got.items():  # those answered before the garbage are right
+            offset, length = reads[u]
+            assert payload == server.data[offset : offset + length]
+        assert not reader.alive
+        with pytest.raises(StreamLost):
+            await reader.read(500, 0, 4096, ())
+
+    with_reader(str(server.path), "disk", body)
