@@ -34,7 +34,8 @@ def guest_image() -> GuestImage:
     try:
         return build_guest()
     except GuestBuildError as err:
-        pytest.fail(f"cannot build the test guest: {err}", pytrace=False)
+        failure = str(err)
+    pytest.fail(f"cannot build the test guest: {failure}", pytrace=False)  # outside: no chain
 
 
 @pytest.fixture
