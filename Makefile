@@ -3,11 +3,13 @@
 PYTHON   ?= /usr/bin/python3
 VENV     ?= .venv
 VPY      := $(VENV)/bin/python
-APT_PKGS := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin fuse3 python3-venv rsync util-linux
+# e2fsprogs: the real-guest tests make and check the guest's ext4 (tests/test_guest.py).
+APT_PKGS := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin fuse3 python3-venv rsync util-linux \
+            e2fsprogs
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: all deps apt venv demo test test-qemu10 qemu10 lint bench install clean
+.PHONY: all deps apt venv demo test test-qemu10 qemu10 guest lint bench install clean
 
 all: deps
 
@@ -51,6 +53,13 @@ $(QEMU10_ROOT)/.stamp:
 	rm -rf $(QEMU10_ROOT) && mv $(QEMU10_ROOT).tmp $(QEMU10_ROOT)
 	chroot $(QEMU10_ROOT) qemu-system-x86_64 --version | head -1
 	touch $@
+
+# The real Linux guest with Debian's qemu-guest-agent that tests/test_guest.py boots: kernel and
+# initramfs from Debian 12 packages (apt-get download, nothing installed), built once and kept in
+# GUEST_CACHE. The tests build it themselves when missing; this only does it ahead of time.
+GUEST_CACHE ?= /var/cache/snapfs-dev/guest
+guest: deps
+	SNAPFS_GUEST_CACHE=$(GUEST_CACHE) $(VPY) -m snapfs.devguest
 
 test-qemu10: deps qemu10
 	SNAPFS_TEST_QEMU_ROOT=$(QEMU10_ROOT) $(VPY) -m pytest -m qemu $(PYTEST_ARGS)

@@ -208,9 +208,14 @@ class DiskSpec:
 
 
 class TestVM:
-    """A paused QEMU process with the given disks; use as a context manager."""
+    """A paused QEMU process with the given disks (subclasses may run a guest); use as a
+    context manager."""
 
     __test__ = False  # not a pytest class
+
+    #: ``-S``: no guest code runs, so the disks change only through ``guest_write`` and friends.
+    START_PAUSED = True
+    MEMORY_MIB = 64
 
     def __init__(
         self,
@@ -323,14 +328,14 @@ class TestVM:
     def qemu_args(self) -> list[str]:
         args = [
             *qemu_command(),
-            "-S",
+            *(["-S"] if self.START_PAUSED else []),
             "-nodefaults",
             "-display",
             "none",
             "-machine",
             "q35",
             "-m",
-            "64",
+            str(self.MEMORY_MIB),
             "-name",
             f"snapfs-test-{self.workdir.name}",
             "-qmp",
