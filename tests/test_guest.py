@@ -186,9 +186,10 @@ def test_a_guest_frozen_by_someone_else_is_left_alone(
         with snapfs.mounted(vm, tmp_path / "mnt", "--agent", str(vm.agent_path)) as mnt:
             freeze = freeze_facts(mnt)
             copy = copy_disk(mnt, tmp_path / "copy.raw")
-        # "failed" as in test_agent.py: not frozen by snapfs, so it warns (a guest left frozen
-        # is worth knowing about); what matters is that it neither froze nor thawed.
-        assert freeze["state"] == "failed", freeze
+        # Not frozen by snapfs, and consistent all the same: "skipped", already frozen (the
+        # warning on the terminal says it was left alone); it neither froze nor thawed.
+        assert freeze["state"] == "skipped", freeze
+        assert freeze["already_frozen"], freeze
         assert "already frozen" in freeze["reason"], freeze
         assert freeze["thaw"] is None, freeze
         # snapfs did not thaw what it did not freeze.
