@@ -18,7 +18,10 @@ Paths (see snapfs.paths): the mountpoint, the fleecing directory, the state dire
 QMP and agent sockets are resolved against the working directory in ``validate`` (before the
 serving process forks) and must be trusted paths: no component that a user but root owns or
 can write, symlinks only where root put them. Everything snapfs creates, replaces or removes
-there is done relative to a descriptor of the checked directory.
+there is done relative to a descriptor of the checked directory. The mount is made on the
+checked directory and identified by its mount id, which goes into the state file: unmounts
+(``snapfs umount``, teardown, ``cleanup``) check that the path still leads to that mount and
+leave anything else alone, saying so in one line.
 """
 
 from __future__ import annotations
@@ -439,6 +442,8 @@ class Session:
             "mountpoint": str(self.opts.mountpoint),
             "qmp": str(self.opts.qmp_path),
             "created_mountpoint": self.created_mountpoint,
+            # Which mount is ours: cleanup unmounts the mountpoint only while it leads there.
+            "mount_id": self._server.mount.id if self._server and self._server.mount else None,
         }
         _write_private(self.opts.state_dir / "state.json", json.dumps(state, indent=1))
 
@@ -482,6 +487,7 @@ class Session:
                 for client in clients:
                     nursery.start_soon(self._watch, client)
                 await nursery.start(self._run_fuse, nursery)
+                self._save_state()  # now with the mount's id
                 try:
                     for ds, disk in zip(g.disks, disks, strict=True):
                         await self._start_reader(nursery, ds, disk)
@@ -631,13 +637,20 @@ class Session:
         """Tear down with commit or abort; record the outcome in ``self.result``."""
         g = self.graph
         assert g is not None
-        with contextlib.suppress(FuseError):
-            if kernel.is_mounted(self.opts.mountpoint):
+        ours = self._server.mount if self._server else None
+        # Our mount, still there, that its path no longer leads to: the state stays, so that
+        # `snapfs cleanup` can unmount it once the path leads there again.
+        left_mounted = False
+        if ours is not None and kernel.live(ours):
+            try:
                 await trio.to_thread.run_sync(
-                    lambda: kernel.unmount(self.opts.mountpoint, lazy=True)
+                    lambda: kernel.unmount(self.opts.mountpoint, lazy=True, expect=ours)
                 )
+            except FuseError as err:
+                left_mounted = True
+                log.warning("VM %s: %s; run 'snapfs cleanup %s' once it does", g.vmid, err, g.vmid)
         commit = self.commit and self.broken is None
-        keep_state = False
+        keep_state = left_mounted
         try:
             async with _qmp_session(self.opts.qmp_path) as q:
                 await qmp.teardown(q, g, commit=commit)
@@ -810,10 +823,22 @@ def forget_fleecing(graph: qmp.GraphState) -> list[str]:
     return removed
 
 
+def _unmount_stale(vmid: str, mp: Path, mount_id: int | None) -> str | None:
+    """Lazily unmount the dead session's mount, if it is still there and ``mp`` leads to it.
+    What was done; raises FuseError if the mount is there but ``mp`` leads elsewhere."""
+    ours = kernel.find_snapfs(vmid, mp, mount_id)
+    if ours is None:
+        return None
+    kernel.unmount(mp, lazy=True, expect=ours)
+    return f"unmounted {mp}"
+
+
 async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
     """Tear down what a dead serving process left: the mount, the graph (abort), the state.
 
-    Idempotent: with nothing left, it does nothing and succeeds. Returns what it did.
+    Idempotent: with nothing left, it does nothing and succeeds. Returns what it did. The mount
+    is unmounted only while its mountpoint leads to it: otherwise the graph is still restored,
+    the state kept (for the next cleanup) and a StateError says what is in the way.
     """
     check_vmid(vmid)
     if qmp_path is not None:
@@ -832,9 +857,13 @@ async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
     done: list[str] = []
     if st is not None:
         mp = Path(st["mountpoint"])
-        if kernel.is_mounted(mp):
-            kernel.unmount(mp, lazy=True)
-            done.append(f"unmounted {mp}")
+        in_the_way = None
+        try:
+            line = _unmount_stale(vmid, mp, st.get("mount_id"))
+        except FuseError as err:
+            in_the_way = err
+        else:
+            done += [line] if line else []
         graph = qmp.GraphState.from_dict(st["graph"])
         try:
             async with _qmp_session(qmp_path or Path(st["qmp"])) as q:
@@ -842,6 +871,10 @@ async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
             done.append("restored the block graph")
         except VMGoneError:
             done += [f"VM {vmid} is gone; removed {f}" for f in forget_fleecing(graph)]
+        if in_the_way is not None:
+            for line in done:
+                log.info("%s", line)
+            raise StateError(f"{in_the_way}; run 'snapfs cleanup {vmid}' again once it does")
         if st.get("created_mountpoint"):
             _remove_mountpoint(mp)
     else:

@@ -281,6 +281,38 @@ def test_repointed_symlink_during_set_up_mounts_nothing_over_etc(
     assert vm.graph() == graph
 
 
+@pytest.mark.qemu
+@pytest.mark.mount
+def test_umount_and_cleanup_leave_alone_what_is_not_their_mount(
+    vm: TestVM, snapfs: Snapfs, tmp_path: Path
+) -> None:
+    """Defence in depth on a trusted path: root itself stacks another file system on the view.
+    Neither umount nor cleanup may take that one for the view."""
+    graph = vm.graph()
+    mnt = snapfs.mount(vm, tmp_path / "mnt")
+    with tmpfs(mnt) as other:
+        proc = snapfs("umount", str(mnt), check=False)
+        assert proc.returncode == 3, proc
+        line = proc.stderr.strip()
+        assert len(line.splitlines()) == 1, line
+        assert f"{mnt} no longer leads to the snapfs mount of VM {vm.vmid}" in line
+        assert (other / "marker").exists()
+        # The serving process dies; cleanup must leave the tmpfs alone as well.
+        os.kill(int((snapfs.run_dir / ".state" / vm.vmid / "pid").read_text()), signal.SIGKILL)
+        poll(lambda: not snapfs.pids() or not Path(f"/proc/{snapfs.pids()[0]}").exists(), 10)
+        proc = snapfs("cleanup", vm.vmid, check=False)
+        assert proc.returncode == 3, proc
+        line = proc.stderr.strip()
+        assert len(line.splitlines()) == 1, line
+        assert f"{mnt} no longer leads to the snapfs mount of VM {vm.vmid}" in line
+        assert (other / "marker").exists()
+        assert vm.graph() == graph  # restored all the same
+    # With the tmpfs gone the dead view shows again, and cleanup removes it.
+    assert kernel.is_mounted(mnt)
+    snapfs("cleanup", vm.vmid)
+    assert not kernel.is_mounted(mnt)
+
+
 # -- 5. relative paths ---------------------------------------------------------------------------
 
 
