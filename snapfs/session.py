@@ -473,16 +473,24 @@ class Session:
                 )
                 clients.append(client)
                 disks.append(await self._disk(client, ds))
+            # allow_other shares reading only: the kernel enforces the shared modes
+            # (default_permissions), and only root may punch (see tree.SHARED_DISK_MODE).
+            shared = self.opts.allow_other
             self.tree = Tree(
                 disks,
                 self.facts,
                 extra_files=self.guest_files,
                 mtime_ns=int(g.snapshot_epoch * 1e9),
+                shared=shared,
             )
             async with trio.open_nursery() as nursery:
                 ops = TreeOperations(self.tree, nursery=nursery)
                 self._server = FuseServer(
-                    ops, self.opts.mountpoint, name=g.vmid, allow_other=self.opts.allow_other
+                    ops,
+                    self.opts.mountpoint,
+                    name=g.vmid,
+                    allow_other=shared,
+                    default_permissions=shared,
                 )
                 for client in clients:
                     nursery.start_soon(self._watch, client)

@@ -313,6 +313,101 @@ def test_umount_and_cleanup_leave_alone_what_is_not_their_mount(
     assert not kernel.is_mounted(mnt)
 
 
+# -- 4. -o allow_other shares reading, never punching --------------------------------------------
+
+
+@pytest.fixture
+def public_mnt(scratch: Path) -> Path:
+    """A mountpoint every user can reach: root's 0755 directories in /tmp."""
+    scratch.mkdir(mode=0o755)
+    os.chmod(scratch, 0o755)
+    mnt = scratch / "mnt"
+    mnt.mkdir(mode=0o755)
+    return mnt
+
+
+FALLOCATE_FD = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+fd = int(sys.argv[1])
+print(0 if libc.fallocate(fd, 3, 0, 65536) == 0 else ctypes.get_errno())
+"""
+
+
+@pytest.mark.qemu
+@pytest.mark.mount
+def test_allow_other_lets_no_other_user_punch(vm: TestVM, snapfs: Snapfs, public_mnt: Path) -> None:
+    mnt = public_mnt
+    before = vm.snapshot()
+    snapfs(*mount_args(vm, str(mnt), "-o", "allow_other", "--fleecing-dir", str(vm.workdir / "fl")))
+    try:
+        raw = mnt / "virtio0.raw"
+        proc = as_nobody(
+            "fallocate", "--punch-hole", "--keep-size", "-o", "0", "-l", "65536", str(raw)
+        )
+        assert proc.returncode != 0
+        assert "Permission denied" in proc.stderr
+        # A descriptor root opened read-write, in nobody's hands: snapfs refuses the punch.
+        fd = os.open(raw, os.O_RDWR)
+        try:
+            handed = subprocess.run(
+                [*AS_NOBODY, PYTHON3, "-c", FALLOCATE_FD, str(fd)],
+                pass_fds=(fd,),
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            )
+        finally:
+            os.close(fd)
+        assert int(handed.stdout) == errno.EPERM
+        facts = json.loads((mnt / "snapfs.json").read_text())
+        assert facts["disks"]["virtio0"]["discarded_bytes"] == 0
+        assert raw.read_bytes()[: 4 * G] == before["virtio0"][: 4 * G]
+        # Root still may.
+        subprocess.run(
+            ["fallocate", "--punch-hole", "--keep-size", "-o", "0", "-l", "65536", str(raw)],
+            check=True,
+        )
+        facts = json.loads((mnt / "snapfs.json").read_text())
+        assert facts["disks"]["virtio0"]["discarded_bytes"] == G
+    finally:
+        snapfs("umount", str(mnt), check=False)
+    assert not kernel.is_mounted(mnt)
+
+
+@pytest.mark.qemu
+@pytest.mark.mount
+def test_allow_other_shares_reading(vm: TestVM, snapfs: Snapfs, public_mnt: Path) -> None:
+    mnt = public_mnt
+    before = vm.snapshot()
+    snapfs(*mount_args(vm, str(mnt), "-o", "allow_other", "--fleecing-dir", str(vm.workdir / "fl")))
+    try:
+        assert os.stat(mnt).st_mode & 0o7777 == 0o755
+        assert os.stat(mnt / "virtio0.raw").st_mode & 0o7777 == 0o644
+        assert os.stat(mnt / "virtio0.dirty").st_mode & 0o7777 == 0o444
+        assert os.stat(mnt / "snapfs.json").st_mode & 0o7777 == 0o444
+        ls = as_nobody("ls", str(mnt))
+        assert ls.returncode == 0, ls.stderr
+        assert "virtio0.raw" in ls.stdout.split()
+        facts = json.loads(as_nobody("cat", str(mnt / "snapfs.json")).stdout)
+        assert facts["vmid"] == vm.vmid
+        data = subprocess.run(
+            [*AS_NOBODY, "dd", f"if={mnt / 'scsi0.raw'}", "bs=1M", "status=none"],
+            capture_output=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert data == before["scsi0"]
+        # Read-only for everyone but root: no write access is granted.
+        proc = as_nobody("sh", "-c", f"exec 3<>{mnt / 'virtio0.raw'}")
+        assert "Permission denied" in proc.stderr
+    finally:
+        snapfs("umount", str(mnt), check=False)
+    assert not kernel.is_mounted(mnt)
+
+
 # -- 5. relative paths ---------------------------------------------------------------------------
 
 

@@ -19,6 +19,8 @@ INTERRUPT cancels the cancel scope of the in-flight request with that ``unique``
 request is answered EINTR. A ``FuseErrno`` from ops is answered with its errno; any other
 exception is logged at ERROR and answered EIO, and the server keeps serving.
 
+Only root may punch: FALLOCATE from any other uid (the request header's) is answered EPERM
+before ops sees it, whatever the modes say and however the caller got a writable descriptor.
 The mount is unmounted only while its path still leads to it (``kernel.unmount``'s ``expect``).
 """
 
@@ -119,6 +121,7 @@ class FuseServer:
         self._mounted = False  # True from mount(2) until the kernel reports the end
         #: The mount made, as mountinfo lists it (None until mounted): unmounts check it.
         self.mount: kernel.Mount | None = None
+        self._uid = 0  # of the request being dispatched
         self._buf = bytearray(MAX_PAGES * p.PAGE_SIZE + p.PAGE_SIZE)
         self._slots = trio.Semaphore(max_background)
         self._inflight: dict[int, trio.CancelScope] = {}
@@ -313,7 +316,7 @@ class FuseServer:
                 self._mounted = False  # unmounted, by us or anyone
                 slots.release()
                 return
-            _, opcode, unique, nodeid, _, _, _, _, _ = unpack_header(buf)
+            _, opcode, unique, nodeid, self._uid, _, _, _, _ = unpack_header(buf)
             body = view[_IN_HEADER_SIZE:n]
             keep_slot = False
             try:
@@ -479,6 +482,9 @@ class FuseServer:
         return True
 
     def _op_fallocate(self, unique: int, nodeid: int, body: memoryview) -> bool:
+        if self._uid != 0:
+            self._reply_err(unique, errno.EPERM)
+            return False
         fh, offset, length, mode, _ = p.FALLOCATE_IN.unpack_from(body)
         return self._spawn(
             unique, p.Opcode.FALLOCATE, self.ops.fallocate,
