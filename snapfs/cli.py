@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, TextIO
 
-from snapfs import __version__, agent, provider, session
+from snapfs import __version__, agent, paths, provider, session
 from snapfs.errors import SnapfsError, StateError, UsageError
 
 log = logging.getLogger("snapfs")
@@ -394,7 +394,12 @@ def freeze_config(args: argparse.Namespace) -> agent.FreezeConfig | None:
         return None
     if args.freeze_timeout <= 0:
         raise UsageError("--freeze-timeout must be positive")
-    sock = Path(args.agent) if args.agent else agent.default_socket(args.vmid)
+    sock = (
+        paths.absolute(args.agent, "guest agent socket")
+        if args.agent
+        else agent.default_socket(args.vmid)
+    )
+    paths.exists(sock, "guest agent socket")  # a trusted path, if it exists (snapfs.paths)
     return agent.FreezeConfig(sock, timeout=args.freeze_timeout, required=args.freeze == "required")
 
 
@@ -755,15 +760,17 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             log.info("%s", _outcome(reply))
             sys.exit(0)
         if args.command == "cleanup":
-            for line in session.run_trio(
-                session.cleanup, session.check_vmid(args.vmid), Path(args.qmp) if args.qmp else None
-            ):
+            qmp = paths.absolute(args.qmp, "QMP socket") if args.qmp else None
+            for line in session.run_trio(session.cleanup, session.check_vmid(args.vmid), qmp):
                 log.info("%s", line)
             sys.exit(0)
         if args.command == "copy":
             stream: TextIO = io.StringIO() if args.quiet else sys.stderr
             stats = provider.copy_view(
-                Path(args.view), Path(args.dest), discard=args.discard, progress_stream=stream
+                Path(args.view).absolute(),
+                Path(args.dest).absolute(),
+                discard=args.discard,
+                progress_stream=stream,
             )
             for name, st in stats.items():
                 log.info(

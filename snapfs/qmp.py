@@ -39,6 +39,7 @@ from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient
 from qemu.qmp import StateError as QMPStateError
 from qemu.qmp.error import QMPError as LibQMPError
 
+from snapfs import paths
 from snapfs.errors import (
     QMPError,
     SetupError,
@@ -512,12 +513,16 @@ def _bitmaps_of(nodes: list[dict[str, Any]], node: str) -> dict[str, dict[str, A
 # -- bitmap record (disk sizes at the last commit) ------------------------------------------------
 
 
+# The record is kept in a trusted directory (snapfs.paths) and read and replaced relative to it,
+# never through a symlink.
+
+
 def _read_record(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(paths.read_text(path, "bitmap record"))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, UsageError) as err:
         log.warning("ignoring unreadable bitmap record %s: %s", path, err)
         return {}
     return data if isinstance(data, dict) else {}
@@ -525,9 +530,7 @@ def _read_record(path: Path) -> dict[str, Any]:
 
 def _write_record(path: Path, data: dict[str, Any]) -> None:
     # Atomic replace: a crash leaves the old record or the new one, never half of one.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    paths.write_atomic(path, json.dumps(data, indent=1, sort_keys=True), "bitmap record")
 
 
 def _recorded_size(record: dict[str, Any], vmid: str, incremental: str, disk: str) -> int | None:
@@ -697,7 +700,7 @@ async def setup(
         # (2) NBD server first: a running one means we must not touch the graph.
         await step("start NBD server")
         # A stale socket file of ours; QEMU cannot bind over it.
-        await trio.Path(nbd_socket).unlink(missing_ok=True)
+        paths.unlink(nbd_socket, "NBD socket")
         try:
             await q.execute(
                 "nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(nbd_socket)}}}
@@ -713,7 +716,11 @@ async def setup(
 
         # (3) Fleecing images and nodes; the guest does not see any of this yet.
         await step("create fleecing directory")
-        await trio.Path(fleecing_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            with paths.open_dir(fleecing_dir, "fleecing directory", create=0o700):
+                pass
+        except UsageError as err:
+            raise _StepFailed("create fleecing directory", None, err) from err
         await _create_fleecing_files(states, undo, step)
         for s in states:
             await step("add fleecing node", s.name)
@@ -966,25 +973,33 @@ def _bitmap_prepare_actions(s: DiskState, nodes: list[dict[str, Any]]) -> list[d
 async def _create_fleecing_files(
     states: list[DiskState], undo: _Undo, step: Callable[[str, str | None], Awaitable[None]]
 ) -> None:
-    """Create every fleecing image (mode 0600) in parallel; raise _StepFailed for the first."""
+    """Create every fleecing image (mode 0600) in parallel; raise _StepFailed for the first.
+
+    Each image is created new (O_EXCL, O_NOFOLLOW) in the checked fleecing directory, relative
+    to its descriptor, and qemu-img formats that very file through the descriptor it inherits
+    (``/proc/self/fd/N``), never by its name. QEMU then opens it by name: in a trusted
+    directory (snapfs.paths) nobody but root can put anything else there.
+    """
     failures: list[_StepFailed] = []
 
     async def create(s: DiskState) -> None:
         path = Path(s.fleecing_path)
         try:
-            # Stale file of an earlier session of this VM: the VM holds no snapfs node, so it
-            # is unused. Created empty with 0600 first: qemu-img keeps the mode of a file.
-            await trio.Path(path).unlink(missing_ok=True)
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except OSError as err:
+            with paths.open_dir(path.parent, "fleecing directory") as d:
+                # Stale file of an earlier session of this VM: the VM holds no snapfs node, so
+                # it is unused. Created empty with 0600 first: qemu-img keeps the mode of a file.
+                d.unlink(path.name)
+                fd = d.create(path.name, 0o600)
+        except (OSError, UsageError) as err:
             failures.append(_StepFailed("create fleecing image", s.name, err))
             return
         undo.push(f"remove {path}", _file_remover(path))
         try:
             await trio.run_process(
-                [QEMU_IMG, "create", "-q", "-f", "qcow2", str(path), str(s.size)],
+                [QEMU_IMG, "create", "-q", "-f", "qcow2", f"/proc/self/fd/{fd}", str(s.size)],
                 capture_stdout=True,
                 capture_stderr=True,
+                pass_fds=(fd,),
             )
         except OSError as err:
             failures.append(_StepFailed("create fleecing image", s.name, err))
@@ -992,6 +1007,8 @@ async def _create_fleecing_files(
             stderr = getattr(err, "stderr", b"") or b""
             msg = stderr.decode(errors="replace").strip() or str(err)
             failures.append(_StepFailed("create fleecing image", s.name, RuntimeError(msg)))
+        finally:
+            os.close(fd)
 
     for s in states:
         await step("create fleecing image", s.name)
@@ -1034,7 +1051,7 @@ def _export_deleter(q: QMP, export_id: str) -> Callable[[], Awaitable[None]]:
 
 def _file_remover(path: Path) -> Callable[[], Awaitable[None]]:
     async def remove() -> None:
-        await trio.Path(path).unlink(missing_ok=True)
+        paths.unlink(path, "fleecing image")
 
     return remove
 
@@ -1106,8 +1123,8 @@ async def teardown(q: QMP, state: GraphState, *, commit: bool) -> None:
         if live:
             # Only while our session is live: after a restart the server would not be ours.
             await attempt("stop NBD server", _nbd_stopper(q))
-        with contextlib.suppress(OSError):
-            await trio.Path(state.nbd_socket).unlink(missing_ok=True)
+        with contextlib.suppress(OSError, UsageError):
+            paths.unlink(Path(state.nbd_socket), "NBD socket")
         for s in state.disks:
             # Order matters: while snapshot-access is a parent of the filter, the filter unshares
             # writes on the disk node and moving the device back fails with a permission conflict.

@@ -13,6 +13,15 @@ Invariants:
 - Everything teardown needs is in ``<run_dir>/.state/<vmid>/state.json`` before the first NBD
   connection is made, so another process (``snapfs cleanup``) can tear down after a crash.
 - Without an explicit commit, teardown aborts: the next incremental still sees every change.
+
+Paths (see snapfs.paths): the mountpoint, the fleecing directory, the state directory and the
+QMP and agent sockets are resolved against the working directory in ``validate`` (before the
+serving process forks) and must be trusted paths: no component that a user but root owns or
+can write, symlinks only where root put them. Everything snapfs creates, replaces or removes
+there is done relative to a descriptor of the checked directory. The mount is made on the
+checked directory and identified by its mount id, which goes into the state file: unmounts
+(``snapfs umount``, teardown, ``cleanup``) check that the path still leads to that mount and
+leave anything else alone, saying so in one line.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from typing import Any
 import trio
 import trio_asyncio
 
-from snapfs import agent, nbd, pve, qmp
+from snapfs import agent, nbd, paths, pve, qmp
 from snapfs.datapath import DiskReader, SharedDepth
 from snapfs.errors import (
     FuseError,
@@ -75,12 +84,13 @@ _STATUS_CHUNK = 1 << 30
 
 def run_dir() -> Path:
     """The directory for default mountpoints and session state (SNAPFS_RUN_DIR for tests)."""
-    return Path(os.environ.get("SNAPFS_RUN_DIR", str(DEFAULT_RUN_DIR)))
+    return Path(os.environ.get("SNAPFS_RUN_DIR", str(DEFAULT_RUN_DIR))).absolute()
 
 
 @dataclass
 class MountOptions:
-    """What a mount was asked to do, after validation (see ``validate``)."""
+    """What a mount was asked to do, after validation (see ``validate``): absolute, trusted
+    paths; the mountpoint and the fleecing directory in canonical form (no symlinks)."""
 
     vmid: str
     mountpoint: Path
@@ -113,15 +123,9 @@ def check_vmid(vmid: str) -> str:
     return vmid
 
 
-def _check_path(path: Path, what: str) -> Path:
-    text = str(path)
-    if "\n" in text or "\0" in text:
-        raise UsageError(f"{what} {text!r} contains a newline or NUL")
-    if not path.is_absolute():
-        raise UsageError(f"{what} {text!r} is not an absolute path")
-    if ".." in path.parts:
-        raise UsageError(f"{what} {text!r} contains '..'")
-    return path
+def _check_path(text: str, what: str) -> Path:
+    """A path given by a person: absolute (relative to the working directory), without '..'."""
+    return paths.absolute(text, what)
 
 
 def validate(
@@ -133,24 +137,34 @@ def validate(
     incremental: str | None,
     allow_other: bool = False,
 ) -> MountOptions:
-    """Check a mount request before anything is touched; raise UsageError or StateError."""
+    """Check a mount request before anything is touched; raise UsageError or StateError.
+
+    Relative paths are taken from the working directory; every path must be trusted (see
+    snapfs.paths) as far as it exists: what is missing is made by the serving process, which
+    checks it again."""
     check_vmid(vmid)
     if incremental is not None and not BITMAP_ID_RE.fullmatch(incremental):
         raise UsageError(f"invalid incremental ID {incremental!r}: use letters, digits, _ . -")
-    default_mp = mountpoint is None
-    mp = _check_path(Path(mountpoint) if mountpoint else run_dir() / vmid, "mountpoint")
-    qp = _check_path(Path(qmp_path) if qmp_path else DEFAULT_QMP_DIR / f"{vmid}.qmp", "QMP socket")
-    fd = _check_path(
-        Path(fleecing_dir) if fleecing_dir else DEFAULT_FLEECING_ROOT / vmid, "fleecing directory"
+    default_mp = not mountpoint
+    given_mp = _check_path(mountpoint, "mountpoint") if mountpoint else run_dir() / vmid
+    qp = _check_path(qmp_path, "QMP socket") if qmp_path else DEFAULT_QMP_DIR / f"{vmid}.qmp"
+    given_fd = (
+        _check_path(fleecing_dir, "fleecing directory")
+        if fleecing_dir
+        else DEFAULT_FLEECING_ROOT / vmid
     )
-    try:
-        st = os.stat(qp)
-    except FileNotFoundError:
-        raise UsageError(f"QMP socket {qp} does not exist (is VM {vmid} running?)") from None
-    if not stat.S_ISSOCK(st.st_mode):
+    if not paths.exists(qp, "QMP socket"):
+        raise UsageError(f"QMP socket {qp} does not exist (is VM {vmid} running?)")
+    if not stat.S_ISSOCK(os.stat(qp).st_mode):
         raise UsageError(f"QMP socket {qp} is not a socket")
+    mp = paths.resolve(given_mp, "mountpoint")
+    with paths.walk(given_fd, "fleecing directory") as w:
+        if w.rest and (w.st is not None or w.dead):
+            raise UsageError(f"fleecing directory {given_fd} is not a directory")
+        fd = w.path
     stale_mp = None
     sdir = state_dir(vmid)
+    paths.resolve(sdir, "session state directory")
     pid = _read_pid(sdir)
     if pid is not None and _alive(pid):
         raise StateError(f"VM {vmid} is already mounted by snapfs (serving process {pid})")
@@ -161,15 +175,12 @@ def validate(
         pass  # the dead mount there goes away with the clean-up
     elif not default_mp:
         if kernel.is_mounted(mp):
-            raise UsageError(f"mountpoint {mp} is already a mount point")
-        if not mp.is_dir():
-            raise UsageError(f"mountpoint {mp} does not exist or is not a directory")
-        if any(mp.iterdir()):
-            raise UsageError(f"mountpoint {mp} is not empty")
+            raise UsageError(f"mountpoint {given_mp} is already a mount point")
+        with paths.open_dir(given_mp, "mountpoint") as d:
+            if d.listdir():
+                raise UsageError(f"mountpoint {given_mp} is not empty")
     elif kernel.is_mounted(mp):
         raise StateError(f"VM {vmid} is already mounted at {mp}")
-    if fd.exists() and not fd.is_dir():
-        raise UsageError(f"fleecing directory {fd} is not a directory")
     for name in exclude:
         if not name or "/" in name:
             raise UsageError(f"invalid --exclude name {name!r}")
@@ -308,13 +319,7 @@ def _allocated(path: str) -> int:
 
 def _write_private(path: Path, data: str) -> None:
     """Write a 0600 file atomically (rename), so a reader never sees half a state file."""
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    paths.write_atomic(path, data, "session state directory")
 
 
 class Session:
@@ -434,15 +439,17 @@ class Session:
             yield
 
     def _lock_state_dir(self, sdir: Path) -> None:
-        sdir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            sdir.mkdir(mode=0o700)
-        except FileExistsError:
-            raise StateError(
-                f"VM {self.opts.vmid} already has a snapfs session "
-                f"(state in {sdir}; run 'snapfs cleanup {self.opts.vmid}' "
-                "if its process is gone)"
-            ) from None
+        """Take the session: make its state directory, checking the run directory on the way
+        (snapfs.paths), so the default mountpoint is then made in a trusted directory."""
+        with paths.open_dir(sdir.parent, "session state directory", create=0o700) as d:
+            try:
+                d.mkdir(sdir.name, 0o700)
+            except FileExistsError:
+                raise StateError(
+                    f"VM {self.opts.vmid} already has a snapfs session "
+                    f"(state in {sdir}; run 'snapfs cleanup {self.opts.vmid}' "
+                    "if its process is gone)"
+                ) from None
         _write_private(sdir / "pid", f"{os.getpid()}\n")
 
     def _save_state(self) -> None:
@@ -453,14 +460,15 @@ class Session:
             "mountpoint": str(self.opts.mountpoint),
             "qmp": str(self.opts.qmp_path),
             "created_mountpoint": self.created_mountpoint,
+            # Which mount is ours: cleanup unmounts the mountpoint only while it leads there.
+            "mount_id": self._server.mount.id if self._server and self._server.mount else None,
         }
         _write_private(self.opts.state_dir / "state.json", json.dumps(state, indent=1))
 
     def _remove_state_dir(self, sdir: Path) -> None:
         remove_dir(sdir)
         if self.created_mountpoint:
-            with contextlib.suppress(OSError):
-                self.opts.mountpoint.rmdir()
+            _remove_mountpoint(self.opts.mountpoint)
 
     async def _serve_graph(self, task_status: Any) -> None:
         g = self.graph
@@ -483,20 +491,29 @@ class Session:
                 )
                 clients.append(client)
                 disks.append(await self._disk(client, ds))
+            # allow_other shares reading only: the kernel enforces the shared modes
+            # (default_permissions), and only root may punch (see tree.SHARED_DISK_MODE).
+            shared = self.opts.allow_other
             self.tree = Tree(
                 disks,
                 self.facts,
                 extra_files=self.guest_files,
                 mtime_ns=int(g.snapshot_epoch * 1e9),
+                shared=shared,
             )
             async with trio.open_nursery() as nursery:
                 ops = TreeOperations(self.tree, nursery=nursery)
                 self._server = FuseServer(
-                    ops, self.opts.mountpoint, name=g.vmid, allow_other=self.opts.allow_other
+                    ops,
+                    self.opts.mountpoint,
+                    name=g.vmid,
+                    allow_other=shared,
+                    default_permissions=shared,
                 )
                 for client in clients:
                     nursery.start_soon(self._watch, client)
                 await nursery.start(self._run_fuse, nursery)
+                self._save_state()  # now with the mount's id
                 try:
                     for ds, disk in zip(g.disks, disks, strict=True):
                         await self._start_reader(nursery, ds, disk)
@@ -646,13 +663,20 @@ class Session:
         """Tear down with commit or abort; record the outcome in ``self.result``."""
         g = self.graph
         assert g is not None
-        with contextlib.suppress(FuseError):
-            if kernel.is_mounted(self.opts.mountpoint):
+        ours = self._server.mount if self._server else None
+        # Our mount, still there, that its path no longer leads to: the state stays, so that
+        # `snapfs cleanup` can unmount it once the path leads there again.
+        left_mounted = False
+        if ours is not None and kernel.live(ours):
+            try:
                 await trio.to_thread.run_sync(
-                    lambda: kernel.unmount(self.opts.mountpoint, lazy=True)
+                    lambda: kernel.unmount(self.opts.mountpoint, lazy=True, expect=ours)
                 )
+            except FuseError as err:
+                left_mounted = True
+                log.warning("VM %s: %s; run 'snapfs cleanup %s' once it does", g.vmid, err, g.vmid)
         commit = self.commit and self.broken is None
-        keep_state = False
+        keep_state = left_mounted
         try:
             async with _qmp_session(self.opts.qmp_path) as q:
                 await qmp.teardown(q, g, commit=commit)
@@ -702,25 +726,29 @@ class Session:
 
 
 def find_session(target: str) -> tuple[str, dict[str, Any]]:
-    """The (vmid, state) of the session named by a VMID or a mountpoint."""
+    """The (vmid, state) of the session named by a VMID or a mountpoint (relative to the
+    working directory; one named like a VMID is written ./NAME)."""
     root = run_dir() / ".state"
-    candidates = [target] if VMID_RE.fullmatch(target) else []
-    for vmid in candidates:
-        st = _read_state(root / vmid)
+    if VMID_RE.fullmatch(target):
+        st = _read_state(root / target)
         if st is not None:
-            return vmid, st
-    if target.startswith("/") and root.is_dir():
-        want = os.path.realpath(target)
-        for sdir in root.iterdir():
-            st = _read_state(sdir)
-            if st is not None and os.path.realpath(st["mountpoint"]) == want:
-                return sdir.name, st
+            return target, st
+        raise StateError(f"no snapfs session for {target!r}")
+    want = paths.resolve(_check_path(target, "mountpoint"), "mountpoint")
+    with paths.walk(root, "session state directory") as w:
+        names = [] if w.rest else paths.Dir(w).listdir()
+    for name in names:
+        st = _read_state(root / name)
+        if st is not None and Path(st["mountpoint"]) == want:
+            return name, st
     raise StateError(f"no snapfs session for {target!r}")
 
 
 def _read_state(sdir: Path) -> dict[str, Any] | None:
     try:
-        data: dict[str, Any] = json.loads((sdir / "state.json").read_text())
+        data: dict[str, Any] = json.loads(
+            paths.read_text(sdir / "state.json", "session state directory")
+        )
     except FileNotFoundError:
         return None
     except ValueError as err:
@@ -761,7 +789,7 @@ def umount(target: str, *, commit: bool) -> dict[str, Any]:
 
 def _read_pid(sdir: Path) -> int | None:
     try:
-        return int((sdir / "pid").read_text())
+        return int(paths.read_text(sdir / "pid", "session state directory"))
     except (FileNotFoundError, ValueError):
         return None
 
@@ -791,29 +819,56 @@ async def _wait_exit(pid: int) -> None:
 
 def remove_dir(path: Path) -> None:
     """Remove a session directory and the files in it, if it exists."""
-    for p in path.glob("*"):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-    with contextlib.suppress(FileNotFoundError):
-        path.rmdir()
+    with paths.walk(path, "session state directory") as w:
+        if w.rest:
+            return  # gone (or not a directory, so not ours)
+        d = paths.Dir(w)
+        for name in d.listdir():
+            with contextlib.suppress(FileNotFoundError):
+                d.unlink(name)
+        if d.parent_fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(d.name, dir_fd=d.parent_fd)
+
+
+def _remove_mountpoint(mp: Path) -> None:
+    """Remove the (empty) mountpoint directory snapfs made; nothing if it is busy or gone."""
+    with contextlib.suppress(OSError, UsageError), paths.open_dir(mp.parent, "mountpoint") as d:
+        d.rmdir(mp.name)
 
 
 def forget_fleecing(graph: qmp.GraphState) -> list[str]:
     """The VM is gone: its fleecing images protect nothing any more."""
     removed = []
     for d in graph.disks:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(d.fleecing_path)
-            removed.append(d.fleecing_path)
+        try:
+            if paths.unlink(Path(d.fleecing_path), "fleecing image"):
+                removed.append(d.fleecing_path)
+        except (OSError, UsageError) as err:
+            log.warning("cannot remove %s: %s", d.fleecing_path, err)
     return removed
+
+
+def _unmount_stale(vmid: str, mp: Path, mount_id: int | None) -> str | None:
+    """Lazily unmount the dead session's mount, if it is still there and ``mp`` leads to it.
+    What was done; raises FuseError if the mount is there but ``mp`` leads elsewhere."""
+    ours = kernel.find_snapfs(vmid, mp, mount_id)
+    if ours is None:
+        return None
+    kernel.unmount(mp, lazy=True, expect=ours)
+    return f"unmounted {mp}"
 
 
 async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
     """Tear down what a dead serving process left: the mount, the graph (abort), the state.
 
-    Idempotent: with nothing left, it does nothing and succeeds. Returns what it did.
+    Idempotent: with nothing left, it does nothing and succeeds. Returns what it did. The mount
+    is unmounted only while its mountpoint leads to it: otherwise the graph is still restored,
+    the state kept (for the next cleanup) and a StateError says what is in the way.
     """
     check_vmid(vmid)
+    if qmp_path is not None:
+        paths.resolve(qmp_path, "QMP socket")
     sdir = state_dir(vmid)
     st = _read_state(sdir)
     pid = _read_pid(sdir)
@@ -828,9 +883,13 @@ async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
     done: list[str] = []
     if st is not None:
         mp = Path(st["mountpoint"])
-        if kernel.is_mounted(mp):
-            kernel.unmount(mp, lazy=True)
-            done.append(f"unmounted {mp}")
+        in_the_way = None
+        try:
+            line = _unmount_stale(vmid, mp, st.get("mount_id"))
+        except FuseError as err:
+            in_the_way = err
+        else:
+            done += [line] if line else []
         graph = qmp.GraphState.from_dict(st["graph"])
         try:
             async with _qmp_session(qmp_path or Path(st["qmp"])) as q:
@@ -838,13 +897,16 @@ async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
             done.append("restored the block graph")
         except VMGoneError:
             done += [f"VM {vmid} is gone; removed {f}" for f in forget_fleecing(graph)]
+        if in_the_way is not None:
+            for line in done:
+                log.info("%s", line)
+            raise StateError(f"{in_the_way}; run 'snapfs cleanup {vmid}' again once it does")
         if st.get("created_mountpoint"):
-            with contextlib.suppress(OSError):
-                await trio.Path(mp).rmdir()
+            _remove_mountpoint(mp)
     else:
         # Killed during set-up, before the state file: find our nodes by their prefix.
         qp = qmp_path or DEFAULT_QMP_DIR / f"{vmid}.qmp"
-        if await trio.Path(qp).exists():
+        if paths.exists(qp, "QMP socket"):
             async with _qmp_session(qp) as q:
                 done += await qmp.cleanup_orphans(q)
     if await trio.Path(sdir).exists():

@@ -40,6 +40,12 @@ EXTRA_INO_BASE = 1 << 32
 DISK_MODE = stat.S_IFREG | 0o600
 TEXT_MODE = stat.S_IFREG | 0o400
 DIR_MODE = stat.S_IFDIR | 0o700
+# A shared tree (mounted with allow_other, which snapfs mounts with default_permissions, so the
+# kernel enforces these): every user may read everything; only root may open a disk file for
+# writing, so only root may punch (the FUSE layer refuses other uids' punches as well).
+SHARED_DISK_MODE = stat.S_IFREG | 0o644
+SHARED_TEXT_MODE = stat.S_IFREG | 0o444
+SHARED_DIR_MODE = stat.S_IFDIR | 0o755
 
 # What `stat` reports as st_blksize for disk files: cp, rsync and dd-less tools size their
 # buffers from it, and 1 MiB is the request size the FUSE layer negotiates.
@@ -205,7 +211,8 @@ class Entry:
 
 
 class Tree:
-    """The whole mounted tree of one session. ``facts`` is rendered as snapfs.json on demand."""
+    """The whole mounted tree of one session. ``facts`` is rendered as snapfs.json on demand.
+    ``shared``: readable by every user (the SHARED_* modes), for a mount with allow_other."""
 
     def __init__(
         self,
@@ -213,8 +220,14 @@ class Tree:
         facts: Callable[[], dict[str, Any]],
         extra_files: dict[str, bytes] | None = None,
         mtime_ns: int = 0,
+        shared: bool = False,
     ) -> None:
         self.disks = list(disks)
+        self._dir_mode, self._disk_mode, self._text_mode = (
+            (SHARED_DIR_MODE, SHARED_DISK_MODE, SHARED_TEXT_MODE)
+            if shared
+            else (DIR_MODE, DISK_MODE, TEXT_MODE)
+        )
         self.facts = facts
         self.mtime_ns = mtime_ns
         self._sidecars = [Sidecar(d.dirty) for d in self.disks]
@@ -256,18 +269,20 @@ class Tree:
 
     def getattr(self, ino: int) -> Attr:
         if ino == ROOT_INO:
-            return Attr(ino, DIR_MODE, 0, 0)
+            return Attr(ino, self._dir_mode, 0, 0)
         if ino == JSON_INO:
             size = len(self.json_bytes())
-            return Attr(ino, TEXT_MODE, size, _blocks(size))
+            return Attr(ino, self._text_mode, size, _blocks(size))
         if ino in self._extra_by_ino:
             size = len(self._extra_by_ino[ino])
-            return Attr(ino, TEXT_MODE, size, _blocks(size))
+            return Attr(ino, self._text_mode, size, _blocks(size))
         disk, is_raw = self._disk(ino)
         if is_raw:
-            return Attr(ino, DISK_MODE, disk.size, _blocks(disk.allocated_bytes), DISK_BLKSIZE)
+            return Attr(
+                ino, self._disk_mode, disk.size, _blocks(disk.allocated_bytes), DISK_BLKSIZE
+            )
         size = self._sidecars[self.disks.index(disk)].size
-        return Attr(ino, TEXT_MODE, size, _blocks(size))
+        return Attr(ino, self._text_mode, size, _blocks(size))
 
     def is_disk(self, ino: int) -> bool:
         return DISK_INO_BASE <= ino < DISK_INO_BASE + 2 * len(self.disks) and (

@@ -313,10 +313,13 @@ def test_hostile_cli_input(vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
         refused(snapfs, "mount", bad, str(mnt), *q, words="VMID")
     refused(snapfs, "mount", vm.vmid, f"{mnt}/../mnt", *q, words="'..'")
     refused(snapfs, "mount", vm.vmid, f"{mnt}\nx", *q, words="newline")
-    refused(snapfs, "mount", vm.vmid, "mnt", *q, words="absolute")
+    # Relative paths are taken from the working directory (tests/test_hardening.py).
+    refused(snapfs, "mount", vm.vmid, "no/such/mnt", *q, words=f"{os.getcwd()}/no/such/mnt")
     refused(snapfs, "mount", vm.vmid, str(tmp_path / "no" / "dir"), *q, words="does not exist")
-    refused(snapfs, "mount", vm.vmid, str(mnt), "--qmp", "qmp.sock", words="absolute")
-    refused(snapfs, "mount", vm.vmid, str(mnt), *q, "--fleecing-dir", "rel", words="absolute")
+    refused(snapfs, "mount", vm.vmid, str(mnt), "--qmp", "no.qmp", words="does not exist")
+    (tmp_path / "file").touch()
+    fl = ["--fleecing-dir", str(tmp_path / "file")]
+    refused(snapfs, "mount", vm.vmid, str(mnt), *q, *fl, words="not a directory")
     refused(snapfs, "mount", vm.vmid, str(mnt), *q, "--fleecing-dir", "/x/../y", words="'..'")
     refused(snapfs, "mount", vm.vmid, str(mnt), *q, "--incremental", "a/b", words="incremental ID")
     refused(snapfs, "mount", vm.vmid, str(mnt), *q, "-o", "rw", words="mount option")

@@ -194,7 +194,7 @@ def test_bad_input_is_refused(vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> Non
     assert_refused(snapfs, vm, ["mount", vmid(vm), str(mnt), *qmp], "not empty")
     (mnt / "file").unlink()
     assert_refused(snapfs, vm, ["mount", "abc/def", str(mnt), *qmp], "invalid VMID")
-    assert_refused(snapfs, vm, ["mount", vmid(vm), "relative", *qmp], "absolute")
+    assert_refused(snapfs, vm, ["mount", vmid(vm), "relative", *qmp], "relative does not exist")
     assert_refused(snapfs, vm, ["mount", vmid(vm), str(mnt), *qmp, "--exclude", "sda"], "sda")
     assert_refused(snapfs, vm, ["umount", "4242"], "no snapfs session")
 

@@ -5,18 +5,30 @@ whose message names what is wrong (not root, no such mountpoint, busy, ...), rai
 ``OSError`` that caused it. These calls are synchronous; ``unmount`` must not run on the thread
 that serves the mount (the kernel may wait for the server while unmounting), so async callers run
 it through ``trio.to_thread``.
+
+Mountpoints are trusted paths (``snapfs.paths``: no component a user but root can change).
+``mount`` walks and checks the directory, then mounts on that very directory through its
+descriptor (``/proc/self/fd/N``), and returns the new mount as /proc/self/mountinfo lists it
+(``Mount``: its id, its source ``snapfs:<name>``). ``unmount(..., expect=that)`` first checks
+that the path still leads to that mount (the mount id of the path, opened without following a
+final symlink, and its source and type) and refuses with one line otherwise: it never unmounts
+another file system that has taken the path's place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
-import stat
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from snapfs.errors import FuseError
+from snapfs import paths
+from snapfs.errors import FuseError, UsageError
 
 FUSE_DEVICE = "/dev/fuse"
 FS_TYPE = "fuse.snapfs"
@@ -25,6 +37,7 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MNT_FORCE = 1
 MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [
@@ -35,21 +48,104 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.umount2.restype = ctypes.c_int
 
 
-def check_mountpoint(mountpoint: str | os.PathLike[str]) -> Path:
-    """The mountpoint as an absolute path, after checking it is an existing directory that is
-    not already a mount point (checked before anything is opened or mounted)."""
+@dataclass(frozen=True)
+class Mount:
+    """One mount as /proc/self/mountinfo lists it."""
+
+    id: int
+    parent: int
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def _unescape(field: bytes) -> str:
+    """A mountinfo field: space, tab, newline and backslash are written as octal escapes."""
+    return os.fsdecode(_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), field))
+
+
+def mounts() -> list[Mount]:
+    """Every mount of this process's mount namespace, in mountinfo's order."""
+    out = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.rstrip(b"\n").split(b" ")
+            sep = fields.index(b"-", 6)
+            out.append(
+                Mount(
+                    id=int(fields[0]),
+                    parent=int(fields[1]),
+                    mountpoint=_unescape(fields[4]),
+                    fstype=_unescape(fields[sep + 1]),
+                    source=_unescape(fields[sep + 2]),
+                )
+            )
+    return out
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount that the file open as ``fd`` (also ``O_PATH``) lies on."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    raise FuseError(f"the kernel does not say which mount descriptor {fd} is on")
+
+
+def find_mount(mid: int) -> Mount | None:
+    return next((m for m in mounts() if m.id == mid), None)
+
+
+def find_snapfs(name: str, mountpoint: str | os.PathLike[str], mid: int | None) -> Mount | None:
+    """The snapfs mount of ``name``: the one with id ``mid`` if given, else the last one at
+    ``mountpoint``; None if there is none (any more)."""
+    source, where = f"snapfs:{name}", os.fspath(mountpoint)
+    found = None
+    for m in mounts():
+        if (m.fstype, m.source) != (FS_TYPE, source):
+            continue
+        if (m.id == mid) if mid is not None else (m.mountpoint == where):
+            found = m
+    return found
+
+
+def live(mount: Mount) -> bool:
+    """Whether ``mount`` is still mounted (its id, source and type all the same)."""
+    now = find_mount(mount.id)
+    return now is not None and (now.fstype, now.source) == (mount.fstype, mount.source)
+
+
+@contextlib.contextmanager
+def open_mountpoint(mountpoint: str | os.PathLike[str]) -> Iterator[paths.Dir]:
+    """The mountpoint, walked as a trusted path (``snapfs.paths``): an existing directory that is
+    not a mount point already; a FuseError otherwise."""
     path = Path(mountpoint).absolute()
     try:
-        st = path.stat()
-    except FileNotFoundError as err:
-        raise FuseError(f"mountpoint {path} does not exist") from err
-    except OSError as err:
-        raise FuseError(f"cannot use mountpoint {path}: {err.strerror}") from err
-    if not stat.S_ISDIR(st.st_mode):
-        raise FuseError(f"mountpoint {path} is not a directory")
-    if os.path.ismount(path):
-        raise FuseError(f"mountpoint {path} is already a mount point")
-    return path
+        w = paths.walk(path, "mountpoint")
+    except UsageError as err:
+        raise FuseError(str(err)) from err
+    d = paths.Dir(w)
+    try:
+        if w.dead:
+            raise FuseError(f"mountpoint {path} is already a mount point (a dead one)")
+        if w.rest and w.st is None:
+            raise FuseError(f"mountpoint {path} does not exist")
+        if w.rest:
+            raise FuseError(f"mountpoint {path} is not a directory")
+        if d.parent_fd is None or mount_id(d.fd) != mount_id(d.parent_fd):
+            raise FuseError(f"mountpoint {path} is already a mount point")
+        yield d
+    finally:
+        d.close()
+
+
+def check_mountpoint(mountpoint: str | os.PathLike[str]) -> Path:
+    """The mountpoint's canonical path, after checking it (see ``open_mountpoint``)."""
+    with open_mountpoint(mountpoint) as d:
+        return d.path
 
 
 def open_device() -> int:
@@ -81,18 +177,23 @@ def mount(
     name: str,
     allow_other: bool = False,
     default_permissions: bool = False,
-) -> None:
+) -> Mount:
     """Mount a FUSE file system served on ``fd`` at ``mountpoint``; ``mount`` lists it as
     ``snapfs:<name> on <mountpoint> type fuse.snapfs``. The kernel queues INIT on ``fd`` before
-    this returns; nothing is answered until the caller reads it."""
-    path = os.fsencode(Path(mountpoint).absolute())
+    this returns; nothing is answered until the caller reads it.
+
+    The mountpoint is walked and checked (``open_mountpoint``) and the mount made on the
+    directory so found, through its descriptor. Returns the new mount."""
     data = mount_options(fd, allow_other=allow_other, default_permissions=default_permissions)
-    source = f"snapfs:{name}".encode()
-    if _libc.mount(source, path, FS_TYPE.encode(), MS_NOSUID | MS_NODEV, data.encode()) == 0:
-        return
+    source = f"snapfs:{name}"
+    with open_mountpoint(mountpoint) as d:
+        where = str(d.path)
+        target = f"/proc/self/fd/{d.fd}".encode()
+        flags = MS_NOSUID | MS_NODEV
+        if _libc.mount(source.encode(), target, FS_TYPE.encode(), flags, data.encode()) == 0:
+            return _new_mount(d, source)
     e = ctypes.get_errno()
-    err = OSError(e, os.strerror(e), os.fsdecode(path))
-    where = os.fsdecode(path)
+    err = OSError(e, os.strerror(e), where)
     if e == errno.EPERM:
         raise FuseError(f"cannot mount {where}: not permitted (snapfs must run as root)") from err
     if e == errno.ENOENT:
@@ -106,13 +207,61 @@ def mount(
     raise FuseError(f"cannot mount {where}: {os.strerror(e)}") from err
 
 
-def unmount(mountpoint: str | os.PathLike[str], *, lazy: bool = False) -> None:
+def _new_mount(d: paths.Dir, source: str) -> Mount:
+    """The mount just made on ``d``: what its name leads to now (opened ``O_PATH``, so nothing is
+    asked of the file system, whose INIT is not answered yet), on top of ``d``'s mount."""
+    assert d.parent_fd is not None
+    fd = os.open(d.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.parent_fd)
+    try:
+        mid = mount_id(fd)
+    finally:
+        os.close(fd)
+    m = find_mount(mid)
+    if m is None or m.parent != mount_id(d.fd) or (m.fstype, m.source) != (FS_TYPE, source):
+        raise FuseError(f"mounted {source} at {d.path}, but cannot find it there")
+    return m
+
+
+def _verify(path: Path, expect: Mount) -> None:
+    """Raise FuseError unless ``path`` (its last component not followed) leads to ``expect``."""
+    name = expect.source.removeprefix("snapfs:")
+    try:
+        with paths.open_dir(path.parent, "mountpoint") as d:
+            fd = os.open(path.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.fd)
+            try:
+                mid = mount_id(fd)
+            finally:
+                os.close(fd)
+    except (UsageError, OSError) as err:
+        what = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise FuseError(
+            f"{path} no longer leads to the snapfs mount of VM {name} ({what}): left alone"
+        ) from err
+    now = find_mount(mid)
+    if mid != expect.id or now is None or (now.fstype, now.source) != (FS_TYPE, expect.source):
+        leads = f"{now.source}, {now.fstype}" if now is not None else "no mount"
+        raise FuseError(
+            f"{path} no longer leads to the snapfs mount of VM {name} (it leads to {leads}): "
+            "left alone"
+        )
+
+
+def unmount(
+    mountpoint: str | os.PathLike[str], *, lazy: bool = False, expect: Mount | None = None
+) -> None:
     """Unmount ``mountpoint``; ``lazy`` detaches it even while files are open (MNT_DETACH).
 
     The FUSE connection is then aborted, so the server reading its fd sees ENODEV. A busy
-    mountpoint raises a FuseError whose message says "busy"."""
+    mountpoint raises a FuseError whose message says "busy". With ``expect`` (what ``mount``
+    returned), only if the path still leads to that mount (see the module); the path is then
+    unmounted without following a final symlink, and its directories are root's alone, so it
+    cannot lead elsewhere in between."""
     where = os.fsdecode(Path(mountpoint).absolute())
-    if _libc.umount2(os.fsencode(where), MNT_DETACH if lazy else 0) == 0:
+    flags = MNT_DETACH if lazy else 0
+    if expect is not None:
+        _verify(Path(where), expect)
+        flags |= UMOUNT_NOFOLLOW
+    if _libc.umount2(os.fsencode(where), flags) == 0:
         return
     e = ctypes.get_errno()
     err = OSError(e, os.strerror(e), where)
@@ -133,10 +282,4 @@ def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
     """True if something is mounted at ``mountpoint``, even a dead FUSE mount (whose stat fails
     with ENOTCONN, so ``os.path.ismount`` says False)."""
     want = os.fsdecode(Path(mountpoint).absolute())
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            # Field 5 is the mount point, with spaces, tabs, newlines and backslashes escaped.
-            field = line.split(b" ")[4].decode("unicode_escape", errors="replace")
-            if field == want:
-                return True
-    return False
+    return any(m.mountpoint == want for m in mounts())

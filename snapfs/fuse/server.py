@@ -18,6 +18,10 @@ kernel in any order.
 INTERRUPT cancels the cancel scope of the in-flight request with that ``unique``; a cancelled
 request is answered EINTR. A ``FuseErrno`` from ops is answered with its errno; any other
 exception is logged at ERROR and answered EIO, and the server keeps serving.
+
+Only root may punch: FALLOCATE from any other uid (the request header's) is answered EPERM
+before ops sees it, whatever the modes say and however the caller got a writable descriptor.
+The mount is unmounted only while its path still leads to it (``kernel.unmount``'s ``expect``).
 """
 
 from __future__ import annotations
@@ -115,6 +119,9 @@ class FuseServer:
         self._fd = -1
         self._started = False
         self._mounted = False  # True from mount(2) until the kernel reports the end
+        #: The mount made, as mountinfo lists it (None until mounted): unmounts check it.
+        self.mount: kernel.Mount | None = None
+        self._uid = 0  # of the request being dispatched
         self._buf = bytearray(MAX_PAGES * p.PAGE_SIZE + p.PAGE_SIZE)
         self._slots = trio.Semaphore(max_background)
         self._inflight: dict[int, trio.CancelScope] = {}
@@ -179,10 +186,12 @@ class FuseServer:
         if not self._mounted:
             raise FuseError(f"{self.mountpoint} is not mounted by this server")
         # In a thread: the kernel may wait for this very loop while unmounting.
-        await trio.to_thread.run_sync(lambda: kernel.unmount(self.mountpoint, lazy=lazy))
+        await trio.to_thread.run_sync(
+            lambda: kernel.unmount(self.mountpoint, lazy=lazy, expect=self.mount)
+        )
 
     def _mount(self) -> None:
-        kernel.mount(
+        self.mount = kernel.mount(
             self._fd,
             self.mountpoint,
             name=self.name,
@@ -199,7 +208,7 @@ class FuseServer:
         if abort:
             self._mounted = False
             try:
-                kernel.unmount(self.mountpoint)
+                kernel.unmount(self.mountpoint, expect=self.mount)
             except FuseError as err:
                 log.warning("leaving dead mount %s in place: %s", self.mountpoint, err)
 
@@ -307,7 +316,7 @@ class FuseServer:
                 self._mounted = False  # unmounted, by us or anyone
                 slots.release()
                 return
-            _, opcode, unique, nodeid, _, _, _, _, _ = unpack_header(buf)
+            _, opcode, unique, nodeid, self._uid, _, _, _, _ = unpack_header(buf)
             body = view[_IN_HEADER_SIZE:n]
             keep_slot = False
             try:
@@ -473,6 +482,9 @@ class FuseServer:
         return True
 
     def _op_fallocate(self, unique: int, nodeid: int, body: memoryview) -> bool:
+        if self._uid != 0:
+            self._reply_err(unique, errno.EPERM)
+            return False
         fh, offset, length, mode, _ = p.FALLOCATE_IN.unpack_from(body)
         return self._spawn(
             unique, p.Opcode.FALLOCATE, self.ops.fallocate,
