@@ -23,8 +23,10 @@ import errno
 import json
 import os
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,6 +34,8 @@ from typing import Any, TextIO
 from snapfs.errors import SnapfsError, UsageError
 
 CHUNK = 1 << 20
+#: Chunks read and written at once: enough to keep QEMU's NBD server busy on scattered regions.
+WORKERS = 8
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 RECORD = "snapfs-backup.json"
@@ -111,7 +115,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 class DiskCopy:
-    """Copies one disk file's readable regions into a target file descriptor."""
+    """Copies one disk file's readable regions into a target file descriptor.
+
+    Chunks of up to CHUNK bytes are read, checked for zeros and written by ``workers`` threads
+    at once (the view serves concurrent READs of a disk in parallel, and QEMU answers them in
+    any order; one reader at a time would wait out every round trip). The chunks are disjoint,
+    so their writes, punches and discards may happen in any order. The first failure stops the
+    copy: no new chunk starts, the ones in flight finish, and it is raised.
+    """
 
     def __init__(
         self,
@@ -122,6 +133,7 @@ class DiskCopy:
         discard: bool,
         granularity: int,
         progress: Callable[[int], None],
+        workers: int = WORKERS,
     ) -> None:
         self.src = src_fd
         self.dst = dst_fd
@@ -129,15 +141,23 @@ class DiskCopy:
         self.discard = discard
         self.granularity = granularity
         self.progress = progress
-        self.buf = bytearray(CHUNK)
+        self.workers = workers
         self.zeros = bytes(CHUNK)
         self.stats = Stats()
+        self._lock = threading.Lock()  # stats and progress
+        self._local = threading.local()  # each thread's buffer
+
+    def _count(self, progress: int = 0, **counts: int) -> None:
+        with self._lock:
+            for name, n in counts.items():
+                setattr(self.stats, name, getattr(self.stats, name) + n)
+            if progress:
+                self.progress(progress)
 
     def _hole(self, offset: int, length: int) -> None:
         """The view says these bytes read as zeros: the target must too."""
         if self.in_place:
             punch_hole(self.dst, offset, length)
-        self.stats.holes += length
 
     def _data_span(self, offset: int, end: int) -> tuple[int, int]:
         """The next (data_start, data_end) at or after offset within end, or (end, end)."""
@@ -152,42 +172,78 @@ class DiskCopy:
         hole = os.lseek(self.src, data, os.SEEK_HOLE)
         return data, min(hole, end)
 
-    def region(self, offset: int, length: int) -> None:
-        """Copy one region of the sidecar. Every byte of it must be readable (copy_view makes
-        sure nothing was discarded), so a hole SEEK_DATA finds in it reads as zeros."""
-        end = offset + length
-        pos = offset
-        while pos < end:
-            if end - pos <= CHUNK:
-                # Reading this costs less than the two lseek round trips through FUSE that
-                # might skip a hole in it (a quarter of the time for many 64 KiB regions);
-                # its zeros are found below all the same.
-                data, data_end = pos, end
-            else:
-                data, data_end = self._data_span(pos, end)
-            if data > pos:
-                self._hole(pos, data - pos)
-                self.progress(data - pos)
-            pos = data
-            while pos < data_end:
-                n = min(CHUNK - pos % CHUNK, data_end - pos)
-                view = memoryview(self.buf)[:n]
-                got = os.preadv(self.src, [view], pos)
-                if got != n:
-                    raise CopyError(f"short read at {pos}: {got} of {n} bytes")
-                self.stats.read += n
-                if view == self.zeros[:n]:
-                    self._hole(pos, n)
-                    self.stats.zero += n
+    def _chunks(self, regions: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+        """The chunks to copy, after punching the holes the view reports on the way. Every
+        byte of a region must be readable (copy_view makes sure nothing was discarded), so a
+        hole SEEK_DATA finds in one reads as zeros."""
+        for offset, length in regions:
+            end = offset + length
+            pos = offset
+            while pos < end:
+                if end - pos <= CHUNK:
+                    # Reading this costs less than the two lseek round trips through FUSE that
+                    # might skip a hole in it; its zeros are found all the same.
+                    data, data_end = pos, end
                 else:
-                    done = 0
-                    while done < n:
-                        done += os.pwrite(self.dst, view[done:], pos + done)
-                    self.stats.written += n
-                if self.discard:
-                    self._discard(pos, n)
-                self.progress(n)
-                pos += n
+                    data, data_end = self._data_span(pos, end)
+                if data > pos:
+                    self._hole(pos, data - pos)
+                    self._count(data - pos, holes=data - pos)
+                pos = data
+                while pos < data_end:
+                    n = min(CHUNK - pos % CHUNK, data_end - pos)
+                    yield pos, n
+                    pos += n
+
+    def _chunk(self, pos: int, n: int) -> None:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = bytearray(CHUNK)
+        view = memoryview(buf)[:n]
+        got = os.preadv(self.src, [view], pos)
+        if got != n:
+            raise CopyError(f"short read at {pos}: {got} of {n} bytes")
+        if view == self.zeros[:n]:
+            self._hole(pos, n)
+            zero, written = n, 0
+        else:
+            done = 0
+            while done < n:
+                done += os.pwrite(self.dst, view[done:], pos + done)
+            zero, written = 0, n
+        if self.discard:
+            self._discard(pos, n)
+        self._count(
+            n, read=n, zero=zero, holes=zero, written=written, discarded=n if self.discard else 0
+        )
+
+    def copy(self, regions: Iterable[tuple[int, int]]) -> None:
+        """Copy these regions (ascending ``(offset, length)``, as the sidecar lists them)."""
+        failure: list[BaseException] = []
+        room = threading.Semaphore(self.workers * 2)  # chunks queued or in flight
+
+        def run(pos: int, n: int) -> None:
+            try:
+                if not failure:
+                    self._chunk(pos, n)
+            except BaseException as err:
+                failure.append(err)
+            finally:
+                room.release()
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="snapfs-copy") as pool:
+            for pos, n in self._chunks(regions):
+                room.acquire()
+                if failure:
+                    room.release()
+                    break
+                pool.submit(run, pos, n)
+        if failure:
+            raise failure[0]
+
+    def region(self, offset: int, length: int) -> None:
+        """Copy one region (see ``copy``)."""
+        self.copy([(offset, length)])
 
     def _discard(self, offset: int, length: int) -> None:
         """Punch the copied range in the view; the view frees only whole blocks inside it, so
@@ -196,7 +252,6 @@ class DiskCopy:
             punch_hole(self.src, offset, length)
         except OSError as err:
             raise CopyError(f"discard at {offset}+{length} failed: {err}") from err
-        self.stats.discarded += length
 
 
 def copy_view(
@@ -284,8 +339,7 @@ def _copy_disk(
                 granularity=int(d.get("granularity", 65536)),
                 progress=progress,
             )
-            for offset, length in read_regions(view / f"{name}.dirty"):
-                copier.region(offset, length)
+            copier.copy(read_regions(view / f"{name}.dirty"))
             os.fsync(dst)
         finally:
             os.close(dst)
