@@ -41,6 +41,8 @@ from qemu.qmp.error import QMPError as LibQMPError
 
 from snapfs.errors import (
     QMPError,
+    QMPReplyError,
+    QMPTimeoutError,
     SetupError,
     StateError,
     TeardownError,
@@ -66,6 +68,29 @@ WRITTEN_BITMAP = f"{PREFIX}-written"
 _PFLASH = "/machine/system.flash"
 # How long teardown waits for QEMU to finish deleting an export (it is asynchronous).
 _EXPORT_GONE_TIMEOUT = 10.0
+# How long QEMU may take to answer one command, in seconds. QEMU answers most commands in
+# milliseconds: these bounds only tell a stopped or hung QEMU from one on a host under load.
+QMP_TIMEOUT = 10.0
+# Commands that open, flush or close images or drain the guest's in-flight I/O: they wait for
+# the storage, which under load (or on network storage) can take seconds.
+QMP_SLOW_TIMEOUT = 30.0
+_SLOW_COMMANDS = frozenset(
+    {
+        "blockdev-add",
+        "blockdev-del",
+        "blockdev-reopen",
+        "block-export-del",
+        "qom-set",  # moving a device to another node drains it
+        "transaction",  # drains every disk it names
+        "nbd-server-stop",
+    }
+)
+# ``stop`` drains and flushes every disk of the VM: the slowest command snapfs sends.
+QMP_STOP_TIMEOUT = 60.0
+# The QMP handshake (greeting, qmp_capabilities) and a polite disconnect.
+QMP_CONNECT_TIMEOUT = 5.0
+# Sets every command's timeout (seconds): for tests, or a host known to be very slow.
+TIMEOUT_ENV = "SNAPFS_QMP_TIMEOUT"
 _MIGRATION_STATES = {"inmigrate", "postmigrate", "finish-migrate", "save-vm", "restore-vm"}
 
 BitmapMode = Literal["none", "new", "reuse"]
@@ -87,6 +112,123 @@ class QMPCommandError(QMPError):
         self.desc = desc
 
 
+def command_timeout(cmd: str) -> float:
+    """How long ``cmd`` may take to answer (``$SNAPFS_QMP_TIMEOUT`` overrides every command)."""
+    override = os.environ.get(TIMEOUT_ENV, "")
+    if override:
+        try:
+            value = float(override)
+        except ValueError:
+            value = 0.0
+        if value > 0:
+            return value
+        log.warning("ignoring %s=%r: not a positive number of seconds", TIMEOUT_ENV, override)
+    if cmd == "stop":
+        return QMP_STOP_TIMEOUT
+    return QMP_SLOW_TIMEOUT if cmd in _SLOW_COMMANDS else QMP_TIMEOUT
+
+
+def teardown_bound(disks: int) -> float:
+    """An upper bound of a teardown of ``disks`` disks, QEMU answering each command just in
+    time: what a client waiting for a serving process's teardown may wait."""
+    fast, slow = command_timeout("query-block"), command_timeout("blockdev-del")
+    per_disk = (
+        2 * command_timeout("block-export-del")  # plain, then mode hard
+        + _EXPORT_GONE_TIMEOUT
+        + fast
+        + 5 * slow  # three nodes, the drive, the bitmap transaction
+        + fast  # the guest-writes bitmap
+    )
+    return 2 * QMP_CONNECT_TIMEOUT + 5 * fast + slow + disks * per_disk
+
+
+# What snapfs reads in the replies it inspects: ``{key: shape}`` (``"key?"``: optional), ``[shape]``
+# (a list of them) or a type. Replies are checked against it before anyone indexes into them.
+_BITMAP_SHAPE = {
+    "name?": str,
+    "granularity": int,
+    "recording?": bool,
+    "busy?": bool,
+    "persistent?": bool,
+    "inconsistent?": bool,
+}
+_NODE_SHAPE = {
+    "node-name": str,
+    "drv": str,
+    "file?": str,
+    "ro?": bool,
+    "detect_zeroes?": str,
+    "cache?": {"direct?": bool, "no-flush?": bool},
+    "image?": {"virtual-size": int, "format?": str},
+    "dirty-bitmaps?": [_BITMAP_SHAPE],
+}
+_REPLY_SHAPES: dict[str, Any] = {
+    "query-version": {
+        "qemu": {"major": int, "minor": int, "micro": int},
+        "package?": str,
+    },
+    "query-status": {"status": str, "running": bool},
+    "query-block": [
+        {
+            "device": str,
+            "qdev?": str,
+            "removable?": bool,
+            "inserted?": {**_NODE_SHAPE, "image": {"virtual-size": int, "format?": str}},
+        }
+    ],
+    "query-named-block-nodes": [_NODE_SHAPE],
+    "query-block-exports": [{"id": str}],
+    "x-debug-query-block-graph": {
+        "nodes": [{"id": int, "name": str}],
+        "edges": [{"parent": int, "child": int, "name": str}],
+    },
+}
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "null" if value is None else type(value).__name__
+
+
+def _shape_problem(value: Any, shape: Any, where: str = "") -> str | None:
+    """What in ``value`` does not have ``shape`` (see _REPLY_SHAPES), or None."""
+    if isinstance(shape, dict):
+        expected = "an object"
+        if isinstance(value, dict):
+            for key, sub in shape.items():
+                name = key.removesuffix("?")
+                if name not in value:
+                    if key.endswith("?"):
+                        continue
+                    return f"{where or 'the reply'} has no {name!r}"
+                problem = _shape_problem(value[name], sub, f"{where}.{name}")
+                if problem:
+                    return problem
+            return None
+    elif isinstance(shape, list):
+        expected = "a list"
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                problem = _shape_problem(item, shape[0], f"{where}[{i}]")
+                if problem:
+                    return problem
+            return None
+    else:
+        expected = {str: "a string", int: "an integer", bool: "a boolean"}[shape]
+        if isinstance(value, shape) and not (shape is int and isinstance(value, bool)):
+            return None
+    return f"{where.lstrip('.') or 'the reply'} is {_kind(value)}, not {expected}"
+
+
 class _LibraryLog(logging.LoggerAdapter[logging.Logger]):
     """qemu.qmp's own log, all at DEBUG: it reports at ERROR what snapfs raises anyway."""
 
@@ -95,20 +237,35 @@ class _LibraryLog(logging.LoggerAdapter[logging.Logger]):
 
 
 class QMP:
-    """One QMP session with one QEMU; only valid inside ``async with QMP.connect(...)``."""
+    """One QMP session with one QEMU; only valid inside ``async with QMP.connect(...)``.
 
-    def __init__(self, path: Path, client: QMPClient) -> None:
+    Every command has a timeout (``command_timeout``). Once a command went unanswered (timed out,
+    or its caller was cancelled), the connection is ``broken``: QEMU may still run that command
+    later, so nothing more is sent on it (every later command raises the same QMPTimeoutError)
+    and what it was doing is left for a new connection (``snapfs cleanup``).
+    """
+
+    def __init__(self, path: Path, client: QMPClient, vm: str = "") -> None:
         self.path = path
         self._client = client
+        self._who = f"VM {vm}" if vm else "QEMU"
+        self.broken: str | None = None  # why no command may be sent any more
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(cls, path: Path | str, timeout: float = 5.0) -> AsyncIterator[QMP]:  # noqa: ASYNC109
+    async def connect(
+        cls,
+        path: Path | str,
+        timeout: float = QMP_CONNECT_TIMEOUT,  # noqa: ASYNC109
+        *,
+        vm: str = "",
+    ) -> AsyncIterator[QMP]:
         # (the timeout bounds the asyncio handshake; cancel scopes cannot reach inside it)
         """Connect and negotiate within ``timeout`` seconds; always disconnect on exit.
 
         Missing socket or refused connection: VMGoneError. Anything that does not greet like
-        QEMU within the timeout: QMPError "not a QEMU monitor".
+        QEMU within the timeout: QMPError "not a QEMU monitor"; a greeting without an answer to
+        ``qmp_capabilities``: QMPTimeoutError. ``vm`` names the VM in messages ("VM 100").
         """
         path = Path(path)
         client = QMPClient(f"snapfs:{path.name}")
@@ -131,9 +288,14 @@ class QMP:
         try:
             await trio_asyncio.aio_as_trio(_connect)()
         except TimeoutError as err:
+            if client.greeting is not None:
+                raise QMPTimeoutError(
+                    f"{path}: QEMU did not answer qmp_capabilities within {timeout:g}s "
+                    f"({f'VM {vm}' if vm else 'QEMU'} stopped?)"
+                ) from err
             raise QMPError(
                 f"{path}: no QMP greeting within {timeout:g}s: not a QEMU monitor "
-                "(or another client holds it)"
+                "(or another client holds it, or QEMU is stopped)"
             ) from err
         except ConnectError as err:
             cause = err.exc
@@ -146,7 +308,7 @@ class QMP:
             raise QMPError(f"{path}: not a QEMU monitor: {err}") from err
         except OSError as err:
             raise VMGoneError(f"{path}: cannot connect to QEMU: {err}") from err
-        q = cls(path, client)
+        q = cls(path, client, vm)
         try:
             yield q
         finally:
@@ -154,28 +316,73 @@ class QMP:
 
     async def _disconnect(self) -> None:
         # Shielded: a cancelled caller must not leave the socket open (QEMU serves one client).
+        client = self._client
+
+        async def disconnect() -> None:
+            # A QEMU that does not read would keep a polite disconnect (it flushes) waiting:
+            # cut the connection instead, then let the library finish.
+            writer = getattr(client, "_writer", None)
+            if self.broken is not None and writer is not None:
+                writer.transport.abort()
+            task = asyncio.ensure_future(client.disconnect())
+            try:
+                await asyncio.wait_for(asyncio.shield(task), QMP_CONNECT_TIMEOUT)
+            except TimeoutError:
+                log.debug("QMP disconnect from %s: no progress; cutting the connection", self.path)
+                writer = getattr(client, "_writer", None)
+                if writer is not None:
+                    writer.transport.abort()
+                await asyncio.wait_for(task, QMP_CONNECT_TIMEOUT)
+
         with trio.CancelScope(shield=True):
             try:
-                await trio_asyncio.aio_as_trio(self._client.disconnect)()
+                await trio_asyncio.aio_as_trio(disconnect)()
             except Exception as err:  # the session is over either way
                 log.debug("QMP disconnect from %s: %r", self.path, err)
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         """Run one command and return its result.
 
-        QEMU's error reply: QMPCommandError (a QMPError). Connection lost: VMGoneError.
+        QEMU's error reply: QMPCommandError (a QMPError). Connection lost: VMGoneError. No answer
+        within ``command_timeout(cmd)``: QMPTimeoutError, and the connection is broken. A reply
+        of the wrong shape (see _REPLY_SHAPES): QMPReplyError.
         """
+        if self.broken is not None:
+            raise QMPTimeoutError(self.broken)
+        timeout = command_timeout(cmd)
+        client = self._client
+
+        async def run() -> Any:
+            return await asyncio.wait_for(client.execute(cmd, args), timeout)
+
         log.debug("QMP -> %s %s", cmd, json.dumps(args) if args else "")
+        answered = False
         try:
-            result = await trio_asyncio.aio_as_trio(self._client.execute)(cmd, args)
+            result = await trio_asyncio.aio_as_trio(run)()
+            answered = True
+        except TimeoutError as err:
+            answered = True
+            self.broken = f"QEMU did not answer {cmd} within {timeout:g}s ({self._who} stopped?)"
+            log.warning("%s: %s", self.path, self.broken)
+            raise QMPTimeoutError(self.broken) from err
         except ExecuteError as err:
+            answered = True
             log.debug("QMP <- %s error %s: %s", cmd, err.error_class, err)
             raise QMPCommandError(cmd, err.error_class, str(err)) from err
         except (ExecInterruptedError, QMPStateError, EOFError, OSError) as err:
+            answered = True
             raise VMGoneError(f"{self.path}: lost the connection to QEMU during {cmd}") from err
         except LibQMPError as err:
+            answered = True
             raise QMPError(f"{cmd}: {err}") from err
+        finally:
+            if not answered:  # cancelled: QEMU may still run the command
+                self.broken = f"{cmd} was interrupted before QEMU answered it"
         log.debug("QMP <- %s %s", cmd, json.dumps(result))
+        shape = _REPLY_SHAPES.get(cmd)
+        problem = _shape_problem(result, shape) if shape is not None else None
+        if problem:
+            raise QMPReplyError(f"malformed reply to {cmd}: {problem}")
         return result
 
 
@@ -1071,8 +1278,8 @@ async def teardown(q: QMP, state: GraphState, *, commit: bool) -> None:
         log.info("teardown: %s", what)
         try:
             await fn()
-        except VMGoneError:
-            raise
+        except (VMGoneError, QMPTimeoutError):
+            raise  # every later step would fail the same way
         except Exception as err:  # try every step, report them all
             log.warning("teardown: %s failed: %s", what, _message(err))
             problems.append(f"{what}: {_message(err)}")
@@ -1281,7 +1488,7 @@ async def cleanup_orphans(q: QMP) -> list[str]:
         try:
             await fn()
             removed.append(what)
-        except VMGoneError:
+        except (VMGoneError, QMPTimeoutError):
             raise
         except Exception as err:  # try every step, report them all
             problems.append(f"{what}: {_message(err)}")

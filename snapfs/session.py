@@ -286,8 +286,8 @@ async def _zeros(client: nbd.NBDClient, written: str | None) -> Regions:
 
 
 @contextlib.asynccontextmanager
-async def _qmp_session(path: Path) -> AsyncIterator[qmp.QMP]:
-    async with qmp.QMP.connect(path) as q:
+async def _qmp_session(path: Path, vmid: str = "") -> AsyncIterator[qmp.QMP]:
+    async with qmp.QMP.connect(path, vm=vmid) as q:
         yield q
 
 
@@ -636,7 +636,7 @@ class Session:
         commit = self.commit and self.broken is None
         keep_state = False
         try:
-            async with _qmp_session(self.opts.qmp_path) as q:
+            async with _qmp_session(self.opts.qmp_path, g.vmid) as q:
                 await qmp.teardown(q, g, commit=commit)
         except VMGoneError as err:
             removed = forget_fleecing(g)
@@ -815,7 +815,7 @@ async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
             done.append(f"unmounted {mp}")
         graph = qmp.GraphState.from_dict(st["graph"])
         try:
-            async with _qmp_session(qmp_path or Path(st["qmp"])) as q:
+            async with _qmp_session(qmp_path or Path(st["qmp"]), vmid) as q:
                 await qmp.teardown(q, graph, commit=False)
             done.append("restored the block graph")
         except VMGoneError:
@@ -827,7 +827,7 @@ async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
         # Killed during set-up, before the state file: find our nodes by their prefix.
         qp = qmp_path or DEFAULT_QMP_DIR / f"{vmid}.qmp"
         if await trio.Path(qp).exists():
-            async with _qmp_session(qp) as q:
+            async with _qmp_session(qp, vmid) as q:
                 done += await qmp.cleanup_orphans(q)
     if await trio.Path(sdir).exists():
         await trio.to_thread.run_sync(remove_dir, sdir)
