@@ -95,6 +95,7 @@ _MIGRATION_STATES = {"inmigrate", "postmigrate", "finish-migrate", "save-vm", "r
 
 BitmapMode = Literal["none", "new", "reuse"]
 OnStep = Callable[[str, str | None], Awaitable[None] | None]
+OnPlan = Callable[["GraphState"], None]
 # Wraps the snapshot point (stop .. cont); gets whether the guest runs (the guest freeze).
 AroundSnapshot = Callable[[bool], contextlib.AbstractAsyncContextManager[Any]]
 
@@ -522,6 +523,10 @@ class GraphState:
     fleecing_dir: str = ""
     bitmap_record: str = ""  # JSON file: disk sizes at the last commit
     skipped: dict[str, str] = field(default_factory=dict)  # device -> why not snapshotted
+    # False: the plan of a set-up that has not finished (see ``setup``'s ``on_plan``); its
+    # teardown also stops the NBD server, and resumes the VM if it ran and is paused now.
+    complete: bool = True
+    was_running: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -803,6 +808,7 @@ async def setup(
     cbw_timeout: int = 60,
     state_dir: Path | None = None,
     around_snapshot: AroundSnapshot | None = None,
+    on_plan: OnPlan | None = None,
 ) -> GraphState:
     """Build the snapshot graph for every disk not excluded and export it over NBD.
 
@@ -810,6 +816,11 @@ async def setup(
     raises SetupError("<step> for <disk>: <message>"). ``on_step(step, disk)`` is called before
     each step and awaited if it returns an awaitable (progress reports; tests inject faults).
     The bitmap record lives in ``(state_dir or fleecing_dir)/bitmaps.json``.
+
+    ``on_plan(graph)`` is called before the first change with an incomplete GraphState that
+    ``teardown`` can remove whatever part of the set-up was done with. If QEMU stops answering
+    (QMPTimeoutError: the connection is ``broken``), nothing is undone: QEMU may still run the
+    unanswered command, so the caller keeps the plan for a teardown over a new connection.
     """
     if incremental is not None and (
         not _INCREMENTAL_RE.fullmatch(incremental)
@@ -888,6 +899,24 @@ async def setup(
             )
         )
 
+    was_running = bool(status["running"])
+    if on_plan is not None:
+        on_plan(
+            GraphState(
+                vmid=vmid,
+                qmp_socket=str(q.path),
+                nbd_socket=str(nbd_socket),
+                qemu_version=version,
+                snapshot_time="",
+                pause_ms=None,
+                disks=states,
+                incremental=incremental,
+                fleecing_dir=str(fleecing_dir),
+                skipped=skipped,
+                complete=False,
+                was_running=was_running,
+            )
+        )
     undo = _Undo()
     current: tuple[str, str | None] = ("validate", None)
 
@@ -945,7 +974,6 @@ async def setup(
         # the guest is stopped, so F + the fleecing copy describe exactly the same instant:
         # a write between freezing F and the filter going live would otherwise be in the
         # snapshot but in neither F (this backup) nor... only N (the next one).
-        was_running = bool(status["running"])
         # The guest freeze (snapfs.agent) wraps the stop .. cont window: it needs a running
         # guest, so it freezes before the stop and thaws after the cont, whatever happens.
         around = contextlib.AsyncExitStack()
@@ -1004,7 +1032,7 @@ async def setup(
                 snapshot_time = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
             finally:
                 resume_error: QMPCommandError | None = None
-                if was_running:
+                if was_running and q.broken is None:
                     # Resume even when a step failed: rollback does not need the guest stopped,
                     # and the guest must not wait for it.
                     log.info("setup: resume VM")
@@ -1049,7 +1077,18 @@ async def setup(
                 export["bitmaps"] = [{"node": s.data_node, "name": b} for b in s.export_bitmaps]
             await q.execute("block-export-add", export)
             undo.push(f"delete export {s.export_id}", _export_deleter(q, s.export_id))
+        if incremental:
+            await step("read bitmap granularity")
+            nodes = await q.execute("query-named-block-nodes", {"flat": True})
+            for s in states:
+                info = _bitmaps_of(nodes, s.bitmap.node).get(s.bitmap.frozen or s.bitmap.next)
+                if info is not None:
+                    s.granularity = int(info["granularity"])
     except BaseException as err:
+        if q.broken is not None:
+            # QEMU may still run what it did not answer: the plan's teardown removes it all.
+            log.warning("setup: %s; nothing is rolled back on this connection", q.broken)
+            raise
         await undo.run()
         if isinstance(err, StateError | UsageError):
             raise
@@ -1063,12 +1102,6 @@ async def setup(
             raise
         raise SetupError(f"{what}{f' for {disk}' if disk else ''}: {_message(cause)}") from cause
 
-    if incremental:
-        nodes = await q.execute("query-named-block-nodes", {"flat": True})
-        for s in states:
-            info = _bitmaps_of(nodes, s.bitmap.node).get(s.bitmap.frozen or s.bitmap.next)
-            if info is not None:
-                s.granularity = int(info["granularity"])
     for s in states:
         if s.bitmap.mode == "new":
             log.info("%s: full (bitmap %s: %s)", s.name, s.bitmap.persistent, s.bitmap.reason)
@@ -1086,6 +1119,7 @@ async def setup(
         fleecing_dir=str(fleecing_dir),
         bitmap_record=str(record_path) if incremental else "",
         skipped=skipped,
+        was_running=was_running,
     )
 
 
@@ -1288,6 +1322,11 @@ async def teardown(q: QMP, state: GraphState, *, commit: bool) -> None:
 
     # Shielded: a half-done teardown is what we must avoid most.
     with trio.CancelScope(shield=True):
+        if not state.complete and state.was_running:
+            # The set-up stopped the VM and could not resume it.
+            status = await q.execute("query-status")
+            if status["status"] == "paused":
+                await attempt(f"resume VM {state.vmid}", lambda: q.execute("cont"))
         nodes = {
             n["node-name"]: n for n in await q.execute("query-named-block-nodes", {"flat": True})
         }
@@ -1310,7 +1349,7 @@ async def teardown(q: QMP, state: GraphState, *, commit: bool) -> None:
         for s in state.disks:
             if s.export_id in exports:
                 await attempt(f"delete export {s.export_id}", _export_deleter(q, s.export_id))
-        if live:
+        if live or not state.complete:
             # Only while our session is live: after a restart the server would not be ours.
             await attempt("stop NBD server", _nbd_stopper(q))
         with contextlib.suppress(OSError):

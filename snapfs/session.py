@@ -2,16 +2,20 @@
 
 Lifecycle of the serving process (``serve``)::
 
-    validate -> lock session dir -> QMP set-up (connect, build graph, disconnect) -> state file
-      -> NBD connections -> tree -> FUSE mount (INIT answered) -> control socket -> READY
+    validate -> lock session dir -> QMP set-up (connect, plan -> state file, build graph,
+      disconnect) -> state file -> NBD connections -> tree -> FUSE mount (INIT answered)
+      -> control socket -> READY
       -> serve until: the mount goes away (plain umount), `snapfs umount` asks, or a signal
       -> close NBD -> QMP teardown (commit or abort) -> remove state -> exit
 
 Invariants:
 - QMP is connected only during set-up and teardown, never while serving (Proxmox's management
   stack takes the same socket one client at a time).
-- Everything teardown needs is in ``<run_dir>/.state/<vmid>/state.json`` before the first NBD
-  connection is made, so another process (``snapfs cleanup``) can tear down after a crash.
+- Everything teardown needs is in ``<run_dir>/.state/<vmid>/state.json`` before the set-up
+  changes the VM (the plan), and again once it is complete, so another process (``snapfs
+  cleanup``) can tear down after a crash, or after QEMU stopped answering during the set-up.
+- Every wait on QEMU is bounded (qmp.command_timeout); so is every wait of the CLI on the
+  serving process (``request``).
 - Without an explicit commit, teardown aborts: the next incremental still sees every change.
 """
 
@@ -41,6 +45,7 @@ from snapfs.datapath import DiskReader, SharedDepth
 from snapfs.errors import (
     FuseError,
     NBDError,
+    QMPTimeoutError,
     SnapfsError,
     StateError,
     TeardownError,
@@ -373,23 +378,46 @@ class Session:
             for line in await cleanup(opts.vmid, opts.qmp_path):
                 log.warning("VM %s: cleaned up after a dead session: %s", opts.vmid, line)
         self._lock_state_dir(sdir)
+        planned = False
+        left = False  # QEMU stopped answering after the plan: its teardown is left for cleanup
+
+        def save_plan(plan: qmp.GraphState) -> None:
+            nonlocal planned
+            self._save_state(plan)
+            planned = True
+
         try:
             if opts.default_mountpoint and not opts.mountpoint.exists():
                 opts.mountpoint.mkdir(mode=0o700, parents=True)
                 self.created_mountpoint = True
-            async with _qmp_session(opts.qmp_path) as q:
-                self.graph = await qmp.setup(
-                    q,
-                    vmid=opts.vmid,
-                    fleecing_dir=opts.fleecing_dir,
-                    nbd_socket=sdir / "nbd.sock",
-                    exclude=opts.exclude,
-                    incremental=opts.incremental,
-                    around_snapshot=self._around_snapshot,
-                )
+            async with _qmp_session(opts.qmp_path, opts.vmid) as q:
+                try:
+                    self.graph = await qmp.setup(
+                        q,
+                        vmid=opts.vmid,
+                        fleecing_dir=opts.fleecing_dir,
+                        nbd_socket=sdir / "nbd.sock",
+                        exclude=opts.exclude,
+                        incremental=opts.incremental,
+                        around_snapshot=self._around_snapshot,
+                        on_plan=save_plan,
+                    )
+                except BaseException:
+                    left = planned and q.broken is not None
+                    raise
             self._save_state()
-        except BaseException:
+        except QMPTimeoutError as err:
+            if left:
+                log.error("VM %s: %s; the set-up is left for 'snapfs cleanup'", opts.vmid, err)
+                raise QMPTimeoutError(
+                    f"{err}; the VM's graph is left as it is: run 'snapfs cleanup {opts.vmid}' "
+                    "once QEMU answers again"
+                ) from err
             self._remove_state_dir(sdir)
+            raise QMPTimeoutError(f"{err}; nothing was changed") from err
+        except BaseException:
+            if not left:
+                self._remove_state_dir(sdir)
             raise
         # The control socket outlives the tree: `snapfs umount` waits on it for the teardown.
         async with trio.open_nursery() as control:
@@ -427,10 +455,11 @@ class Session:
             ) from None
         _write_private(sdir / "pid", f"{os.getpid()}\n")
 
-    def _save_state(self) -> None:
-        assert self.graph is not None
+    def _save_state(self, graph: qmp.GraphState | None = None) -> None:
+        graph = graph or self.graph
+        assert graph is not None
         state = {
-            "graph": self.graph.to_dict(),
+            "graph": graph.to_dict(),
             "pid": os.getpid(),
             "mountpoint": str(self.opts.mountpoint),
             "qmp": str(self.opts.qmp_path),
