@@ -721,12 +721,24 @@ def find_session(target: str) -> tuple[str, dict[str, Any]]:
         if st is not None:
             return vmid, st
     if target.startswith("/") and root.is_dir():
-        want = os.path.realpath(target)
-        for sdir in root.iterdir():
-            st = _read_state(sdir)
-            if st is not None and os.path.realpath(st["mountpoint"]) == want:
-                return sdir.name, st
+        sessions = [(sdir.name, _read_state(sdir)) for sdir in root.iterdir()]
+        mounts = [(vmid, st, _resolved(st["mountpoint"])) for vmid, st in sessions if st]
+        for vmid, st, mp in mounts:
+            if mp == _resolved(target):
+                return vmid, st
+        # A symlink to a mountpoint (resolving it stats the mountpoint).
+        real = os.path.realpath(target) if mounts else None
+        for vmid, st, mp in mounts:
+            if mp == real:
+                return vmid, st
     raise StateError(f"no snapfs session for {target!r}")
+
+
+def _resolved(path: str) -> str:
+    """``path`` with its parent's symlinks resolved, without touching ``path`` itself: a stat
+    of a mountpoint whose serving process is stopped would wait for it in the kernel."""
+    path = os.path.normpath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
 def _read_state(sdir: Path) -> dict[str, Any] | None:
