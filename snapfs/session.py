@@ -75,6 +75,12 @@ NBD_STATE_DIRTY = 1
 BASE_ALLOCATION = "base:allocation"
 # Block status requests of the allocation walk: QEMU answers up to this many bytes at once.
 _STATUS_CHUNK = 1 << 30
+# How long the CLI waits for a serving process to answer a control request (a status, or the
+# acknowledgement of an umount): its event loop answers at once unless it is stopped or hung.
+CONTROL_TIMEOUT = 5.0
+# Besides the QMP teardown (qmp.teardown_bound): the FUSE unmount, closing the NBD connections
+# (a second each at most) and the QMP connection.
+_UMOUNT_SLACK = 30.0
 
 
 def run_dir() -> Path:
@@ -618,14 +624,19 @@ class Session:
 
     async def _control(self, stream: trio.SocketStream) -> None:
         """One request per connection, a JSON line each way. ``umount`` replies only after the
-        teardown, with its outcome."""
+        teardown, with its outcome; if the request says ``"ack": true``, a line
+        ``{"ack": true}`` comes first, at once (so the client can tell a stopped process from a
+        long teardown)."""
         async with stream:
             data = b""
-            while not data.endswith(b"\n"):
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    return
-                data += chunk
+            with trio.move_on_after(CONTROL_TIMEOUT):
+                while not data.endswith(b"\n"):
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        return
+                    data += chunk
+            if not data.endswith(b"\n"):
+                return
             try:
                 req = json.loads(data)
                 op = req["op"]
@@ -636,6 +647,17 @@ class Session:
                 reply: dict[str, Any] = {"ok": True, "status": self.facts()}
             elif op == "umount":
                 assert self._server is not None
+                if _hung_up(stream):
+                    # The client gave up waiting (this process was stopped): not acted upon.
+                    log.warning(
+                        "VM %s: ignoring an umount request its client gave up", self.opts.vmid
+                    )
+                    return
+                if req.get("ack"):
+                    try:
+                        await stream.send_all(b'{"ack": true}\n')
+                    except trio.BrokenResourceError:
+                        return
                 # Decided before the unmount: teardown starts as soon as the mount is gone.
                 self.commit = bool(req.get("commit"))
                 try:
@@ -751,31 +773,129 @@ def _read_state(sdir: Path) -> dict[str, Any] | None:
     return data
 
 
-def request(vmid: str, req: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
-    """Send one control request to a serving process and return its reply."""
-    path = state_dir(vmid) / "control.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
+class _Control:
+    """The CLI's end of one control connection: one request, then reply lines, every wait
+    bounded. The errors say what to do about a serving process that is stopped or gone."""
+
+    def __init__(self, vmid: str) -> None:
+        self.vmid = vmid
+        self.pid = _read_pid(state_dir(vmid))
+        self.who = f"the serving process of VM {vmid}" + (f" (pid {self.pid})" if self.pid else "")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._buf = b""
+
+    def __enter__(self) -> _Control:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def not_answering(self) -> StateError:
+        resume = f"resume it (kill -CONT {self.pid}) and retry, or " if self.pid else ""
+        return StateError(
+            f"{self.who} does not answer (stopped?); nothing was done: {resume}kill it and "
+            f"run 'snapfs cleanup {self.vmid}'"
+        )
+
+    def send(self, req: dict[str, Any]) -> None:
+        path = state_dir(self.vmid) / "control.sock"
+        self.sock.settimeout(CONTROL_TIMEOUT)
         try:
-            s.connect(str(path))
+            self.sock.connect(str(path))
+            self.sock.sendall(json.dumps(req).encode() + b"\n")
         except (FileNotFoundError, ConnectionRefusedError) as err:
+            if self.pid is not None and _alive(self.pid) and not path.exists():
+                raise StateError(f"{self.who} is still setting up; try again") from err
             raise StateError(
-                f"the serving process of VM {vmid} is gone (run 'snapfs cleanup {vmid}')"
+                f"the serving process of VM {self.vmid} is gone (run 'snapfs cleanup {self.vmid}')"
             ) from err
-        s.sendall(json.dumps(req).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
+        except TimeoutError as err:
+            raise self.not_answering() from err
+        except OSError as err:
+            raise StateError(f"cannot reach {self.who}: {err.strerror or err}") from err
+
+    def reply(self, timeout: float, on_wait: Callable[[], None] | None = None) -> dict[str, Any]:
+        """The next reply line within ``timeout`` seconds (TimeoutError). ``on_wait`` runs
+        every second while there is none; EOF: StateError."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self.sock.settimeout(min(left, 1.0))
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                if on_wait is not None:
+                    on_wait()
+                continue
+            except OSError as err:  # e.g. ECONNRESET: it died
+                raise StateError(f"{self.who} ended without an answer ({err})") from err
             if not chunk:
-                raise StateError(f"the serving process of VM {vmid} ended without an answer")
-            data += chunk
-    reply: dict[str, Any] = json.loads(data)
-    return reply
+                raise StateError(f"{self.who} ended without an answer")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        try:
+            reply = json.loads(line)
+        except ValueError as err:
+            raise StateError(f"{self.who} gave a reply that is not JSON: {line[:80]!r}") from err
+        if not isinstance(reply, dict):
+            raise StateError(f"{self.who} gave a reply that is not an object: {line[:80]!r}")
+        return reply
+
+
+def request(vmid: str, req: dict[str, Any], timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
+    """Send one control request to a serving process and return its reply (within
+    ``timeout`` seconds, else StateError "does not answer")."""
+    with _Control(vmid) as c:
+        c.send(req)
+        try:
+            return c.reply(timeout)
+        except TimeoutError as err:
+            raise c.not_answering() from err
 
 
 def umount(target: str, *, commit: bool) -> dict[str, Any]:
-    vmid, _ = find_session(target)
-    reply = request(vmid, {"op": "umount", "commit": commit})
+    """Ask the serving process to unmount and tear down; its outcome.
+
+    It acknowledges at once and answers when the teardown is done: no acknowledgement within
+    CONTROL_TIMEOUT (stopped), no outcome within a bound derived from the QMP timeouts, or a
+    process that stops or dies before its outcome: a one-line error saying what to do.
+    """
+    vmid, state = find_session(target)
+    disks = len(state.get("graph", {}).get("disks", [])) if isinstance(state, dict) else 0
+    bound = qmp.teardown_bound(max(disks, 1)) + _UMOUNT_SLACK
+    with _Control(vmid) as c:
+        c.send({"op": "umount", "commit": commit, "ack": True})
+        try:
+            reply = c.reply(CONTROL_TIMEOUT)
+        except TimeoutError as err:
+            raise c.not_answering() from err
+        if "ack" in reply:  # (a serving process of an older snapfs sends only the outcome)
+            stopped_since: list[float] = []
+
+            def watch() -> None:
+                # A stopped process never answers: say so within CONTROL_TIMEOUT.
+                if c.pid is None or not _stopped(c.pid):
+                    stopped_since.clear()
+                    return
+                stopped_since[:] = stopped_since or [time.monotonic()]
+                if time.monotonic() - stopped_since[0] >= CONTROL_TIMEOUT:
+                    raise TimeoutError
+
+            advice = (
+                f"resume it (kill -CONT {c.pid}) to let it finish, or kill it and " if c.pid else ""
+            ) + f"run 'snapfs cleanup {vmid}'"
+            try:
+                reply = c.reply(bound, on_wait=watch)
+            except TimeoutError as err:
+                how = "was stopped" if c.pid and _stopped(c.pid) else f"took over {bound:g}s"
+                raise TeardownError(f"{c.who} {how} during the teardown: {advice}") from err
+            except StateError as err:
+                maybe = " (the commit may not have been made)" if commit else ""
+                raise TeardownError(
+                    f"{c.who} died during the teardown{maybe}: run 'snapfs cleanup {vmid}'"
+                ) from err
     if not reply.get("ok"):
         exc = TeardownError if reply.get("exit") == TeardownError.exit_code else StateError
         raise exc(reply.get("error", "umount failed"))
@@ -787,6 +907,27 @@ def _read_pid(sdir: Path) -> int | None:
         return int((sdir / "pid").read_text())
     except (FileNotFoundError, ValueError):
         return None
+
+
+def _hung_up(stream: trio.SocketStream) -> bool:
+    """Whether the peer of a control connection has closed it (EOF is waiting)."""
+    with socket.socket(fileno=os.dup(stream.socket.fileno())) as s:
+        try:
+            return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+
+def _stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (SIGSTOP, or a tracer): it answers nothing until resumed."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat_line[stat_line.rindex(b")") + 2 : stat_line.rindex(b")") + 3] in (b"T", b"t")
 
 
 def _alive(pid: int) -> bool:
@@ -845,6 +986,11 @@ async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
         with trio.move_on_after(5):
             await _wait_exit(pid)
     if pid is not None and pid != os.getpid() and _alive(pid):
+        if _stopped(pid):
+            raise StateError(
+                f"VM {vmid}'s serving process ({pid}) is stopped: resume it (kill -CONT {pid}) "
+                f"and use 'snapfs umount {vmid}', or kill it and run 'snapfs cleanup {vmid}'"
+            )
         raise StateError(
             f"VM {vmid}'s serving process ({pid}) is alive; use 'snapfs umount {vmid}'"
         )
