@@ -350,6 +350,8 @@ class QMP:
         """
         if self.broken is not None:
             raise QMPTimeoutError(self.broken)
+        # A caller cancelled already is told before anything is sent: the connection stays good.
+        await trio.lowlevel.checkpoint_if_cancelled()
         timeout = command_timeout(cmd)
         client = self._client
 
