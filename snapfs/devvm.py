@@ -86,7 +86,11 @@ class Monitor:
     def __init__(self, path: Path, timeout: float = 30.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
+        try:
+            self.sock.connect(str(path))
+        except OSError:
+            self.sock.close()  # (an unclosed socket is a ResourceWarning: an error in tests)
+            raise
         self.file = self.sock.makefile("rwb")
         # Tests write from a background thread while the main thread inspects the graph.
         self.lock = threading.Lock()
