@@ -430,9 +430,17 @@ class Session:
             await control.start(self._control_server)
             try:
                 await self._serve_graph(task_status)
-            finally:
+            except SnapfsError as err:
+                # E.g. QEMU stopped before the NBD handshake: say what the teardown did.
                 with trio.CancelScope(shield=True):
                     await self._teardown()
+                done = "the VM was restored" if self.result.get("ok") else self.result["error"]
+                err.args = (f"{err}; {done}", *err.args[1:])
+                raise
+            finally:
+                if not self._done.is_set():
+                    with trio.CancelScope(shield=True):
+                        await self._teardown()
             control.cancel_scope.cancel()
         return self.result
 
