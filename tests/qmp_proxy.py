@@ -13,7 +13,7 @@ that, what a QEMU of another version might say is injected:
 - ``Hold`` rules swallow a matching command: neither forwarded nor answered (a QEMU that hangs
   in it). ``Rewrite`` rules forward it and replace the ``return`` value of QEMU's reply (a
   malformed reply). ``on_command(name, arguments)`` is called before a command is forwarded
-  (e.g. to stop QEMU right then).
+  (e.g. to stop QEMU right then), ``on_reply(name)`` after QEMU's reply to it was delivered.
 
 Every command a client sent is recorded in ``commands`` (name, arguments), so a test can tell
 that a refused command really was issued. The proxy runs in threads; ``close()`` (also run by
@@ -89,6 +89,7 @@ class QMPProxy:
         self.hold: list[Hold] = []
         self.rewrite: list[Rewrite] = []
         self.on_command: Callable[[str, Json], None] | None = None
+        self.on_reply: Callable[[str], None] | None = None
         self.events: list[Json] = []
         self.extra_fields: Json = {}
         self.commands: list[tuple[str, Json]] = []
@@ -215,6 +216,7 @@ class _Session:
         self.to_client = threading.Lock()  # both directions write to the client
         self.negotiated = False
         self.rewrites: dict[Any, Any] = {}  # reply id -> the return value it gets
+        self.names: dict[Any, str] = {}  # reply id -> the command it answers
 
     def send_client(self, msg: Json) -> None:
         with self.to_client:
@@ -233,8 +235,10 @@ class _Session:
                 rewrite = self.proxy._rewrite_for(cmd) if self.negotiated else None
                 if rewrite is not None:
                     self.rewrites[msg.get("id")] = rewrite.value
-                if self.negotiated and self.proxy.on_command is not None:
-                    self.proxy.on_command(cmd, args)
+                if self.negotiated:
+                    self.names[msg.get("id")] = cmd
+                    if self.proxy.on_command is not None:
+                        self.proxy.on_command(cmd, args)
                 self.upstream.sendall(json.dumps(msg).encode() + b"\n")
                 continue
             reply = rule.reply()
@@ -269,6 +273,9 @@ class _Session:
             elif isinstance(ret, list):
                 reply["return"] = [{**r, **extra} if isinstance(r, dict) else r for r in ret]
         self.send_client(reply)
+        name = self.names.pop(reply.get("id"), "")
+        if name and self.proxy.on_reply is not None:
+            self.proxy.on_reply(name)
 
 
 def _messages(sock: socket.socket) -> Iterator[Json]:

@@ -211,6 +211,32 @@ def test_qemu_stopped_during_the_setup_then_cleanup_restores_it(
     cleanup(view)
 
 
+def test_qemu_stopped_before_the_nbd_handshake(view: View, proxy: QMPProxy) -> None:
+    vm = view.vm
+    exported: list[str] = []
+
+    def stop_after_the_last_export(cmd: str) -> None:
+        # The QMP set-up is complete: the serving process connects to QEMU's NBD server next.
+        if cmd == "block-export-add":
+            exported.append(cmd)
+            if len(exported) == len(vm.disks):
+                os.kill(vm.pid, signal.SIGSTOP)
+
+    proxy.on_reply = stop_after_the_last_export
+    try:
+        proc, took = timed(view.mount, proxy.path)
+        line = error_line(proc, proc.stderr)
+        assert took < BOUND, took
+        assert "no handshake within 10s (QEMU stopped?)" in line, line
+        assert f"'snapfs cleanup {vm.vmid}'" in line, line
+        assert proc.returncode == 7, line
+        assert not os.path.ismount(view.mnt)
+        assert (view.state_dir / "state.json").exists(), "the state cleanup needs is gone"
+    finally:
+        os.kill(vm.pid, signal.SIGCONT)
+    cleanup(view)
+
+
 # -- the serving process does not answer `snapfs umount` --------------------------------------
 
 
