@@ -366,7 +366,7 @@ class QMP:
         except TimeoutError as err:
             answered = True
             self.broken = f"QEMU did not answer {cmd} within {timeout:g}s ({self._who} stopped?)"
-            log.warning("%s: %s", self.path, self.broken)
+            log.debug("%s: %s", self.path, self.broken)
             raise QMPTimeoutError(self.broken) from err
         except ExecuteError as err:
             answered = True
