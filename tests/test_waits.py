@@ -124,6 +124,14 @@ def test_a_command_qemu_never_answers_fails_the_mount(
         view.assert_restored()
     else:
         assert (view.state_dir / "state.json").exists(), "the plan cleanup needs is gone"
+        # A cleanup that QEMU does not answer either: one line, and the plan stays.
+        proxy.hold = [Hold("query-named-block-nodes")]
+        args = ["cleanup", view.vm.vmid, "--qmp", str(proxy.path)]
+        proc, took = timed(view.snapfs, *args, check=False)
+        line = error_line(proc, proc.stderr)
+        assert took < BOUND, took
+        assert "QEMU did not answer query-named-block-nodes" in line, line
+        assert (view.state_dir / "state.json").exists()
         cleanup(view)
 
 
