@@ -625,7 +625,10 @@ def session_status(vmid: str) -> dict[str, Any]:
         "mountpoint": state.get("mountpoint"),
     }
     try:
-        facts: dict[str, Any] = session.request(vmid, {"op": "status"}, timeout=10)["status"]
+        reply = session.request(vmid, {"op": "status"})
+        facts: dict[str, Any] = reply.get("status")  # type: ignore[assignment]
+        if not isinstance(facts, dict):
+            raise StateError(f"the serving process of VM {vmid} gave no status: {reply}")
     except (StateError, OSError) as err:
         # The serving process is gone or hung: report what the state file knows.
         graph = state.get("graph", {})
@@ -789,4 +792,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         fail(err)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as err:  # a bug: still one line (the traceback is in the log with -v)
+        log.debug("internal error", exc_info=err)
+        print(f"snapfs: error: internal error: {err!r}", file=sys.stderr)
+        sys.exit(1)
     sys.exit(2)

@@ -9,6 +9,8 @@ the cause (``raise ... from err``)::
      |                                    not mounted, mountpoint busy
      +-- QMPError                exit 4   talking to QEMU failed or QEMU said no
      |    +-- VMGoneError                 the VM went away (socket missing, connection lost)
+     |    +-- QMPTimeoutError             QEMU did not answer in time (stopped or hung)
+     |    +-- QMPReplyError               QEMU's answer is not of the shape the command returns
      +-- SetupError              exit 5   a step of the set-up failed; what was added is rolled back
      +-- TeardownError           exit 6   teardown could not restore everything; says what is left
      +-- NBDError                exit 7   the NBD connection to the export failed
@@ -37,6 +39,14 @@ class QMPError(SnapfsError):
 
 
 class VMGoneError(QMPError):
+    pass
+
+
+class QMPTimeoutError(QMPError):
+    pass
+
+
+class QMPReplyError(QMPError):
     pass
 
 

@@ -59,6 +59,12 @@ _MAX_COUNT: Final = 2**31
 _CONNECTION_LOST: Final = frozenset(
     {errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNRESET, errno.EPIPE}
 )
+# How long QEMU may take for the NBD handshake, and for one block status request of the walk
+# that builds a view (it reads the image's metadata: slow storage can take seconds). A stopped
+# or hung QEMU fails the mount with an NBDError instead of keeping it waiting. Reads have no
+# timeout: like a disk's, they wait for QEMU (a process reading can be interrupted).
+CONNECT_TIMEOUT: Final = 10.0
+STATUS_TIMEOUT: Final = 30.0
 
 Extent = tuple[int, int, int]
 """``(offset, length, flags)``; the flags' meaning depends on the metadata context."""
@@ -197,13 +203,21 @@ class NBDClient:
         nursery.start_soon(client._writer)
         client._poke()
         try:
-            while not h.aio_is_ready():
-                if client._dead is not None:
-                    raise NBDError(
-                        f"cannot connect to NBD export {export!r} at {socket_path}: {client._dead}",
-                        errno.EIO,
-                    )
-                await client._progress.wait()
+            with trio.move_on_after(CONNECT_TIMEOUT) as scope:
+                while not h.aio_is_ready():
+                    if client._dead is not None:
+                        raise NBDError(
+                            f"cannot connect to NBD export {export!r} at {socket_path}: "
+                            f"{client._dead}",
+                            errno.EIO,
+                        )
+                    await client._progress.wait()
+            if scope.cancelled_caught:
+                raise NBDError(
+                    f"cannot connect to NBD export {export!r} at {socket_path}: no handshake "
+                    f"within {CONNECT_TIMEOUT:g}s (QEMU stopped?)",
+                    errno.ETIMEDOUT,
+                )
             client._ready = True
             client.size = h.get_size()
             client.can_trim = bool(h.can_trim())
@@ -491,7 +505,14 @@ class NBDClient:
             op.fail(errno.EIO, "not issued")
             raise self._issue_failed(f"block status at {offset}", err) from err
         self._poke()
-        await self._wait(op, f"block status of {count} bytes at {offset}")
+        with trio.move_on_after(STATUS_TIMEOUT) as scope:
+            await self._wait(op, f"block status of {count} bytes at {offset}")
+        if scope.cancelled_caught:
+            raise NBDError(
+                f"block status of {count} bytes at {offset} on {self._name}: no answer within "
+                f"{STATUS_TIMEOUT:g}s (QEMU stopped?)",
+                errno.ETIMEDOUT,
+            )
         for context in contexts:
             got = found.get(context)
             if not got or got[0][1] <= 0:

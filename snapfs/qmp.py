@@ -42,6 +42,8 @@ from qemu.qmp.error import QMPError as LibQMPError
 from snapfs import paths
 from snapfs.errors import (
     QMPError,
+    QMPReplyError,
+    QMPTimeoutError,
     SetupError,
     StateError,
     TeardownError,
@@ -67,10 +69,34 @@ WRITTEN_BITMAP = f"{PREFIX}-written"
 _PFLASH = "/machine/system.flash"
 # How long teardown waits for QEMU to finish deleting an export (it is asynchronous).
 _EXPORT_GONE_TIMEOUT = 10.0
+# How long QEMU may take to answer one command, in seconds. QEMU answers most commands in
+# milliseconds: these bounds only tell a stopped or hung QEMU from one on a host under load.
+QMP_TIMEOUT = 10.0
+# Commands that open, flush or close images or drain the guest's in-flight I/O: they wait for
+# the storage, which under load (or on network storage) can take seconds.
+QMP_SLOW_TIMEOUT = 30.0
+_SLOW_COMMANDS = frozenset(
+    {
+        "blockdev-add",
+        "blockdev-del",
+        "blockdev-reopen",
+        "block-export-del",
+        "qom-set",  # moving a device to another node drains it
+        "transaction",  # drains every disk it names
+        "nbd-server-stop",
+    }
+)
+# ``stop`` drains and flushes every disk of the VM: the slowest command snapfs sends.
+QMP_STOP_TIMEOUT = 60.0
+# The QMP handshake (greeting, qmp_capabilities) and a polite disconnect.
+QMP_CONNECT_TIMEOUT = 5.0
+# Sets every command's timeout (seconds): for tests, or a host known to be very slow.
+TIMEOUT_ENV = "SNAPFS_QMP_TIMEOUT"
 _MIGRATION_STATES = {"inmigrate", "postmigrate", "finish-migrate", "save-vm", "restore-vm"}
 
 BitmapMode = Literal["none", "new", "reuse"]
 OnStep = Callable[[str, str | None], Awaitable[None] | None]
+OnPlan = Callable[["GraphState"], None]
 # Wraps the snapshot point (stop .. cont); gets whether the guest runs (the guest freeze).
 AroundSnapshot = Callable[[bool], contextlib.AbstractAsyncContextManager[Any]]
 
@@ -88,6 +114,123 @@ class QMPCommandError(QMPError):
         self.desc = desc
 
 
+def command_timeout(cmd: str) -> float:
+    """How long ``cmd`` may take to answer (``$SNAPFS_QMP_TIMEOUT`` overrides every command)."""
+    override = os.environ.get(TIMEOUT_ENV, "")
+    if override:
+        try:
+            value = float(override)
+        except ValueError:
+            value = 0.0
+        if value > 0:
+            return value
+        log.warning("ignoring %s=%r: not a positive number of seconds", TIMEOUT_ENV, override)
+    if cmd == "stop":
+        return QMP_STOP_TIMEOUT
+    return QMP_SLOW_TIMEOUT if cmd in _SLOW_COMMANDS else QMP_TIMEOUT
+
+
+def teardown_bound(disks: int) -> float:
+    """An upper bound of a teardown of ``disks`` disks, QEMU answering each command just in
+    time: what a client waiting for a serving process's teardown may wait."""
+    fast, slow = command_timeout("query-block"), command_timeout("blockdev-del")
+    per_disk = (
+        2 * command_timeout("block-export-del")  # plain, then mode hard
+        + _EXPORT_GONE_TIMEOUT
+        + fast
+        + 5 * slow  # three nodes, the drive, the bitmap transaction
+        + fast  # the guest-writes bitmap
+    )
+    return 2 * QMP_CONNECT_TIMEOUT + 5 * fast + slow + disks * per_disk
+
+
+# What snapfs reads in the replies it inspects: ``{key: shape}`` (``"key?"``: optional), ``[shape]``
+# (a list of them) or a type. Replies are checked against it before anyone indexes into them.
+_BITMAP_SHAPE = {
+    "name?": str,
+    "granularity": int,
+    "recording?": bool,
+    "busy?": bool,
+    "persistent?": bool,
+    "inconsistent?": bool,
+}
+_NODE_SHAPE = {
+    "node-name": str,
+    "drv": str,
+    "file?": str,
+    "ro?": bool,
+    "detect_zeroes?": str,
+    "cache?": {"direct?": bool, "no-flush?": bool},
+    "image?": {"virtual-size": int, "format?": str},
+    "dirty-bitmaps?": [_BITMAP_SHAPE],
+}
+_REPLY_SHAPES: dict[str, Any] = {
+    "query-version": {
+        "qemu": {"major": int, "minor": int, "micro": int},
+        "package?": str,
+    },
+    "query-status": {"status": str, "running": bool},
+    "query-block": [
+        {
+            "device": str,
+            "qdev?": str,
+            "removable?": bool,
+            "inserted?": {**_NODE_SHAPE, "image": {"virtual-size": int, "format?": str}},
+        }
+    ],
+    "query-named-block-nodes": [_NODE_SHAPE],
+    "query-block-exports": [{"id": str}],
+    "x-debug-query-block-graph": {
+        "nodes": [{"id": int, "name": str}],
+        "edges": [{"parent": int, "child": int, "name": str}],
+    },
+}
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "null" if value is None else type(value).__name__
+
+
+def _shape_problem(value: Any, shape: Any, where: str = "") -> str | None:
+    """What in ``value`` does not have ``shape`` (see _REPLY_SHAPES), or None."""
+    if isinstance(shape, dict):
+        expected = "an object"
+        if isinstance(value, dict):
+            for key, sub in shape.items():
+                name = key.removesuffix("?")
+                if name not in value:
+                    if key.endswith("?"):
+                        continue
+                    return f"{where or 'the reply'} has no {name!r}"
+                problem = _shape_problem(value[name], sub, f"{where}.{name}")
+                if problem:
+                    return problem
+            return None
+    elif isinstance(shape, list):
+        expected = "a list"
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                problem = _shape_problem(item, shape[0], f"{where}[{i}]")
+                if problem:
+                    return problem
+            return None
+    else:
+        expected = {str: "a string", int: "an integer", bool: "a boolean"}[shape]
+        if isinstance(value, shape) and not (shape is int and isinstance(value, bool)):
+            return None
+    return f"{where.lstrip('.') or 'the reply'} is {_kind(value)}, not {expected}"
+
+
 class _LibraryLog(logging.LoggerAdapter[logging.Logger]):
     """qemu.qmp's own log, all at DEBUG: it reports at ERROR what snapfs raises anyway."""
 
@@ -96,20 +239,35 @@ class _LibraryLog(logging.LoggerAdapter[logging.Logger]):
 
 
 class QMP:
-    """One QMP session with one QEMU; only valid inside ``async with QMP.connect(...)``."""
+    """One QMP session with one QEMU; only valid inside ``async with QMP.connect(...)``.
 
-    def __init__(self, path: Path, client: QMPClient) -> None:
+    Every command has a timeout (``command_timeout``). Once a command went unanswered (timed out,
+    or its caller was cancelled), the connection is ``broken``: QEMU may still run that command
+    later, so nothing more is sent on it (every later command raises the same QMPTimeoutError)
+    and what it was doing is left for a new connection (``snapfs cleanup``).
+    """
+
+    def __init__(self, path: Path, client: QMPClient, vm: str = "") -> None:
         self.path = path
         self._client = client
+        self._who = f"VM {vm}" if vm else "QEMU"
+        self.broken: str | None = None  # why no command may be sent any more
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(cls, path: Path | str, timeout: float = 5.0) -> AsyncIterator[QMP]:  # noqa: ASYNC109
+    async def connect(
+        cls,
+        path: Path | str,
+        timeout: float = QMP_CONNECT_TIMEOUT,  # noqa: ASYNC109
+        *,
+        vm: str = "",
+    ) -> AsyncIterator[QMP]:
         # (the timeout bounds the asyncio handshake; cancel scopes cannot reach inside it)
         """Connect and negotiate within ``timeout`` seconds; always disconnect on exit.
 
         Missing socket or refused connection: VMGoneError. Anything that does not greet like
-        QEMU within the timeout: QMPError "not a QEMU monitor".
+        QEMU within the timeout: QMPError "not a QEMU monitor"; a greeting without an answer to
+        ``qmp_capabilities``: QMPTimeoutError. ``vm`` names the VM in messages ("VM 100").
         """
         path = Path(path)
         client = QMPClient(f"snapfs:{path.name}")
@@ -132,9 +290,14 @@ class QMP:
         try:
             await trio_asyncio.aio_as_trio(_connect)()
         except TimeoutError as err:
+            if client.greeting is not None:
+                raise QMPTimeoutError(
+                    f"{path}: QEMU did not answer qmp_capabilities within {timeout:g}s "
+                    f"({f'VM {vm}' if vm else 'QEMU'} stopped?)"
+                ) from err
             raise QMPError(
                 f"{path}: no QMP greeting within {timeout:g}s: not a QEMU monitor "
-                "(or another client holds it)"
+                "(or another client holds it, or QEMU is stopped)"
             ) from err
         except ConnectError as err:
             cause = err.exc
@@ -147,7 +310,7 @@ class QMP:
             raise QMPError(f"{path}: not a QEMU monitor: {err}") from err
         except OSError as err:
             raise VMGoneError(f"{path}: cannot connect to QEMU: {err}") from err
-        q = cls(path, client)
+        q = cls(path, client, vm)
         try:
             yield q
         finally:
@@ -155,28 +318,75 @@ class QMP:
 
     async def _disconnect(self) -> None:
         # Shielded: a cancelled caller must not leave the socket open (QEMU serves one client).
+        client = self._client
+
+        async def disconnect() -> None:
+            # A QEMU that does not read would keep a polite disconnect (it flushes) waiting:
+            # cut the connection instead, then let the library finish.
+            writer = getattr(client, "_writer", None)
+            if self.broken is not None and writer is not None:
+                writer.transport.abort()
+            task = asyncio.ensure_future(client.disconnect())
+            try:
+                await asyncio.wait_for(asyncio.shield(task), QMP_CONNECT_TIMEOUT)
+            except TimeoutError:
+                log.debug("QMP disconnect from %s: no progress; cutting the connection", self.path)
+                writer = getattr(client, "_writer", None)
+                if writer is not None:
+                    writer.transport.abort()
+                await asyncio.wait_for(task, QMP_CONNECT_TIMEOUT)
+
         with trio.CancelScope(shield=True):
             try:
-                await trio_asyncio.aio_as_trio(self._client.disconnect)()
+                await trio_asyncio.aio_as_trio(disconnect)()
             except Exception as err:  # the session is over either way
                 log.debug("QMP disconnect from %s: %r", self.path, err)
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         """Run one command and return its result.
 
-        QEMU's error reply: QMPCommandError (a QMPError). Connection lost: VMGoneError.
+        QEMU's error reply: QMPCommandError (a QMPError). Connection lost: VMGoneError. No answer
+        within ``command_timeout(cmd)``: QMPTimeoutError, and the connection is broken. A reply
+        of the wrong shape (see _REPLY_SHAPES): QMPReplyError.
         """
+        if self.broken is not None:
+            raise QMPTimeoutError(self.broken)
+        # A caller cancelled already is told before anything is sent: the connection stays good.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        timeout = command_timeout(cmd)
+        client = self._client
+
+        async def run() -> Any:
+            return await asyncio.wait_for(client.execute(cmd, args), timeout)
+
         log.debug("QMP -> %s %s", cmd, json.dumps(args) if args else "")
+        answered = False
         try:
-            result = await trio_asyncio.aio_as_trio(self._client.execute)(cmd, args)
+            result = await trio_asyncio.aio_as_trio(run)()
+            answered = True
+        except TimeoutError as err:
+            answered = True
+            self.broken = f"QEMU did not answer {cmd} within {timeout:g}s ({self._who} stopped?)"
+            log.debug("%s: %s", self.path, self.broken)
+            raise QMPTimeoutError(self.broken) from err
         except ExecuteError as err:
+            answered = True
             log.debug("QMP <- %s error %s: %s", cmd, err.error_class, err)
             raise QMPCommandError(cmd, err.error_class, str(err)) from err
         except (ExecInterruptedError, QMPStateError, EOFError, OSError) as err:
+            answered = True
             raise VMGoneError(f"{self.path}: lost the connection to QEMU during {cmd}") from err
         except LibQMPError as err:
+            answered = True
             raise QMPError(f"{cmd}: {err}") from err
+        finally:
+            if not answered:  # cancelled: QEMU may still run the command
+                self.broken = f"{cmd} was interrupted before QEMU answered it"
         log.debug("QMP <- %s %s", cmd, json.dumps(result))
+        shape = _REPLY_SHAPES.get(cmd)
+        problem = _shape_problem(result, shape) if shape is not None else None
+        if problem:
+            raise QMPReplyError(f"malformed reply to {cmd}: {problem}")
         return result
 
 
@@ -316,6 +526,10 @@ class GraphState:
     fleecing_dir: str = ""
     bitmap_record: str = ""  # JSON file: disk sizes at the last commit
     skipped: dict[str, str] = field(default_factory=dict)  # device -> why not snapshotted
+    # False: the plan of a set-up that has not finished (see ``setup``'s ``on_plan``); its
+    # teardown also stops the NBD server, and resumes the VM if it ran and is paused now.
+    complete: bool = True
+    was_running: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -599,6 +813,7 @@ async def setup(
     cbw_timeout: int = 60,
     state_dir: Path | None = None,
     around_snapshot: AroundSnapshot | None = None,
+    on_plan: OnPlan | None = None,
 ) -> GraphState:
     """Build the snapshot graph for every disk not excluded and export it over NBD.
 
@@ -606,6 +821,11 @@ async def setup(
     raises SetupError("<step> for <disk>: <message>"). ``on_step(step, disk)`` is called before
     each step and awaited if it returns an awaitable (progress reports; tests inject faults).
     The bitmap record lives in ``(state_dir or fleecing_dir)/bitmaps.json``.
+
+    ``on_plan(graph)`` is called before the first change with an incomplete GraphState that
+    ``teardown`` can remove whatever part of the set-up was done with. If QEMU stops answering
+    (QMPTimeoutError: the connection is ``broken``), nothing is undone: QEMU may still run the
+    unanswered command, so the caller keeps the plan for a teardown over a new connection.
     """
     if incremental is not None and (
         not _INCREMENTAL_RE.fullmatch(incremental)
@@ -684,6 +904,24 @@ async def setup(
             )
         )
 
+    was_running = bool(status["running"])
+    if on_plan is not None:
+        on_plan(
+            GraphState(
+                vmid=vmid,
+                qmp_socket=str(q.path),
+                nbd_socket=str(nbd_socket),
+                qemu_version=version,
+                snapshot_time="",
+                pause_ms=None,
+                disks=states,
+                incremental=incremental,
+                fleecing_dir=str(fleecing_dir),
+                skipped=skipped,
+                complete=False,
+                was_running=was_running,
+            )
+        )
     undo = _Undo()
     current: tuple[str, str | None] = ("validate", None)
 
@@ -745,7 +983,6 @@ async def setup(
         # the guest is stopped, so F + the fleecing copy describe exactly the same instant:
         # a write between freezing F and the filter going live would otherwise be in the
         # snapshot but in neither F (this backup) nor... only N (the next one).
-        was_running = bool(status["running"])
         # The guest freeze (snapfs.agent) wraps the stop .. cont window: it needs a running
         # guest, so it freezes before the stop and thaws after the cont, whatever happens.
         around = contextlib.AsyncExitStack()
@@ -804,7 +1041,7 @@ async def setup(
                 snapshot_time = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
             finally:
                 resume_error: QMPCommandError | None = None
-                if was_running:
+                if was_running and q.broken is None:
                     # Resume even when a step failed: rollback does not need the guest stopped,
                     # and the guest must not wait for it.
                     log.info("setup: resume VM")
@@ -849,7 +1086,18 @@ async def setup(
                 export["bitmaps"] = [{"node": s.data_node, "name": b} for b in s.export_bitmaps]
             await q.execute("block-export-add", export)
             undo.push(f"delete export {s.export_id}", _export_deleter(q, s.export_id))
+        if incremental:
+            await step("read bitmap granularity")
+            nodes = await q.execute("query-named-block-nodes", {"flat": True})
+            for s in states:
+                info = _bitmaps_of(nodes, s.bitmap.node).get(s.bitmap.frozen or s.bitmap.next)
+                if info is not None:
+                    s.granularity = int(info["granularity"])
     except BaseException as err:
+        if q.broken is not None:
+            # QEMU may still run what it did not answer: the plan's teardown removes it all.
+            log.warning("setup: %s; nothing is rolled back on this connection", q.broken)
+            raise
         await undo.run()
         if isinstance(err, StateError | UsageError):
             raise
@@ -863,12 +1111,6 @@ async def setup(
             raise
         raise SetupError(f"{what}{f' for {disk}' if disk else ''}: {_message(cause)}") from cause
 
-    if incremental:
-        nodes = await q.execute("query-named-block-nodes", {"flat": True})
-        for s in states:
-            info = _bitmaps_of(nodes, s.bitmap.node).get(s.bitmap.frozen or s.bitmap.next)
-            if info is not None:
-                s.granularity = int(info["granularity"])
     for s in states:
         if s.bitmap.mode == "new":
             log.info("%s: full (bitmap %s: %s)", s.name, s.bitmap.persistent, s.bitmap.reason)
@@ -886,6 +1128,7 @@ async def setup(
         fleecing_dir=str(fleecing_dir),
         bitmap_record=str(record_path) if incremental else "",
         skipped=skipped,
+        was_running=was_running,
     )
 
 
@@ -1088,8 +1331,8 @@ async def teardown(q: QMP, state: GraphState, *, commit: bool) -> None:
         log.info("teardown: %s", what)
         try:
             await fn()
-        except VMGoneError:
-            raise
+        except (VMGoneError, QMPTimeoutError):
+            raise  # every later step would fail the same way
         except Exception as err:  # try every step, report them all
             log.warning("teardown: %s failed: %s", what, _message(err))
             problems.append(f"{what}: {_message(err)}")
@@ -1098,6 +1341,11 @@ async def teardown(q: QMP, state: GraphState, *, commit: bool) -> None:
 
     # Shielded: a half-done teardown is what we must avoid most.
     with trio.CancelScope(shield=True):
+        if not state.complete and state.was_running:
+            # The set-up stopped the VM and could not resume it.
+            status = await q.execute("query-status")
+            if status["status"] == "paused":
+                await attempt(f"resume VM {state.vmid}", lambda: q.execute("cont"))
         nodes = {
             n["node-name"]: n for n in await q.execute("query-named-block-nodes", {"flat": True})
         }
@@ -1120,7 +1368,7 @@ async def teardown(q: QMP, state: GraphState, *, commit: bool) -> None:
         for s in state.disks:
             if s.export_id in exports:
                 await attempt(f"delete export {s.export_id}", _export_deleter(q, s.export_id))
-        if live:
+        if live or not state.complete:
             # Only while our session is live: after a restart the server would not be ours.
             await attempt("stop NBD server", _nbd_stopper(q))
         with contextlib.suppress(OSError, UsageError):
@@ -1298,7 +1546,7 @@ async def cleanup_orphans(q: QMP) -> list[str]:
         try:
             await fn()
             removed.append(what)
-        except VMGoneError:
+        except (VMGoneError, QMPTimeoutError):
             raise
         except Exception as err:  # try every step, report them all
             problems.append(f"{what}: {_message(err)}")

@@ -2,16 +2,20 @@
 
 Lifecycle of the serving process (``serve``)::
 
-    validate -> lock session dir -> QMP set-up (connect, build graph, disconnect) -> state file
-      -> NBD connections -> tree -> FUSE mount (INIT answered) -> control socket -> READY
+    validate -> lock session dir -> QMP set-up (connect, plan -> state file, build graph,
+      disconnect) -> state file -> NBD connections -> tree -> FUSE mount (INIT answered)
+      -> control socket -> READY
       -> serve until: the mount goes away (plain umount), `snapfs umount` asks, or a signal
       -> close NBD -> QMP teardown (commit or abort) -> remove state -> exit
 
 Invariants:
 - QMP is connected only during set-up and teardown, never while serving (Proxmox's management
   stack takes the same socket one client at a time).
-- Everything teardown needs is in ``<run_dir>/.state/<vmid>/state.json`` before the first NBD
-  connection is made, so another process (``snapfs cleanup``) can tear down after a crash.
+- Everything teardown needs is in ``<run_dir>/.state/<vmid>/state.json`` before the set-up
+  changes the VM (the plan), and again once it is complete, so another process (``snapfs
+  cleanup``) can tear down after a crash, or after QEMU stopped answering during the set-up.
+- Every wait on QEMU is bounded (qmp.command_timeout); so is every wait of the CLI on the
+  serving process (``request``).
 - Without an explicit commit, teardown aborts: the next incremental still sees every change.
 
 Paths (see snapfs.paths): the mountpoint, the fleecing directory, the state directory and the
@@ -50,6 +54,7 @@ from snapfs.datapath import DiskReader, SharedDepth
 from snapfs.errors import (
     FuseError,
     NBDError,
+    QMPTimeoutError,
     SetupError,
     SnapfsError,
     StateError,
@@ -80,6 +85,12 @@ NBD_STATE_DIRTY = 1
 BASE_ALLOCATION = "base:allocation"
 # Block status requests of the allocation walk: QEMU answers up to this many bytes at once.
 _STATUS_CHUNK = 1 << 30
+# How long the CLI waits for a serving process to answer a control request (a status, or the
+# acknowledgement of an umount): its event loop answers at once unless it is stopped or hung.
+CONTROL_TIMEOUT = 5.0
+# Besides the QMP teardown (qmp.teardown_bound): the FUSE unmount, closing the NBD connections
+# (a second each at most) and the QMP connection.
+_UMOUNT_SLACK = 30.0
 
 
 def run_dir() -> Path:
@@ -304,8 +315,8 @@ async def _zeros(client: nbd.NBDClient, written: str | None) -> Regions:
 
 
 @contextlib.asynccontextmanager
-async def _qmp_session(path: Path) -> AsyncIterator[qmp.QMP]:
-    async with qmp.QMP.connect(path) as q:
+async def _qmp_session(path: Path, vmid: str = "") -> AsyncIterator[qmp.QMP]:
+    async with qmp.QMP.connect(path, vm=vmid) as q:
         yield q
 
 
@@ -386,32 +397,63 @@ class Session:
             for line in await cleanup(opts.vmid, opts.qmp_path):
                 log.warning("VM %s: cleaned up after a dead session: %s", opts.vmid, line)
         self._lock_state_dir(sdir)
+        planned = False
+        left = False  # QEMU stopped answering after the plan: its teardown is left for cleanup
+
+        def save_plan(plan: qmp.GraphState) -> None:
+            nonlocal planned
+            self._save_state(plan)
+            planned = True
+
         try:
             if opts.default_mountpoint and not opts.mountpoint.exists():
                 opts.mountpoint.mkdir(mode=0o700, parents=True)
                 self.created_mountpoint = True
-            async with _qmp_session(opts.qmp_path) as q:
-                self.graph = await qmp.setup(
-                    q,
-                    vmid=opts.vmid,
-                    fleecing_dir=opts.fleecing_dir,
-                    nbd_socket=sdir / "nbd.sock",
-                    exclude=opts.exclude,
-                    incremental=opts.incremental,
-                    around_snapshot=self._around_snapshot,
-                )
+            async with _qmp_session(opts.qmp_path, opts.vmid) as q:
+                try:
+                    self.graph = await qmp.setup(
+                        q,
+                        vmid=opts.vmid,
+                        fleecing_dir=opts.fleecing_dir,
+                        nbd_socket=sdir / "nbd.sock",
+                        exclude=opts.exclude,
+                        incremental=opts.incremental,
+                        around_snapshot=self._around_snapshot,
+                        on_plan=save_plan,
+                    )
+                except BaseException:
+                    left = planned and q.broken is not None
+                    raise
             self._save_state()
-        except BaseException:
+        except QMPTimeoutError as err:
+            if left:
+                log.error("VM %s: %s; the set-up is left for 'snapfs cleanup'", opts.vmid, err)
+                raise QMPTimeoutError(
+                    f"{err}; the VM's graph is left as it is: run 'snapfs cleanup {opts.vmid}' "
+                    "once QEMU answers again"
+                ) from err
             self._remove_state_dir(sdir)
+            raise QMPTimeoutError(f"{err}; nothing was changed") from err
+        except BaseException:
+            if not left:
+                self._remove_state_dir(sdir)
             raise
         # The control socket outlives the tree: `snapfs umount` waits on it for the teardown.
         async with trio.open_nursery() as control:
             await control.start(self._control_server)
             try:
                 await self._serve_graph(task_status)
-            finally:
+            except SnapfsError as err:
+                # E.g. QEMU stopped before the NBD handshake: say what the teardown did.
                 with trio.CancelScope(shield=True):
                     await self._teardown()
+                done = "the VM was restored" if self.result.get("ok") else self.result["error"]
+                err.args = (f"{err}; {done}", *err.args[1:])
+                raise
+            finally:
+                if not self._done.is_set():
+                    with trio.CancelScope(shield=True):
+                        await self._teardown()
             control.cancel_scope.cancel()
         return self.result
 
@@ -452,10 +494,11 @@ class Session:
                 ) from None
         _write_private(sdir / "pid", f"{os.getpid()}\n")
 
-    def _save_state(self) -> None:
-        assert self.graph is not None
+    def _save_state(self, graph: qmp.GraphState | None = None) -> None:
+        graph = graph or self.graph
+        assert graph is not None
         state = {
-            "graph": self.graph.to_dict(),
+            "graph": graph.to_dict(),
             "pid": os.getpid(),
             "mountpoint": str(self.opts.mountpoint),
             "qmp": str(self.opts.qmp_path),
@@ -624,14 +667,19 @@ class Session:
 
     async def _control(self, stream: trio.SocketStream) -> None:
         """One request per connection, a JSON line each way. ``umount`` replies only after the
-        teardown, with its outcome."""
+        teardown, with its outcome; if the request says ``"ack": true``, a line
+        ``{"ack": true}`` comes first, at once (so the client can tell a stopped process from a
+        long teardown)."""
         async with stream:
             data = b""
-            while not data.endswith(b"\n"):
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    return
-                data += chunk
+            with trio.move_on_after(CONTROL_TIMEOUT):
+                while not data.endswith(b"\n"):
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        return
+                    data += chunk
+            if not data.endswith(b"\n"):
+                return
             try:
                 req = json.loads(data)
                 op = req["op"]
@@ -642,6 +690,17 @@ class Session:
                 reply: dict[str, Any] = {"ok": True, "status": self.facts()}
             elif op == "umount":
                 assert self._server is not None
+                if _hung_up(stream):
+                    # The client gave up waiting (this process was stopped): not acted upon.
+                    log.warning(
+                        "VM %s: ignoring an umount request its client gave up", self.opts.vmid
+                    )
+                    return
+                if req.get("ack"):
+                    try:
+                        await stream.send_all(b'{"ack": true}\n')
+                    except trio.BrokenResourceError:
+                        return
                 # Decided before the unmount: teardown starts as soon as the mount is gone.
                 self.commit = bool(req.get("commit"))
                 try:
@@ -678,7 +737,7 @@ class Session:
         commit = self.commit and self.broken is None
         keep_state = left_mounted
         try:
-            async with _qmp_session(self.opts.qmp_path) as q:
+            async with _qmp_session(self.opts.qmp_path, g.vmid) as q:
                 await qmp.teardown(q, g, commit=commit)
         except VMGoneError as err:
             removed = forget_fleecing(g)
@@ -734,13 +793,22 @@ def find_session(target: str) -> tuple[str, dict[str, Any]]:
         if st is not None:
             return target, st
         raise StateError(f"no snapfs session for {target!r}")
-    want = paths.resolve(_check_path(target, "mountpoint"), "mountpoint")
+    given = _check_path(target, "mountpoint")
     with paths.walk(root, "session state directory") as w:
         names = [] if w.rest else paths.Dir(w).listdir()
-    for name in names:
-        st = _read_state(root / name)
-        if st is not None and Path(st["mountpoint"]) == want:
+    sessions = [(name, st) for name in names if (st := _read_state(root / name)) is not None]
+    # The mountpoint itself is not touched: a lookup of a mount whose serving process is
+    # stopped would wait for it in the kernel.
+    want = paths.resolve(given.parent, "mountpoint") / given.name
+    for name, st in sessions:
+        if Path(st["mountpoint"]) == want:
             return name, st
+    if sessions:
+        # A symlink to a mountpoint (resolving it looks into the mount).
+        real = paths.resolve(given, "mountpoint")
+        for name, st in sessions:
+            if Path(st["mountpoint"]) == real:
+                return name, st
     raise StateError(f"no snapfs session for {target!r}")
 
 
@@ -756,31 +824,129 @@ def _read_state(sdir: Path) -> dict[str, Any] | None:
     return data
 
 
-def request(vmid: str, req: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
-    """Send one control request to a serving process and return its reply."""
-    path = state_dir(vmid) / "control.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
+class _Control:
+    """The CLI's end of one control connection: one request, then reply lines, every wait
+    bounded. The errors say what to do about a serving process that is stopped or gone."""
+
+    def __init__(self, vmid: str) -> None:
+        self.vmid = vmid
+        self.pid = _read_pid(state_dir(vmid))
+        self.who = f"the serving process of VM {vmid}" + (f" (pid {self.pid})" if self.pid else "")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._buf = b""
+
+    def __enter__(self) -> _Control:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def not_answering(self) -> StateError:
+        resume = f"resume it (kill -CONT {self.pid}) and retry, or " if self.pid else ""
+        return StateError(
+            f"{self.who} does not answer (stopped?); nothing was done: {resume}kill it and "
+            f"run 'snapfs cleanup {self.vmid}'"
+        )
+
+    def send(self, req: dict[str, Any]) -> None:
+        path = state_dir(self.vmid) / "control.sock"
+        self.sock.settimeout(CONTROL_TIMEOUT)
         try:
-            s.connect(str(path))
+            self.sock.connect(str(path))
+            self.sock.sendall(json.dumps(req).encode() + b"\n")
         except (FileNotFoundError, ConnectionRefusedError) as err:
+            if self.pid is not None and _alive(self.pid) and not path.exists():
+                raise StateError(f"{self.who} is still setting up; try again") from err
             raise StateError(
-                f"the serving process of VM {vmid} is gone (run 'snapfs cleanup {vmid}')"
+                f"the serving process of VM {self.vmid} is gone (run 'snapfs cleanup {self.vmid}')"
             ) from err
-        s.sendall(json.dumps(req).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
+        except TimeoutError as err:
+            raise self.not_answering() from err
+        except OSError as err:
+            raise StateError(f"cannot reach {self.who}: {err.strerror or err}") from err
+
+    def reply(self, timeout: float, on_wait: Callable[[], None] | None = None) -> dict[str, Any]:
+        """The next reply line within ``timeout`` seconds (TimeoutError). ``on_wait`` runs
+        every second while there is none; EOF: StateError."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self.sock.settimeout(min(left, 1.0))
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                if on_wait is not None:
+                    on_wait()
+                continue
+            except OSError as err:  # e.g. ECONNRESET: it died
+                raise StateError(f"{self.who} ended without an answer ({err})") from err
             if not chunk:
-                raise StateError(f"the serving process of VM {vmid} ended without an answer")
-            data += chunk
-    reply: dict[str, Any] = json.loads(data)
-    return reply
+                raise StateError(f"{self.who} ended without an answer")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        try:
+            reply = json.loads(line)
+        except ValueError as err:
+            raise StateError(f"{self.who} gave a reply that is not JSON: {line[:80]!r}") from err
+        if not isinstance(reply, dict):
+            raise StateError(f"{self.who} gave a reply that is not an object: {line[:80]!r}")
+        return reply
+
+
+def request(vmid: str, req: dict[str, Any], timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
+    """Send one control request to a serving process and return its reply (within
+    ``timeout`` seconds, else StateError "does not answer")."""
+    with _Control(vmid) as c:
+        c.send(req)
+        try:
+            return c.reply(timeout)
+        except TimeoutError as err:
+            raise c.not_answering() from err
 
 
 def umount(target: str, *, commit: bool) -> dict[str, Any]:
-    vmid, _ = find_session(target)
-    reply = request(vmid, {"op": "umount", "commit": commit})
+    """Ask the serving process to unmount and tear down; its outcome.
+
+    It acknowledges at once and answers when the teardown is done: no acknowledgement within
+    CONTROL_TIMEOUT (stopped), no outcome within a bound derived from the QMP timeouts, or a
+    process that stops or dies before its outcome: a one-line error saying what to do.
+    """
+    vmid, state = find_session(target)
+    disks = len(state.get("graph", {}).get("disks", [])) if isinstance(state, dict) else 0
+    bound = qmp.teardown_bound(max(disks, 1)) + _UMOUNT_SLACK
+    with _Control(vmid) as c:
+        c.send({"op": "umount", "commit": commit, "ack": True})
+        try:
+            reply = c.reply(CONTROL_TIMEOUT)
+        except TimeoutError as err:
+            raise c.not_answering() from err
+        if "ack" in reply:  # (a serving process of an older snapfs sends only the outcome)
+            stopped_since: list[float] = []
+
+            def watch() -> None:
+                # A stopped process never answers: say so within CONTROL_TIMEOUT.
+                if c.pid is None or not _stopped(c.pid):
+                    stopped_since.clear()
+                    return
+                stopped_since[:] = stopped_since or [time.monotonic()]
+                if time.monotonic() - stopped_since[0] >= CONTROL_TIMEOUT:
+                    raise TimeoutError
+
+            advice = (
+                f"resume it (kill -CONT {c.pid}) to let it finish, or kill it and " if c.pid else ""
+            ) + f"run 'snapfs cleanup {vmid}'"
+            try:
+                reply = c.reply(bound, on_wait=watch)
+            except TimeoutError as err:
+                how = "was stopped" if c.pid and _stopped(c.pid) else f"took over {bound:g}s"
+                raise TeardownError(f"{c.who} {how} during the teardown: {advice}") from err
+            except StateError as err:
+                maybe = " (the commit may not have been made)" if commit else ""
+                raise TeardownError(
+                    f"{c.who} died during the teardown{maybe}: run 'snapfs cleanup {vmid}'"
+                ) from err
     if not reply.get("ok"):
         exc = TeardownError if reply.get("exit") == TeardownError.exit_code else StateError
         raise exc(reply.get("error", "umount failed"))
@@ -792,6 +958,27 @@ def _read_pid(sdir: Path) -> int | None:
         return int(paths.read_text(sdir / "pid", "session state directory"))
     except (FileNotFoundError, ValueError):
         return None
+
+
+def _hung_up(stream: trio.SocketStream) -> bool:
+    """Whether the peer of a control connection has closed it (EOF is waiting)."""
+    with socket.socket(fileno=os.dup(stream.socket.fileno())) as s:
+        try:
+            return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+
+def _stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (SIGSTOP, or a tracer): it answers nothing until resumed."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat_line[stat_line.rindex(b")") + 2 : stat_line.rindex(b")") + 3] in (b"T", b"t")
 
 
 def _alive(pid: int) -> bool:
@@ -877,6 +1064,11 @@ async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
         with trio.move_on_after(5):
             await _wait_exit(pid)
     if pid is not None and pid != os.getpid() and _alive(pid):
+        if _stopped(pid):
+            raise StateError(
+                f"VM {vmid}'s serving process ({pid}) is stopped: resume it (kill -CONT {pid}) "
+                f"and use 'snapfs umount {vmid}', or kill it and run 'snapfs cleanup {vmid}'"
+            )
         raise StateError(
             f"VM {vmid}'s serving process ({pid}) is alive; use 'snapfs umount {vmid}'"
         )
@@ -892,7 +1084,7 @@ async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
             done += [line] if line else []
         graph = qmp.GraphState.from_dict(st["graph"])
         try:
-            async with _qmp_session(qmp_path or Path(st["qmp"])) as q:
+            async with _qmp_session(qmp_path or Path(st["qmp"]), vmid) as q:
                 await qmp.teardown(q, graph, commit=False)
             done.append("restored the block graph")
         except VMGoneError:
@@ -907,7 +1099,7 @@ async def cleanup(vmid: str, qmp_path: Path | None = None) -> list[str]:
         # Killed during set-up, before the state file: find our nodes by their prefix.
         qp = qmp_path or DEFAULT_QMP_DIR / f"{vmid}.qmp"
         if paths.exists(qp, "QMP socket"):
-            async with _qmp_session(qp) as q:
+            async with _qmp_session(qp, vmid) as q:
                 done += await qmp.cleanup_orphans(q)
     if await trio.Path(sdir).exists():
         await trio.to_thread.run_sync(remove_dir, sdir)

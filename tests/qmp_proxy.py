@@ -10,6 +10,10 @@ that, what a QEMU of another version might say is injected:
 - ``events`` are sent to the client before every reply (unknown names, BLOCK_JOB_ERROR, ...).
 - ``extra_fields`` are merged into every reply, and into its ``return`` value when that is an
   object or a list of objects.
+- ``Hold`` rules swallow a matching command: neither forwarded nor answered (a QEMU that hangs
+  in it). ``Rewrite`` rules forward it and replace the ``return`` value of QEMU's reply (a
+  malformed reply). ``on_command(name, arguments)`` is called before a command is forwarded
+  (e.g. to stop QEMU right then), ``on_reply(name)`` after QEMU's reply to it was delivered.
 
 Every command a client sent is recorded in ``commands`` (name, arguments), so a test can tell
 that a refused command really was issued. The proxy runs in threads; ``close()`` (also run by
@@ -47,6 +51,24 @@ class Refuse:
         return {"error": {"class": self.error_class, "desc": desc}}
 
 
+@dataclass
+class Hold:
+    """Never forward nor answer ``command`` (when ``when(arguments)`` holds)."""
+
+    command: str
+    when: Callable[[Json], bool] = field(default=lambda args: True)
+    hits: int = 0
+
+
+@dataclass
+class Rewrite:
+    """Forward ``command``, and replace the ``return`` value of QEMU's reply by ``value``."""
+
+    command: str
+    value: Any
+    hits: int = 0
+
+
 def event(name: str, data: Json | None = None) -> Json:
     """A QMP event as QEMU sends it (with a timestamp)."""
     now = time.time()
@@ -64,6 +86,10 @@ class QMPProxy:
         self.upstream = upstream
         self.path = path
         self.refuse: list[Refuse] = []
+        self.hold: list[Hold] = []
+        self.rewrite: list[Rewrite] = []
+        self.on_command: Callable[[str, Json], None] | None = None
+        self.on_reply: Callable[[str], None] | None = None
         self.events: list[Json] = []
         self.extra_fields: Json = {}
         self.commands: list[tuple[str, Json]] = []
@@ -155,6 +181,22 @@ class QMPProxy:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
 
+    def _hold(self, cmd: str, args: Json) -> bool:
+        with self._lock:
+            for rule in self.hold:
+                if rule.command == cmd and rule.when(args):
+                    rule.hits += 1
+                    return True
+        return False
+
+    def _rewrite_for(self, cmd: str) -> Rewrite | None:
+        with self._lock:
+            for rule in self.rewrite:
+                if rule.command == cmd:
+                    rule.hits += 1
+                    return rule
+        return None
+
     def _rule_for(self, cmd: str, args: Json) -> Refuse | None:
         with self._lock:
             for rule in self.refuse:
@@ -173,6 +215,8 @@ class _Session:
         self.upstream = upstream
         self.to_client = threading.Lock()  # both directions write to the client
         self.negotiated = False
+        self.rewrites: dict[Any, Any] = {}  # reply id -> the return value it gets
+        self.names: dict[Any, str] = {}  # reply id -> the command it answers
 
     def send_client(self, msg: Json) -> None:
         with self.to_client:
@@ -184,8 +228,17 @@ class _Session:
             args: Json = msg.get("arguments") or {}
             with self.proxy._lock:
                 self.proxy.commands.append((cmd, args))
+            if self.negotiated and self.proxy._hold(cmd, args):
+                continue
             rule = self.proxy._rule_for(cmd, args) if self.negotiated else None
             if rule is None:
+                rewrite = self.proxy._rewrite_for(cmd) if self.negotiated else None
+                if rewrite is not None:
+                    self.rewrites[msg.get("id")] = rewrite.value
+                if self.negotiated:
+                    self.names[msg.get("id")] = cmd
+                    if self.proxy.on_command is not None:
+                        self.proxy.on_command(cmd, args)
                 self.upstream.sendall(json.dumps(msg).encode() + b"\n")
                 continue
             reply = rule.reply()
@@ -209,6 +262,8 @@ class _Session:
         """A reply as the other QEMU would send it: events first, extra fields added."""
         for ev in self.proxy.events:
             self.send_client(ev)
+        if reply.get("id") in self.rewrites and "return" in reply:
+            reply = {**reply, "return": self.rewrites.pop(reply.get("id"))}
         extra = self.proxy.extra_fields
         if extra:
             reply = {**reply, **extra}
@@ -218,6 +273,9 @@ class _Session:
             elif isinstance(ret, list):
                 reply["return"] = [{**r, **extra} if isinstance(r, dict) else r for r in ret]
         self.send_client(reply)
+        name = self.names.pop(reply.get("id"), "")
+        if name and self.proxy.on_reply is not None:
+            self.proxy.on_reply(name)
 
 
 def _messages(sock: socket.socket) -> Iterator[Json]:
