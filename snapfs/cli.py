@@ -327,21 +327,27 @@ def setup_logging(
     return where
 
 
+def one_line(message: object) -> str:
+    """A message as one line: what other libraries put on several (QEMU's raw bytes) is
+    joined, so every error and warning is exactly one line of stderr."""
+    return " ".join(str(message).split())
+
+
 def fail(err: SnapfsError) -> NoReturn:
     log.debug("error", exc_info=err)
-    print(f"snapfs: error: {err}", file=sys.stderr)
+    print(f"snapfs: error: {one_line(err)}", file=sys.stderr)
     sys.exit(err.exit_code)
 
 
 def _error(message: str) -> None:
     log.debug("error: %s", message)
-    print(f"snapfs: error: {message}", file=sys.stderr)
+    print(f"snapfs: error: {one_line(message)}", file=sys.stderr)
 
 
 def _warn(message: str) -> None:
     """A warning the person at the terminal must see, whatever the log goes to."""
     log.debug("warning: %s", message)
-    print(f"snapfs: warning: {message}", file=sys.stderr)
+    print(f"snapfs: warning: {one_line(message)}", file=sys.stderr)
 
 
 # -- mount ----------------------------------------------------------------------------------------
@@ -363,7 +369,7 @@ class WarningCollector(logging.Handler):
 class _ReadyPipe:
     """Stands in for trio's task_status: tells the waiting parent, in one JSON line, that the
     tree is served (``{"ready": true, "warnings": [...]}``) or why not (``{"error": ...,
-    "exit": N, "warnings": [...]}``). Said once."""
+    "exit": N, "warnings": []}``). Said once."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -374,7 +380,8 @@ class _ReadyPipe:
         if self.fd < 0:
             return
         logging.getLogger().removeHandler(self.collector)
-        message["warnings"] = self.collector.messages
+        # A failure is one line: what went wrong on the way to it is in the log.
+        message["warnings"] = [] if "error" in message else self.collector.messages
         os.write(self.fd, json.dumps(message).encode() + b"\n")
         os.close(self.fd)
         self.fd = -1
@@ -794,6 +801,6 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         sys.exit(130)
     except Exception as err:  # a bug: still one line (the traceback is in the log with -v)
         log.debug("internal error", exc_info=err)
-        print(f"snapfs: error: internal error: {err!r}", file=sys.stderr)
+        print(f"snapfs: error: internal error: {one_line(repr(err))}", file=sys.stderr)
         sys.exit(1)
     sys.exit(2)
