@@ -32,7 +32,7 @@ $(VENV)/.stamp: pyproject.toml
 venv: apt $(VENV)/.stamp
 
 demo: deps
-	$(VPY) -m snapfs.demo
+	$(VPY) -m dev.demo
 
 test: lint
 	$(VPY) -m pytest $(PYTEST_ARGS)
@@ -59,18 +59,18 @@ $(QEMU10_ROOT)/.stamp:
 # GUEST_CACHE. The tests build it themselves when missing; this only does it ahead of time.
 GUEST_CACHE ?= /var/cache/snapfs-dev/guest
 guest: deps
-	SNAPFS_GUEST_CACHE=$(GUEST_CACHE) $(VPY) -m snapfs.devguest
+	SNAPFS_GUEST_CACHE=$(GUEST_CACHE) $(VPY) -m dev.devguest
 
 test-qemu10: deps qemu10
 	SNAPFS_TEST_QEMU_ROOT=$(QEMU10_ROOT) $(VPY) -m pytest -m qemu $(PYTEST_ARGS)
 
 lint: deps
-	$(VENV)/bin/ruff check snapfs tests
-	$(VENV)/bin/ruff format --check snapfs tests
+	$(VENV)/bin/ruff check snapfs dev tests
+	$(VENV)/bin/ruff format --check snapfs dev tests
 	$(VENV)/bin/mypy
 
 bench: deps
-	$(VPY) -m snapfs.bench $(BENCH_ARGS)
+	$(VPY) -m dev.bench $(BENCH_ARGS)
 
 # make install [PREFIX=/usr/local]: snapfs in its own venv ($(PREFIX)/lib/snapfs, seeing Debian's
 # python3-libnbd), the command, man page, bash completion, systemd units and the rsync provider.
@@ -82,7 +82,7 @@ COMPDIR := $(PREFIX)/share/bash-completion/completions
 UNITDIR := $(PREFIX)/lib/systemd/system
 DOCDIR  := $(PREFIX)/share/doc/snapfs
 install: deps
-	$(VPY) -m snapfs.manpage --check contrib
+	$(VPY) -m dev.manpage --check contrib
 	$(PYTHON) -m venv --system-site-packages $(APPDIR)
 	$(APPDIR)/bin/pip install -q --no-build-isolation .
 	install -d $(BINDIR) $(MANDIR) $(COMPDIR) $(UNITDIR) $(DOCDIR)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from dev.devvm import DiskSpec, TestVM, poll
 from snapfs.datapath import DiskReader, SharedDepth
-from snapfs.devvm import DiskSpec, TestVM, poll
 from snapfs.errors import FuseError
 from snapfs.fuse import kernel
 from snapfs.fuse.splice import ReplyPipe

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import trio
 
+from dev.devvm import TestVM, poll
 from snapfs.agent import FreezeConfig, FreezeResult, frozen
-from snapfs.devvm import TestVM, poll
 from tests.conftest import Snapfs, vmid
 
 FAKE = Path(__file__).with_name("fake_guest_agent.py")

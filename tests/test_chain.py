@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from snapfs.devvm import DiskSpec, GuestIO, MiB, TestVM, poll
+from dev.devvm import DiskSpec, GuestIO, MiB, TestVM, poll
 from tests.conftest import Snapfs
 from tests.test_exact import disk_content, shm_dir  # noqa: F401 - a fixture
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+from dev.devvm import file_sha256
 from snapfs import cli, pve
-from snapfs.devvm import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 RSYNC_REMOTE = ROOT / "contrib" / "snapfs-rsync-remote"

@@ -22,8 +22,8 @@ import pytest
 import trio
 
 import snapfs.nbd
+from dev.devvm import QEMU_IMG, DiskSpec, MiB, TestVM, poll, running_vm
 from snapfs.datapath import DiskReader, SharedDepth
-from snapfs.devvm import QEMU_IMG, DiskSpec, MiB, TestVM, poll, running_vm
 from snapfs.errors import NBDError
 from snapfs.nbd import CHUNK_FLAG_DONE, CHUNK_OFFSET_DATA, SERVER_SNDBUF, NBDStream, StreamLost
 from tests.conftest import FakeDevice, Snapfs, read_back, with_reader

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from snapfs.devvm import DiskSpec, GuestIO, MiB, TestVM
+from dev.devvm import DiskSpec, GuestIO, MiB, TestVM
 from snapfs.errors import SetupError
 from snapfs.qmp import QMP, cleanup_orphans, setup
 from snapfs.session import run_trio

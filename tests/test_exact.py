@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from snapfs.devvm import DiskSpec, GuestIO, MiB, TestVM
+from dev.devvm import DiskSpec, GuestIO, MiB, TestVM
 from tests.conftest import Snapfs
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from snapfs.devvm import DiskSpec, TestVM, poll
+from dev.devvm import DiskSpec, TestVM, poll
 from snapfs.fuse import kernel
 from tests.conftest import Snapfs
 

@@ -2,7 +2,7 @@
 Debian's qemu-guest-agent, with a shell loop (the stand-in "application") writing to an ext4
 disk all the time; snapfs mounts it with ``--agent`` on the guest's virtio-serial channel.
 
-The guest is built once and cached (``snapfs.devguest``); building it needs Debian's archive.
+The guest is built once and cached (``dev.devguest``); building it needs Debian's archive.
 The stand-in agent (tests/fake_guest_agent.py) still serves the fault cases in test_agent.py.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from snapfs.devguest import GuestBuildError, GuestImage, GuestVM, build_guest
+from dev.devguest import GuestBuildError, GuestImage, GuestVM, build_guest
 from tests.conftest import Snapfs, vmid
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]

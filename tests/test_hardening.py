@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from dev.devvm import QEMU_ROOT_ENV, TestVM, poll
 from snapfs import paths
-from snapfs.devvm import QEMU_ROOT_ENV, TestVM, poll
 from snapfs.errors import UsageError
 from snapfs.fuse import kernel
 from tests.conftest import Snapfs, lazy_umount, mounts_below

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from snapfs.devvm import QEMU_IO, DiskSpec, TestVM
+from dev.devvm import QEMU_IO, DiskSpec, TestVM
 from tests.conftest import Snapfs, wait_gone
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from snapfs import cli, manpage
+from dev import manpage
+from snapfs import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = ["snapfs-backup@.service", "snapfs-backup@.timer"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from snapfs.devvm import DiskSpec, Monitor, TestVM, file_sha256, sha256
+from dev.devvm import DiskSpec, Monitor, TestVM, file_sha256, sha256
 from tests.conftest import Snapfs, vmid, wait_gone
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]

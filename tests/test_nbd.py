@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 
-from snapfs.devvm import QEMU_IMG, DiskSpec, MiB, TestVM, poll, running_vm
+from dev.devvm import QEMU_IMG, DiskSpec, MiB, TestVM, poll, running_vm
 from snapfs.errors import NBDError
 from snapfs.nbd import Extent, NBDClient, extents
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from snapfs.devvm import DiskSpec, TestVM
+from dev.devvm import DiskSpec, TestVM
 from snapfs.provider import CHUNK, DiskCopy, punch_hole
 from tests.conftest import Snapfs
 

@@ -1,4 +1,4 @@
-"""snapfs.qmp against a real, paused QEMU (snapfs/devvm.py); each test runs trio under
+"""snapfs.qmp against a real, paused QEMU (dev/devvm.py); each test runs trio under
 trio-asyncio."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
-from snapfs.devvm import QEMU_IMG, DiskSpec, TestVM, running_vm, which_all
+from dev.devvm import QEMU_IMG, DiskSpec, TestVM, running_vm, which_all
 from snapfs.errors import (
     QMPError,
     SetupError,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from snapfs.devvm import DiskSpec, TestVM, poll
+from dev.devvm import DiskSpec, TestVM, poll
 from tests.conftest import Snapfs
 from tests.qmp_proxy import QMPProxy, Refuse, event
 

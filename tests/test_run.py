@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from snapfs.devvm import TestVM, file_sha256, poll, sha256
+from dev.devvm import TestVM, file_sha256, poll, sha256
 from tests.conftest import Snapfs, vmid
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]

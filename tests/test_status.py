@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from snapfs.devvm import TestVM
+from dev.devvm import TestVM
 from tests.conftest import Snapfs, vmid, wait_gone
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]

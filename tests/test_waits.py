@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from snapfs.devvm import DiskSpec, TestVM, poll
+from dev.devvm import DiskSpec, TestVM, poll
 from tests.conftest import Snapfs
 from tests.qmp_proxy import Hold, QMPProxy, Rewrite
 from tests.test_faults import covers, sidecar

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from snapfs.devvm import DiskSpec, TestVM, file_sha256, sha256
+from dev.devvm import DiskSpec, TestVM, file_sha256, sha256
 
 MiB = 1 << 20
 

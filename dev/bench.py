@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snapfs.devvm import QEMU_ROOT_ENV, DiskSpec, MiB, TestVM, poll
+from dev.devvm import QEMU_ROOT_ENV, DiskSpec, MiB, TestVM, poll
 
 GiB = 1024 * MiB
 THROTTLE = 10_000_000  # bytes/s of the throttled disk in (i)
@@ -824,7 +824,7 @@ def markdown(res: Results, summary: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m snapfs.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dev.bench", description=__doc__.split("\n")[0])
     p.add_argument("--size", default="2G", help="size of each disk (default 2G)")
     p.add_argument("--disks", type=int, default=4, help="disks in the VM (default 4)")
     p.add_argument("--rounds", type=int, default=7, help="alternated rounds (default 7)")

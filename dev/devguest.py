@@ -20,7 +20,7 @@ agent channel at ``<workdir>/qga.sock`` and the serial console in ``<workdir>/co
 What is real: kernel, ext4, the FIFREEZE ioctl, qemu-ga, QEMU. What is not: the "application"
 is a shell loop (``writer`` in ``INIT``), and the guest has no systemd, udev or root disk.
 
-    python -m snapfs.devguest     # builds the cache (``make guest``) and prints what it holds
+    python -m dev.devguest     # builds the cache (``make guest``) and prints what it holds
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapfs.devvm import DiskSpec, MiB, TestVM, poll
+from dev.devvm import DiskSpec, MiB, TestVM, poll
 
 CACHE_ENV = "SNAPFS_GUEST_CACHE"
 DEFAULT_CACHE = Path("/var/cache/snapfs-dev/guest")
