@@ -15,6 +15,7 @@ the cause (``raise ... from err``)::
      +-- TeardownError           exit 6   teardown could not restore everything; says what is left
      +-- NBDError                exit 7   the NBD connection to the export failed
      +-- FuseError               exit 8   mounting or serving the FUSE file system failed
+ +-- CopyError               exit 9   the reference provider (snapfs copy) could not copy a view
 """
 
 from __future__ import annotations
@@ -68,3 +69,7 @@ class NBDError(SnapfsError):
 
 class FuseError(SnapfsError):
     exit_code = 8
+
+
+class CopyError(SnapfsError):
+    exit_code = 9

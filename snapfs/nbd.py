@@ -31,7 +31,6 @@ Everything here runs on one trio thread; none of it is thread-safe.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -45,6 +44,7 @@ from typing import Any, Final
 import nbd
 import trio
 
+from snapfs import libc
 from snapfs.errors import NBDError
 
 log = logging.getLogger(__name__)
@@ -601,7 +601,6 @@ _SPLICE_F_NONBLOCK: Final = getattr(os, "SPLICE_F_NONBLOCK", 2)
 #: Why: see _widen_server_sndbuf.
 SERVER_SNDBUF: Final = 4 << 20
 _SO_SNDBUFFORCE: Final = getattr(socket, "SO_SNDBUFFORCE", 32)
-_SYS_PIDFD_GETFD: Final = 438  # the same number on every architecture (Linux 5.6)
 _UCRED: Final = struct.Struct("3i")
 
 
@@ -611,9 +610,6 @@ class StreamLost(NBDError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, errno.EIO)
-
-
-_libc: Final = ctypes.CDLL(None, use_errno=True)
 
 
 def _widen_if_peer(fd: int, ours: object) -> int | None:
@@ -642,12 +638,8 @@ def _widen_if_peer(fd: int, ours: object) -> int | None:
 
 
 def _pidfd_getfd(pidfd: int, fd: int) -> int:
-    """pidfd_getfd(2): a close-on-exec duplicate of another process's ``fd``. Raises OSError."""
-    dup = int(_libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0))
-    if dup < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return dup
+    """pidfd_getfd(2) (a seam for tests that refuse it)."""
+    return libc.pidfd_getfd(pidfd, fd)
 
 
 def _not_widened(name: str, err: OSError) -> int:

@@ -18,7 +18,6 @@ Everything is fsynced before success is reported.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import os
@@ -31,30 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from snapfs.errors import SnapfsError, UsageError
+from snapfs.errors import CopyError, UsageError
+from snapfs.libc import punch_hole
 
 CHUNK = 1 << 20
 #: Chunks read and written at once: enough to keep QEMU's NBD server busy on scattered regions.
 WORKERS = 8
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
 RECORD = "snapfs-backup.json"
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-class CopyError(SnapfsError):
-    exit_code = 9
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """fallocate(PUNCH_HOLE|KEEP_SIZE); Python's os module has no way to pass the mode."""
-    if length <= 0:
-        return
-    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def read_regions(path: Path) -> Iterator[tuple[int, int]]:

@@ -14,7 +14,6 @@ printed as they ran).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
@@ -39,6 +38,7 @@ from hypothesis.stateful import (
 )
 
 from dev.devvm import DiskSpec, TestVM
+from snapfs import libc
 from tests.conftest import Snapfs
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]
@@ -53,15 +53,10 @@ PUNCH_BUDGET = 40  # punches over the whole run: each one shrinks the shared vie
 # short instead of failing with ENODATA. Only reads up to this size are always one request.
 ONE_REQUEST = MiB - 4096
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
 
 def punch(fd: int, offset: int, length: int) -> None:
     """fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)."""
-    if _libc.fallocate(fd, 3, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    libc.fallocate(fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def outcome(fn: Any, *args: Any) -> Any:

@@ -3,7 +3,6 @@ fallocate, real provider code."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
@@ -14,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from dev.devvm import DiskSpec, TestVM
-from snapfs.provider import CHUNK, DiskCopy, punch_hole
+from snapfs import libc
+from snapfs.libc import punch_hole
+from snapfs.provider import CHUNK, DiskCopy
 from tests.conftest import Snapfs
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]
@@ -31,11 +32,7 @@ def fleecing_bytes(vm: TestVM, disk: str) -> int:
 
 def punch_hole_raw(fd: int, offset: int, length: int) -> None:
     """fallocate(2) as is: the provider's helper skips empty ranges itself."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if libc.fallocate(fd, 3, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    libc.fallocate(fd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def fallocate(*args: str) -> subprocess.CompletedProcess[str]:

@@ -18,16 +18,15 @@ another file system that has taken the path's place.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
-from snapfs import paths
+from snapfs import libc, paths
 from snapfs.errors import FuseError, UsageError
 
 FUSE_DEVICE = "/dev/fuse"
@@ -38,14 +37,6 @@ MS_NODEV = 4
 MNT_FORCE = 1
 MNT_DETACH = 2
 UMOUNT_NOFOLLOW = 8
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mount.argtypes = [
-    ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p,
-]  # fmt: skip
-_libc.mount.restype = ctypes.c_int
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.umount2.restype = ctypes.c_int
 
 
 @dataclass(frozen=True)
@@ -190,10 +181,13 @@ def mount(
         where = str(d.path)
         target = f"/proc/self/fd/{d.fd}".encode()
         flags = MS_NOSUID | MS_NODEV
-        if _libc.mount(source.encode(), target, FS_TYPE.encode(), flags, data.encode()) == 0:
+        try:
+            libc.mount(source.encode(), target, FS_TYPE.encode(), flags, data.encode())
+        except OSError as failed:
+            err = OSError(failed.errno, failed.strerror, where)
+        else:
             return _new_mount(d, source)
-    e = ctypes.get_errno()
-    err = OSError(e, os.strerror(e), where)
+    e = err.errno
     if e == errno.EPERM:
         raise FuseError(f"cannot mount {where}: not permitted (snapfs must run as root)") from err
     if e == errno.ENOENT:
@@ -204,7 +198,7 @@ def mount(
         raise FuseError(f"cannot mount {where}: the kernel has no FUSE support") from err
     if e == errno.EBUSY:
         raise FuseError(f"cannot mount {where}: mountpoint is busy") from err
-    raise FuseError(f"cannot mount {where}: {os.strerror(e)}") from err
+    raise FuseError(f"cannot mount {where}: {err.strerror}") from err
 
 
 def _new_mount(d: paths.Dir, source: str) -> Mount:
@@ -261,10 +255,14 @@ def unmount(
     if expect is not None:
         _verify(Path(where), expect)
         flags |= UMOUNT_NOFOLLOW
-    if _libc.umount2(os.fsencode(where), flags) == 0:
-        return
-    e = ctypes.get_errno()
-    err = OSError(e, os.strerror(e), where)
+    try:
+        libc.umount2(os.fsencode(where), flags)
+    except OSError as err:
+        _unmount_failed(where, err)
+
+
+def _unmount_failed(where: str, err: OSError) -> NoReturn:
+    e = err.errno
     if e == errno.EBUSY:
         raise FuseError(
             f"cannot unmount {where}: busy (a process has a file open or its cwd there)"
@@ -275,7 +273,7 @@ def unmount(
         raise FuseError(f"cannot unmount {where}: not permitted (needs root)") from err
     if e == errno.ENOENT:
         raise FuseError(f"cannot unmount {where}: no such directory") from err
-    raise FuseError(f"cannot unmount {where}: {os.strerror(e)}") from err
+    raise FuseError(f"cannot unmount {where}: {err.strerror}") from err
 
 
 def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
