@@ -109,6 +109,12 @@ def _mount_options(p: argparse.ArgumentParser) -> None:
         help="the guest agent's socket (default: /var/run/qemu-server/VMID.qga)",
     )
     p.add_argument(
+        "--no-tune",
+        action="store_true",
+        help="leave QEMU's NBD server as it is (no wider send buffer, no warm-up read): reads "
+        "are slower",
+    )
+    p.add_argument(
         "--freeze-timeout",
         metavar="SECONDS",
         type=float,
@@ -424,7 +430,7 @@ def mount_options(args: argparse.Namespace, mountpoint: str | None) -> session.M
         allow_other=any("allow_other" in o for o in args.options),
     )
     # Options the session takes once it knows them (MountOptions.freeze: the guest freeze).
-    extras: dict[str, Any] = {"freeze": freeze_config(args)}
+    extras: dict[str, Any] = {"freeze": freeze_config(args), "tune": not args.no_tune}
     known = {f.name for f in dataclasses.fields(opts)}
     wired = {k: v for k, v in extras.items() if k in known}
     return dataclasses.replace(opts, **wired) if wired else opts

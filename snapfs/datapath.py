@@ -1,6 +1,6 @@
 """The splice data path: snapshot bytes from QEMU's NBD socket into /dev/fuse, never in Python.
 
-One :class:`DiskReader` per disk owns a worker thread, an :class:`~snapfs.nbd.NBDStream` and
+One :class:`DiskReader` per disk owns a worker thread, an :class:`~snapfs.nbd.wire.NBDStream` and
 a few pipes. For a READ the trio thread checks the range against the tree (as for every read)
 and submits a job; the worker asks QEMU for the range (a *fetch*: one NBD request, or one per
 copy-before-write cluster where QEMU needs that, see ``confine``), splices the payload of each
@@ -28,7 +28,7 @@ longer wanted is dropped.
 
 Errors: an NBD error chunk fails that job with the server's errno (a broken snapshot); a lost
 connection or a protocol violation fails every job in flight and every later one with
-:class:`~snapfs.nbd.StreamLost`. Callers then read the libnbd way, which reports what happened.
+:class:`~snapfs.nbd.wire.StreamLost`. Callers then read the libnbd way, which reports what happened.
 
 Threads: ``submit``/``read``/``close`` on the trio thread; everything else in the worker. Jobs
 cross over through a ``queue.SimpleQueue`` (and an eventfd that wakes a worker waiting on the
@@ -38,12 +38,10 @@ socket); failures come back with ``TrioToken.run_sync_soon``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import queue
 import select
-import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Final
@@ -52,10 +50,10 @@ import trio
 
 from snapfs.errors import NBDError, SnapfsError
 from snapfs.fuse.splice import Pipe, ReplyPipe
-from snapfs.nbd import (
+from snapfs.nbd import tuning
+from snapfs.nbd.wire import (
     CHUNK_ERROR_BIT,
     CHUNK_FLAG_DONE,
-    CHUNK_NONE,
     CHUNK_OFFSET_DATA,
     CHUNK_OFFSET_HOLE,
     CHUNK_SIMPLE,
@@ -73,22 +71,11 @@ MAX_JOBS: Final = 16
 #: fs.DIRECT_READ_AHEAD), and two read-aheads dropped while still in flight. Beyond that,
 #: payloads go into buffers. An idle pipe costs no payload memory.
 PAYLOAD_PIPES: Final = MAX_JOBS + 4
-#: One read of this many bytes when the first reader of a QEMU starts, its bytes thrown away
-#: (see SharedDepth.warmed_up). Why: QEMU's NBD server allocates every request's buffer with
-#: posix_memalign (4 KiB aligned), and glibc 2.36 can get stuck mapping each 1 MiB buffer
-#: anew: the dynamic mmap threshold it raises when such a buffer is freed stays just below the
-#: next request's padded size. QEMU then faults in all 256 pages of every buffer. Freeing one
-#: larger buffer raises the threshold above 1 MiB for good, so later buffers come from the heap
-#: and are reused. The price: QEMU's heap may keep up to twice this much freed memory.
-WARM_UP: Final = 8 << 20
 _ZEROS: Final = bytes(1 << 16)
-_OFFSET: Final = struct.Struct(">Q")
-_HOLE: Final = struct.Struct(">QI")
-_ERROR: Final = struct.Struct(">IH")
 
-#: Fetches the readers of one QEMU keep outstanding at most when they read ahead: WARM_UP's
-#: worth of 1 MiB reads (see SharedDepth).
-QEMU_DEPTH: Final = WARM_UP // (1 << 20)
+#: Fetches the readers of one QEMU keep outstanding at most when they read ahead (see
+#: SharedDepth): eight 1 MiB reads, the size of the warm-up read (snapfs.nbd.tuning.WARM_UP).
+QEMU_DEPTH: Final = 8
 
 ReplyPipeFactory = Callable[[int], ReplyPipe]
 """Makes a ReplyPipe of the given size on the mounted FUSE connection."""
@@ -229,7 +216,8 @@ class DiskReader:
     an unexpected failure the reader is ``alive`` no more and callers should read another way.
 
     ``confine`` > 0: every NBD request stays inside one aligned block of that size (QEMU's
-    copy-before-write cluster; see ``snapfs.qmp.confine_reads``).
+    copy-before-write cluster; see ``snapfs.qmp.confine_reads``). ``tune``: widen QEMU's send
+    buffer and make the warm-up read (snapfs.nbd.tuning).
     """
 
     def __init__(
@@ -241,6 +229,7 @@ class DiskReader:
         pipe_size: int = PIPE_SIZE,
         depth: SharedDepth | None = None,
         confine: int = 0,
+        tune: bool = True,
     ) -> None:
         self.name = f"{socket_path}:{export}"
         self._socket_path = socket_path
@@ -248,6 +237,7 @@ class DiskReader:
         self._reply_pipe = reply_pipe
         self._pipe_size = pipe_size
         self._confine = confine
+        self._tune = tune
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._wakeup = -1  # an eventfd while run() runs
         self._polling = False  # the worker waits in poll(): a new job must write _wakeup
@@ -375,11 +365,12 @@ class DiskReader:
         # Confined requests lie inside one cluster, where a plain read is right: simple replies
         # spare QEMU a block status per request and us a chunk header per hole or extent.
         self._stream = NBDStream.connect(
-            self._socket_path, self._export, structured=not self._confine
+            self._socket_path, self._export, structured=not self._confine, tune=self._tune
         )
         try:
             self._reply = self._reply_pipe(self._pipe_size)
-            if not self._depth.warmed_up:  # readers start one after the other: no race
+            # Readers start one after the other: no race.
+            if self._tune and not self._depth.warmed_up:
                 self._warm_up()
             self._poll.register(self._stream.fileno, select.POLLIN)
             self._poll.register(self._wakeup, select.POLLIN)
@@ -388,30 +379,13 @@ class DiskReader:
             raise
 
     def _warm_up(self) -> None:
-        """Read up to WARM_UP bytes at offset 0 and throw them away (see WARM_UP). An error
-        reply is fine (the range may be outside the backup): QEMU allocated the buffer. The
-        bytes may be wrong where ``confine`` matters: nobody looks at them."""
-        stream = self._stream
-        assert stream is not None
-        length = min(WARM_UP, stream.size)
-        if length <= PIPE_SIZE:
+        """QEMU's warm-up read (snapfs.nbd.tuning.warm_up), once per QEMU."""
+        assert self._stream is not None
+        if min(tuning.WARM_UP, self._stream.size) <= PIPE_SIZE:
             return  # no larger than a request: it would not raise anything
         self._handle += 1
-        stream.send_reads([(self._handle, 0, length)])
-        scratch = memoryview(bytearray(_ZEROS))
-        while True:
-            handle, ctype, flags, size = stream.recv_chunk()
-            if handle != self._handle:
-                raise StreamLost(f"{self.name}: a reply to unknown request {handle}")
-            if ctype == CHUNK_SIMPLE:
-                size = 0 if size else length  # an error, or the whole payload
-            while size:  # whatever the chunk holds: it is not needed
-                n = min(size, len(scratch))
-                stream.recv_into(scratch[:n])
-                size -= n
-            if flags & CHUNK_FLAG_DONE:
-                self.warmed_up = self._depth.warmed_up = True
-                return
+        tuning.warm_up(self._stream, self._handle)
+        self.warmed_up = self._depth.warmed_up = True
 
     def _release(self) -> None:
         for pipe in self._pipes:
@@ -629,23 +603,21 @@ class DiskReader:
         if part is None:
             raise StreamLost(f"{self.name}: a reply to unknown request {handle}")
         fetch = part.fetch
+        if not stream.chunk_fits(ctype, length):
+            raise StreamLost(f"{self.name}: unexpected reply chunk type {ctype} ({length} bytes)")
         if ctype == CHUNK_SIMPLE:
             if length:  # the server's error: no payload follows
                 part.error = length
             else:
                 self._data(part, part.start, part.length)
-        elif ctype == CHUNK_OFFSET_DATA and length >= _OFFSET.size:
-            (offset,) = _OFFSET.unpack(stream.read_exact(_OFFSET.size))
-            self._data(part, offset - fetch.offset, length - _OFFSET.size)
-        elif ctype == CHUNK_OFFSET_HOLE and length == _HOLE.size:
-            offset, size = _HOLE.unpack(stream.read_exact(_HOLE.size))
+        elif ctype == CHUNK_OFFSET_DATA:
+            offset, size = stream.recv_offset(length)
+            self._data(part, offset - fetch.offset, size)
+        elif ctype == CHUNK_OFFSET_HOLE:
+            offset, size = stream.recv_hole()
             self._hole(part, offset - fetch.offset, size)
-        elif ctype & CHUNK_ERROR_BIT and length >= _ERROR.size:
-            error, _ = _ERROR.unpack(stream.read_exact(_ERROR.size))
-            stream.read_exact(length - _ERROR.size)  # message (and offset): not needed
-            part.error = part.error or error or errno.EIO
-        elif ctype != CHUNK_NONE or length:
-            raise StreamLost(f"{self.name}: unexpected reply chunk type {ctype}")
+        elif ctype & CHUNK_ERROR_BIT:
+            part.error = part.error or stream.recv_error(length)
         if flags & CHUNK_FLAG_DONE:
             del self._inflight[handle]
             part.done = True

@@ -49,7 +49,7 @@ from typing import Any
 import trio
 import trio_asyncio
 
-from snapfs import agent, nbd, paths, pve, qmp
+from snapfs import agent, paths, pve, qmp
 from snapfs.datapath import DiskReader, SharedDepth
 from snapfs.errors import (
     FuseError,
@@ -66,6 +66,8 @@ from snapfs.fs import TreeOperations
 from snapfs.fuse import kernel
 from snapfs.fuse.ops import ReadDone, ReadPlain
 from snapfs.fuse.server import FuseServer
+from snapfs.nbd.client import NBDClient, extents
+from snapfs.nbd.wire import StreamLost
 from snapfs.regions import Regions
 from snapfs.tree import Disk, SourceError, Tree
 
@@ -117,6 +119,8 @@ class MountOptions:
     freeze: agent.FreezeConfig | None = None
     # Where the serving process logs (journal, syslog, stderr or a file): for `snapfs status`.
     log_to: str = "stderr"
+    # Tune QEMU's NBD server from the outside (snapfs.nbd.tuning); --no-tune turns it off.
+    tune: bool = True
 
     @property
     def state_dir(self) -> Path:
@@ -218,7 +222,7 @@ class NBDSource:
     """
 
     def __init__(
-        self, client: nbd.NBDClient, name: str, on_broken: Callable[[str], None], confine: int = 0
+        self, client: NBDClient, name: str, on_broken: Callable[[str], None], confine: int = 0
     ) -> None:
         self.client = client
         self.name = name
@@ -252,7 +256,7 @@ class NBDSource:
         def finished(err: NBDError | None) -> None:
             if err is None:
                 return  # not reported (see DiskReader.submit)
-            if isinstance(err, nbd.StreamLost):
+            if isinstance(err, StreamLost):
                 done(ReadPlain())  # the libnbd connection reads it, and tells what is wrong
             else:
                 done(self._failed("reads", err))
@@ -272,16 +276,16 @@ class NBDSource:
             raise self._failed("discards", err) from err
 
 
-async def _regions(client: nbd.NBDClient, context: str, keep: Callable[[int], bool]) -> Regions:
+async def _regions(client: NBDClient, context: str, keep: Callable[[int], bool]) -> Regions:
     """The ranges whose block-status flags satisfy ``keep``, walking the whole export."""
     regions = Regions()
-    async for off, length, flags in nbd.extents(client, context):
+    async for off, length, flags in extents(client, context):
         if keep(flags):
             regions.append(off, length)
     return regions
 
 
-async def _zeros(client: nbd.NBDClient, written: str | None) -> Regions:
+async def _zeros(client: NBDClient, written: str | None) -> Regions:
     """The ranges of a full view that read as zeros in the snapshot.
 
     ``written`` (QEMU before 8.0, see qmp.confine_reads): the context of a bitmap of every
@@ -298,8 +302,8 @@ async def _zeros(client: nbd.NBDClient, written: str | None) -> Regions:
     while pos < size:
         got = await client.block_status_all(pos, min(_STATUS_CHUNK, size - pos), contexts)
         end = size
-        for extents in got.values():
-            end = min(end, extents[-1][0] + extents[-1][1])
+        for batch in got.values():
+            end = min(end, batch[-1][0] + batch[-1][1])
         chunk = Regions()
         for off, length, flags in got[BASE_ALLOCATION]:
             if flags & NBD_STATE_ZERO and off < end:
@@ -383,6 +387,7 @@ class Session:
             "broken": self.broken,
             "freeze": self.freeze.facts() if self.freeze else None,
             "log": self.opts.log_to,
+            "tuned": self.opts.tune,
             "disks": disks,
         }
 
@@ -518,7 +523,7 @@ class Session:
         assert g is not None
         async with contextlib.AsyncExitStack() as stack:
             disks = []
-            clients: list[nbd.NBDClient] = []
+            clients: list[NBDClient] = []
             for ds in g.disks:
                 # QEMU answers a block-status request for all negotiated contexts at once,
                 # and base:allocation fails outside the copy-before-write access bitmap:
@@ -530,7 +535,7 @@ class Session:
                     + ([f"qemu:dirty-bitmap:{ds.written}"] if ds.written else [])
                 )
                 client = await stack.enter_async_context(
-                    nbd.NBDClient.open(str(g.nbd_socket), ds.export, meta_contexts=contexts)
+                    NBDClient.open(str(g.nbd_socket), ds.export, meta_contexts=contexts)
                 )
                 clients.append(client)
                 disks.append(await self._disk(client, ds))
@@ -572,7 +577,7 @@ class Session:
                     for reader in self._readers:
                         reader.close()
 
-    async def _disk(self, client: nbd.NBDClient, ds: qmp.DiskState) -> Disk:
+    async def _disk(self, client: NBDClient, ds: qmp.DiskState) -> Disk:
         zeros = Regions()
         if ds.export_bitmap:
             dirty = await _regions(
@@ -611,6 +616,7 @@ class Session:
             self._server.reply_pipe,
             depth=self._depth,
             confine=ds.confine,
+            tune=self.opts.tune,
         )
         try:
             await nursery.start(reader.run)
@@ -627,7 +633,7 @@ class Session:
             log.error("VM %s: %s", self.opts.vmid, why)
             self.broken = why
 
-    async def _watch(self, client: nbd.NBDClient) -> None:
+    async def _watch(self, client: NBDClient) -> None:
         await client.wait_lost()
         if not self._stop.is_set():
             self._mark_broken("the VM went away (its NBD server is gone)")

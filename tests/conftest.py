@@ -215,10 +215,13 @@ def with_reader(
     pipe_size: int = 1 << 20,
     depth: SharedDepth | None = None,
     confine: int = 0,
+    tune: bool = True,
 ) -> DiskReader:
     """Run ``body(reader, dev)`` with a running DiskReader; return the reader (stopped)."""
     dev = FakeDevice()
-    reader = DiskReader(sock, name, dev.factory, pipe_size=pipe_size, depth=depth, confine=confine)
+    reader = DiskReader(
+        sock, name, dev.factory, pipe_size=pipe_size, depth=depth, confine=confine, tune=tune
+    )
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

@@ -1,6 +1,6 @@
 """A FAKE NBD server, in-process, for the data path's fast test tier (no QEMU needed).
 
-It speaks enough of the NBD protocol for ``snapfs.nbd.NBDStream``: the fixed-newstyle
+It speaks enough of the NBD protocol for ``snapfs.nbd.wire.NBDStream``: the fixed-newstyle
 handshake, ``NBD_OPT_STRUCTURED_REPLY`` (optional), ``NBD_OPT_GO``, ``NBD_CMD_READ`` and
 ``NBD_CMD_DISC``, over a unix socket, serving bytes held in memory. What real servers do and the
 tests want to provoke, it does on purpose:

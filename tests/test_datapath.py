@@ -21,11 +21,12 @@ from pathlib import Path
 import pytest
 import trio
 
-import snapfs.nbd
+import snapfs.nbd.tuning
 from dev.devvm import QEMU_IMG, DiskSpec, MiB, TestVM, poll, running_vm
 from snapfs.datapath import DiskReader, SharedDepth
 from snapfs.errors import NBDError
-from snapfs.nbd import CHUNK_FLAG_DONE, CHUNK_OFFSET_DATA, SERVER_SNDBUF, NBDStream, StreamLost
+from snapfs.nbd.tuning import SERVER_SNDBUF
+from snapfs.nbd.wire import CHUNK_FLAG_DONE, CHUNK_OFFSET_DATA, NBDStream, StreamLost
 from tests.conftest import FakeDevice, Snapfs, read_back, with_reader
 from tests.test_nbd import QEMU_IO, export, fleecing, start_server, unexport
 
@@ -261,6 +262,27 @@ def test_one_warm_up_read_per_qemu(vm: TestVM, sock: str) -> None:
     assert not second.warmed_up
 
 
+@pytest.mark.parametrize("tune", [True, False], ids=["tuned", "no-tune"])
+def test_tuning_qemu_is_optional(vm: TestVM, sock: str, tune: bool) -> None:
+    """With tuning QEMU's end of the stream gets a wide send buffer and the first reader makes
+    the warm-up read; with --no-tune neither happens. The bytes are the same."""
+    expected = vm.expected["virtio0"]
+
+    async def body(reader: DiskReader, dev: FakeDevice) -> None:
+        assert reader._stream is not None
+        if tune:
+            assert reader._stream.server_sndbuf >= SERVER_SNDBUF
+        else:
+            assert reader._stream.server_sndbuf == 0
+        got = await read_back(reader, dev, 1, MiB, MiB, [(2 * MiB, MiB)])
+        assert got == expected[MiB : 2 * MiB]
+        got = await read_back(reader, dev, 2, 2 * MiB, MiB)
+        assert got == expected[2 * MiB : 3 * MiB]
+
+    reader = with_reader(sock, "virtio0", body, tune=tune)
+    assert reader.warmed_up == tune
+
+
 def queued(stream: NBDStream) -> int:
     """Bytes waiting in the stream's socket (FIONREAD)."""
     buf = fcntl.ioctl(stream._fd, termios.FIONREAD, b"\0" * 4)
@@ -299,7 +321,7 @@ def test_a_server_out_of_reach_keeps_its_buffer(
     def refused(pidfd: int, fd: int) -> int:
         raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
 
-    monkeypatch.setattr(snapfs.nbd, "_pidfd_getfd", refused)
+    monkeypatch.setattr(snapfs.nbd.tuning, "_pidfd_getfd", refused)
 
     async def body(reader: DiskReader, dev: FakeDevice) -> None:
         assert reader._stream is not None

@@ -18,7 +18,7 @@ import trio
 
 from snapfs.datapath import DiskReader
 from snapfs.errors import NBDError
-from snapfs.nbd import StreamLost
+from snapfs.nbd.wire import StreamLost
 from tests.conftest import FakeDevice, read_back, with_reader
 from tests.fake_nbd import FakeNBD
 

@@ -306,3 +306,20 @@ def test_non_root_gets_a_clear_error(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [
         "snapfs: error: snapfs must run as root (it mounts FUSE and talks to QEMU)"
     ]
+
+
+def test_no_tune_leaves_qemu_alone_and_reads_the_same(
+    vm: TestVM, snapfs: Snapfs, tmp_path: Path
+) -> None:
+    """--no-tune: snapfs.json says so, and every disk reads as the snapshot, with the guest
+    writing data, zeros and discards meanwhile."""
+    before = vm.snapshot()
+    with snapfs.mounted(vm, tmp_path / "mnt", "--no-tune") as mnt:
+        for name in vm.disks:
+            vm.guest_write(name, 0, 65536, 0x21)
+            vm.guest_zero(name, MiB, 65536)
+            vm.guest_discard(name, 2 * MiB, 65536)
+        facts = json.loads((mnt / "snapfs.json").read_text())
+        assert facts["tuned"] is False
+        for name in vm.disks:
+            assert (mnt / f"{name}.raw").read_bytes() == before[name]

@@ -15,7 +15,7 @@ import trio
 
 from dev.devvm import QEMU_IMG, DiskSpec, MiB, TestVM, poll, running_vm
 from snapfs.errors import NBDError
-from snapfs.nbd import Extent, NBDClient, extents
+from snapfs.nbd.client import Extent, NBDClient, extents
 
 pytestmark = pytest.mark.qemu
 
