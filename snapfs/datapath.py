@@ -44,11 +44,12 @@ import queue
 import select
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
 from snapfs.errors import NBDError, SnapfsError
+from snapfs.fuse.reply import ReadReply
 from snapfs.fuse.splice import Pipe, ReplyPipe
 from snapfs.nbd import tuning
 from snapfs.nbd.wire import (
@@ -92,22 +93,22 @@ class _Job:
         "fetch",
         "length",
         "offset",
+        "reply",
         "result",
         "retried",
         "tell_success",
-        "unique",
     )
 
     def __init__(
         self,
-        unique: int,
+        reply: ReadReply,
         offset: int,
         length: int,
         ahead: Sequence[tuple[int, int]],
         done: Done,
         tell_success: bool,
     ) -> None:
-        self.unique = unique
+        self.reply = reply
         self.offset = offset
         self.length = length
         self.ahead = ahead
@@ -304,7 +305,7 @@ class DiskReader:
 
     def submit(
         self,
-        unique: int,
+        reply: ReadReply,
         offset: int,
         length: int,
         ahead: Sequence[tuple[int, int]],
@@ -312,9 +313,10 @@ class DiskReader:
         *,
         tell_success: bool = False,
     ) -> None:
-        """Answer READ ``unique`` with ``length`` bytes at ``offset``, reading ``ahead``
-        ahead. If that fails, ``done`` gets the NBDError (the server's errno, or StreamLost)
-        on the trio thread; a reply that went out is not reported unless ``tell_success``
+        """Answer ``reply`` with ``length`` bytes at ``offset``, reading ``ahead`` ahead. If
+        that fails, ``done`` gets the NBDError (the server's errno, or StreamLost) on the trio
+        thread and the reply is left unanswered; a reply that went out is not reported unless
+        ``tell_success``
         (``done(None)``): sparing the trio thread a wakeup per read is much of the point.
         A job cannot be cancelled; one that ends after its request was interrupted finds it
         gone. ``done`` may be called before ``submit`` returns.
@@ -322,11 +324,11 @@ class DiskReader:
         if not self._alive:
             done(StreamLost(f"{self.name}: the splice reader is not running"))
             return
-        self._jobs.put(_Job(unique, offset, length, ahead, done, tell_success))
+        self._jobs.put(_Job(reply, offset, length, ahead, done, tell_success))
         self._wake()
 
     async def read(
-        self, unique: int, offset: int, length: int, ahead: Sequence[tuple[int, int]]
+        self, reply: ReadReply, offset: int, length: int, ahead: Sequence[tuple[int, int]]
     ) -> None:
         """``submit`` and wait; raises what ``done`` would get."""
         finished = trio.Event()
@@ -336,7 +338,7 @@ class DiskReader:
             outcome.append(err)
             finished.set()
 
-        self.submit(unique, offset, length, ahead, done, tell_success=True)
+        self.submit(reply, offset, length, ahead, done, tell_success=True)
         await finished.wait()
         if outcome[0] is not None:
             raise outcome[0]
@@ -589,7 +591,7 @@ class DiskReader:
                 return
             if not job.retried:
                 self.hits += 1  # answered by a read-ahead
-            self._send(job.unique, fetch)
+            self._send(job.reply, fetch)
             self._finish(job, None)
         finally:
             self._free_pipe(fetch)
@@ -719,16 +721,17 @@ class DiskReader:
         fetch.buf = buf
         fetch.filled = 0  # the pipe is empty now
 
-    def _send(self, unique: int, fetch: _Fetch) -> None:
+    def _send(self, answer: ReadReply, fetch: _Fetch) -> None:
         reply = self._reply
         assert reply is not None
         length = fetch.length
+        header = answer.header(length)
         if fetch.buf is not None:
             self.copied += 1
-            reply.write_copy(unique, fetch.buf)
+            reply.write_copy(header, fetch.buf)
             return
         assert fetch.pipe is not None
-        moved = fetch.pipe.move_to(reply.start(unique, length), length)
+        moved = fetch.pipe.move_to(reply.start(header), length)
         if moved == length:
             fetch.filled = 0  # the pipe is empty now
             reply.finish(length)
@@ -740,7 +743,7 @@ class DiskReader:
         fetch.pipe.read_exact(view[moved:])
         fetch.filled = 0
         self.copied += 1
-        reply.write_copy(unique, buf)
+        reply.write_copy(header, buf)
 
     def _drop(self, fetch: _Fetch) -> None:
         """A read-ahead nobody will use: free it now, or when its reply is complete."""
@@ -773,3 +776,80 @@ def _write_some(fd: int, data: bytes | memoryview, length: int) -> int:
         except BlockingIOError:
             break
     return done
+
+
+#: Reads at least this large that continue the previous read of a disk start a read-ahead.
+READ_AHEAD_MIN: Final = 128 * 1024
+#: Ranges read ahead of a sequential reader: two keep QEMU busy while a reply goes out.
+READ_AHEAD: Final = 2
+
+
+class Submits(Protocol):
+    """What SpliceReads needs of a DiskReader."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    def submit(
+        self,
+        reply: ReadReply,
+        offset: int,
+        length: int,
+        ahead: Sequence[tuple[int, int]],
+        done: Done,
+    ) -> None: ...
+
+
+class SpliceReads:
+    """A disk's direct reads (``snapfs.fs.DirectReads``) through its ``DiskReader``: the one
+    place that decides what to read ahead, and what a failure of the data path means.
+
+    A read that continues the previous one and is large enough names the ranges after it to
+    read ahead, only while they are readable now (``readable``); the reader uses one only for a
+    READ that passed the tree's checks at its own time (punching only shrinks the readable set,
+    and the snapshot's bytes never change). Failures: a lost stream sends the READ back to be
+    read another way; an error of the server (the snapshot broke) becomes ``on_error``'s domain
+    error. Trio thread only.
+    """
+
+    def __init__(
+        self,
+        reader: Submits,
+        size: int,
+        readable: Callable[[int, int], bool],
+        on_error: Callable[[NBDError], Exception],
+    ) -> None:
+        self.reader = reader
+        self.size = size
+        self.readable = readable
+        self.on_error = on_error
+        self._next = -1  # where the last read ended
+
+    def follow(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Note a read; return the ranges to read ahead of it (see the class)."""
+        sequential = self._next == offset
+        self._next = offset + length
+        ranges: list[tuple[int, int]] = []
+        if not sequential or length < READ_AHEAD_MIN:
+            return ranges
+        start = offset + length
+        for _ in range(READ_AHEAD):
+            ahead = min(length, self.size - start)
+            if ahead <= 0 or not self.readable(start, ahead):
+                break
+            ranges.append((start, ahead))
+            start += ahead
+        return ranges
+
+    def read(
+        self, reply: ReadReply, offset: int, length: int, failed: Callable[[Exception], None]
+    ) -> bool:
+        if not self.reader.alive:
+            return False
+
+        def done(err: NBDError | None) -> None:
+            if err is not None:
+                failed(err if isinstance(err, StreamLost) else self.on_error(err))
+
+        self.reader.submit(reply, offset, length, self.follow(offset, length), done)
+        return True

@@ -40,7 +40,7 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +50,7 @@ import trio
 import trio_asyncio
 
 from snapfs import agent, paths, pve, qmp
-from snapfs.datapath import DiskReader, SharedDepth
+from snapfs.datapath import DiskReader, SharedDepth, SpliceReads
 from snapfs.errors import (
     FuseError,
     NBDError,
@@ -64,12 +64,10 @@ from snapfs.errors import (
 )
 from snapfs.fs import TreeOperations
 from snapfs.fuse import kernel
-from snapfs.fuse.ops import ReadDone, ReadPlain
 from snapfs.fuse.server import FuseServer
 from snapfs.nbd.client import NBDClient, extents
-from snapfs.nbd.wire import StreamLost
 from snapfs.regions import Regions
-from snapfs.tree import Disk, SourceError, Tree
+from snapfs.tree import ROOT_INO, Disk, SourceError, Tree
 
 log = logging.getLogger(__name__)
 
@@ -216,9 +214,9 @@ class NBDSource:
     storage is full; QEMU then refuses every snapshot read, with EINVAL over NBD):
     ``on_broken`` is told.
 
-    Once ``reader`` (the splice data path, a second connection) runs, READs go through it
-    (``start_read_direct``); should it stop, reads go through ``client`` again, which then reports
-    what happened.
+    The splice data path (snapfs.datapath.SpliceReads) reads most of a disk's bytes through a
+    connection of its own; what it cannot read comes here, and its errors are put in words by
+    ``read_failed``.
     """
 
     def __init__(
@@ -228,7 +226,6 @@ class NBDSource:
         self.name = name
         self.on_broken = on_broken
         self.confine = confine  # see qmp.confine_reads
-        self.reader: DiskReader | None = None
 
     def _failed(self, what: str, err: NBDError) -> SourceError:
         if not self.client.alive:
@@ -240,28 +237,9 @@ class NBDSource:
             )
         return SourceError(f"{self.name}: {err}", errno.EIO)
 
-    def can_read_direct(self) -> bool:
-        return self.reader is not None and self.reader.alive
-
-    def start_read_direct(
-        self,
-        unique: int,
-        offset: int,
-        length: int,
-        ahead: Sequence[tuple[int, int]],
-        done: ReadDone,
-    ) -> None:
-        assert self.reader is not None
-
-        def finished(err: NBDError | None) -> None:
-            if err is None:
-                return  # not reported (see DiskReader.submit)
-            if isinstance(err, StreamLost):
-                done(ReadPlain())  # the libnbd connection reads it, and tells what is wrong
-            else:
-                done(self._failed("reads", err))
-
-        self.reader.submit(unique, offset, length, ahead, finished)
+    def read_failed(self, err: NBDError) -> SourceError:
+        """What an error of QEMU's to a read means (the snapshot broke, or the VM is gone)."""
+        return self._failed("reads", err)
 
     async def read_into(self, buf: bytearray, offset: int, length: int) -> None:
         try:
@@ -351,6 +329,7 @@ class Session:
         self.guest_files: dict[str, bytes] = {}
         self._stop = trio.Event()
         self._server: FuseServer | None = None
+        self._ops: TreeOperations | None = None
         self._readers: list[DiskReader] = []
         self._depth = SharedDepth()  # one per QEMU: every disk's reader shares it
         self._done = trio.Event()
@@ -550,7 +529,7 @@ class Session:
                 shared=shared,
             )
             async with trio.open_nursery() as nursery:
-                ops = TreeOperations(self.tree, nursery=nursery)
+                ops = self._ops = TreeOperations(self.tree)
                 self._server = FuseServer(
                     ops,
                     self.opts.mountpoint,
@@ -623,7 +602,12 @@ class Session:
         except (NBDError, FuseError) as err:
             log.warning("VM %s: %s is read without splice: %s", self.opts.vmid, source.name, err)
             return
-        source.reader = reader
+        assert self._ops is not None
+        assert self.tree is not None
+        ino = self.tree.lookup(ROOT_INO, f"{disk.name}.raw").ino
+        self._ops.direct[ino] = SpliceReads(
+            reader, disk.size, disk.readable.contains, source.read_failed
+        )
         self._readers.append(reader)
         log.debug("VM %s: %s: splice data path ready", self.opts.vmid, source.name)
 

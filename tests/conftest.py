@@ -13,7 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,8 @@ from dev.devvm import DiskSpec, TestVM, poll
 from snapfs.datapath import DiskReader, SharedDepth
 from snapfs.errors import FuseError
 from snapfs.fuse import kernel
+from snapfs.fuse.ops import FuseErrno
+from snapfs.fuse.reply import ReadReply
 from snapfs.fuse.splice import ReplyPipe
 
 
@@ -198,7 +200,7 @@ async def read_back(
             lambda: trio.to_thread.run_sync(lambda: got.append(dev.take()), abandon_on_cancel=True)
         )
         try:
-            await reader.read(unique, offset, length, ahead)
+            await reader.read(ReadReply(unique), offset, length, ahead)
         except BaseException:
             nursery.cancel_scope.cancel()
             raise
@@ -237,3 +239,34 @@ def with_reader(
     finally:
         dev.close()
     return reader
+
+
+class RecordingReply(ReadReply):
+    """A READ's reply handle without a FUSE server (model and adapter tests): it records the
+    answer; ``settle`` runs the work given to ``later`` as the server's task would."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.payload: bytes | None = None
+        self.errno: int | None = None
+        self.work: Callable[[], Awaitable[None]] | None = None
+
+    def data(self, payload: bytes | bytearray | memoryview) -> None:
+        self._claim()
+        self.payload = bytes(payload)
+
+    def error(self, errno: int) -> None:
+        self._claim()
+        self.errno = errno
+
+    def later(self, work: Callable[[], Awaitable[None]]) -> None:
+        self.spawned = True
+        self.work = work
+
+    async def settle(self) -> None:
+        work, self.work = self.work, None
+        if work is not None:
+            try:
+                await work()
+            except FuseErrno as err:
+                self.error(err.errno)

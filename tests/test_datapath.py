@@ -25,6 +25,7 @@ import snapfs.nbd.tuning
 from dev.devvm import QEMU_IMG, DiskSpec, MiB, TestVM, poll, running_vm
 from snapfs.datapath import DiskReader, SharedDepth
 from snapfs.errors import NBDError
+from snapfs.fuse.reply import ReadReply
 from snapfs.nbd.tuning import SERVER_SNDBUF
 from snapfs.nbd.wire import CHUNK_FLAG_DONE, CHUNK_OFFSET_DATA, NBDStream, StreamLost
 from tests.conftest import FakeDevice, Snapfs, read_back, with_reader
@@ -146,7 +147,7 @@ def test_many_reads_in_flight_at_once(vm: TestVM, sock: str) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: trio.to_thread.run_sync(taker, abandon_on_cancel=True))
             for u, (offset, length) in reads.items():
-                reader.submit(u, offset, length, (), functools.partial(done, u))
+                reader.submit(ReadReply(u), offset, length, (), functools.partial(done, u))
             with trio.fail_after(60):
                 await one_failed.wait()
         for u, (offset, length) in reads.items():
@@ -218,7 +219,7 @@ def test_an_error_reply_fails_one_read_only(vm: TestVM, sock: str) -> None:
 
     async def body(reader: DiskReader, dev: FakeDevice) -> None:
         with pytest.raises(NBDError) as info:
-            await reader.read(1, size - 4096, 8192, ())
+            await reader.read(ReadReply(1), size - 4096, 8192, ())
         assert not isinstance(info.value, StreamLost)
         assert info.value.errno == errno.EINVAL
         assert reader.alive
@@ -240,7 +241,7 @@ def test_a_refused_warm_up_read_is_harmless(vm: TestVM, tmp_path: Path) -> None:
         assert reader.alive
         assert await read_back(reader, dev, 1, 16 * MiB, MiB) == want
         with pytest.raises(NBDError) as info:
-            await reader.read(2, 0, 4096, ())
+            await reader.read(ReadReply(2), 0, 4096, ())
         assert info.value.errno == errno.EINVAL
 
     with fleecing(vm, tmp_path):
@@ -337,10 +338,10 @@ def test_qemu_killed_ends_the_reader(vm: TestVM, sock: str) -> None:
         assert await read_back(reader, dev, 1, 0, 4096) == vm.expected["virtio0"][:4096]
         await trio.to_thread.run_sync(lambda: vm.stop(kill=True))
         with pytest.raises(StreamLost):
-            await reader.read(2, 0, MiB, [(MiB, MiB)])
+            await reader.read(ReadReply(2), 0, MiB, [(MiB, MiB)])
         assert not reader.alive
         with pytest.raises(StreamLost):
-            await reader.read(3, 0, 4096, ())
+            await reader.read(ReadReply(3), 0, 4096, ())
 
     with_reader(sock, "virtio0", body)
 
@@ -352,7 +353,7 @@ def test_close_while_a_read_ahead_is_in_flight(vm: TestVM, sock: str) -> None:
         await read_back(reader, dev, 1, 0, MiB, [(MiB, MiB), (2 * MiB, MiB)])
         reader.close()
         with pytest.raises(StreamLost):
-            await reader.read(2, MiB, MiB, ())
+            await reader.read(ReadReply(2), MiB, MiB, ())
 
     with_reader(sock, "virtio0", body)
 

@@ -18,6 +18,7 @@ import trio
 
 from snapfs.datapath import DiskReader
 from snapfs.errors import NBDError
+from snapfs.fuse.reply import ReadReply
 from snapfs.nbd.wire import StreamLost
 from tests.conftest import FakeDevice, read_back, with_reader
 from tests.fake_nbd import FakeNBD
@@ -75,7 +76,7 @@ async def read_many(
             functools.partial(trio.to_thread.run_sync, taker, abandon_on_cancel=True)
         )
         for u, (offset, length) in reads.items():
-            reader.submit(u, offset, length, (), functools.partial(done, u))
+            reader.submit(ReadReply(u), offset, length, (), functools.partial(done, u))
         with trio.fail_after(30):
             await settled.wait()
         nursery.cancel_scope.cancel()
@@ -176,6 +177,6 @@ def test_a_broken_protocol_fails_everything_in_flight(server: FakeNBD) -> None:
             assert payload == server.data[offset : offset + length]
         assert not reader.alive
         with pytest.raises(StreamLost):
-            await reader.read(500, 0, 4096, ())
+            await reader.read(ReadReply(500), 0, 4096, ())
 
     with_reader(str(server.path), "disk", body)

@@ -8,6 +8,7 @@ unmounts in ``finally`` (lazily if a plain unmount fails) so no mount outlives a
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import signal
@@ -33,9 +34,9 @@ from snapfs.fuse.ops import (
     DirEntry,
     FuseErrno,
     OpenReply,
-    ReadResult,
     StatFs,
 )
+from snapfs.fuse.reply import ReadReply
 from snapfs.fuse.server import FuseServer
 
 pytestmark = [
@@ -82,7 +83,7 @@ class MemOps:
     destroyed: threading.Event = field(default_factory=threading.Event)
     slow_started: threading.Event = field(default_factory=threading.Event)
     slow_cancelled: threading.Event = field(default_factory=threading.Event)
-    released: int = 0
+    answered: int = 0
     reads_in_flight: int = 0
     max_reads_in_flight: int = 0
     max_read_size: int = 0
@@ -126,7 +127,15 @@ class MemOps:
     def release(self, ino: int, fh: int) -> None:
         assert fh == ino * 10
 
-    async def read(self, ino: int, fh: int, offset: int, size: int) -> ReadResult:
+    def read(self, ino: int, fh: int, offset: int, size: int, reply: ReadReply) -> None:
+        if ino == INO_HOLEY:
+            if offset < HOLE[1] and offset + size > HOLE[0]:
+                raise FuseErrno(errno.ENODATA)
+            reply.data(bytes(min(size, max(0, HOLEY_SIZE - offset))))
+            return
+        reply.later(functools.partial(self._read, ino, offset, size, reply))
+
+    async def _read(self, ino: int, offset: int, size: int, reply: ReadReply) -> None:
         if ino == INO_BOOM:
             raise RuntimeError("a bug in ops.read")
         if ino == INO_SLOW:
@@ -135,10 +144,6 @@ class MemOps:
                 await trio.sleep_forever()
             finally:
                 self.slow_cancelled.set()
-        if ino == INO_HOLEY:
-            if offset < HOLE[1] and offset + size > HOLE[0]:
-                raise FuseErrno(errno.ENODATA)
-            return ReadResult(bytes(min(size, max(0, HOLEY_SIZE - offset))))
         self.max_read_size = max(self.max_read_size, size)
         self.reads_in_flight += 1
         self.max_reads_in_flight = max(self.max_reads_in_flight, self.reads_in_flight)
@@ -151,12 +156,8 @@ class MemOps:
             await trio.lowlevel.checkpoint()
         finally:
             self.reads_in_flight -= 1
-        view = memoryview(self.disk)[offset : offset + size]
-
-        def release() -> None:
-            self.released += 1
-
-        return ReadResult(view, release)
+        reply.data(memoryview(self.disk)[offset : offset + size])
+        self.answered += 1
 
     def write(self, ino: int, fh: int, offset: int, data: bytes) -> int:
         raise FuseErrno(errno.EROFS)
@@ -285,7 +286,7 @@ def test_read_content(tmp_path: Path) -> None:
             assert os.pread(fd, 100, DISK_SIZE) == b""
         finally:
             os.close(fd)
-        wait_for(lambda: m.ops.released > 0, "ReadResult.release() calls")
+        wait_for(lambda: m.ops.answered > 0, "reads answered from a task")
 
 
 def test_dd_direct(tmp_path: Path) -> None:

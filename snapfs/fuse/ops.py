@@ -5,16 +5,20 @@ nothing about VMs. An implementation reports failures only by raising ``FuseErrn
 exception is a bug and is answered with EIO (and logged).
 
 Concurrency rule: the server runs in one trio task tree. Plain methods run inline in the request
-loop and must not block. ``async`` methods run in a task of their own, so several of them can be
-in flight at once (reads of different disks, reads racing a punch); they may be cancelled when the
-kernel sends INTERRUPT, and a cancelled request is answered EINTR, never EIO.
+loop and must not block. ``async`` methods (fallocate, lseek) run in a task of their own, so
+several of them can be in flight at once; they may be cancelled when the kernel sends INTERRUPT,
+and a cancelled request is answered EINTR, never EIO. ``read`` gets a reply handle
+(snapfs.fuse.reply) and may answer at once, from another thread, or from a task of the server.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from snapfs.fuse.reply import ReadReply
 
 ROOT_INODE = 1
 
@@ -69,37 +73,6 @@ class StatFs:
     frsize: int = 4096
 
 
-@dataclass(slots=True)
-class ReadResult:
-    """Bytes for a READ reply. ``release`` (if set) is called once the reply has been written,
-    so a buffer from a pool can be reused; ``data`` must stay valid until then."""
-
-    data: bytes | bytearray | memoryview
-    release: Callable[[], None] | None = None
-
-
-class ReadPlain(Exception):
-    """Passed to a ``start_read`` callback: answer this read through ``read`` after all."""
-
-
-ReadDone = Callable[[Exception], None]
-"""Why a started read was not answered, on the trio thread: ``ReadPlain``, or an exception to
-answer with (``FuseErrno``: its errno; anything else: EIO). A read that was answered is not
-reported."""
-
-
-class DirectReads(Protocol):
-    """Optional for ``Operations``: reads answered without handing bytes to the server."""
-
-    def start_read(
-        self, ino: int, fh: int, offset: int, size: int, unique: int, done: ReadDone
-    ) -> bool:
-        """Start answering READ ``unique`` (e.g. through a ``ReplyPipe``) and return True;
-        ``done`` follows if it is not answered after all. False: not this one, use ``read``.
-        May raise FuseErrno."""
-        ...
-
-
 class Operations(Protocol):
     """A file system as the FUSE layer sees it. Inode 1 is the root directory."""
 
@@ -121,7 +94,10 @@ class Operations(Protocol):
 
     def release(self, ino: int, fh: int) -> None: ...
 
-    async def read(self, ino: int, fh: int, offset: int, size: int) -> ReadResult: ...
+    def read(self, ino: int, fh: int, offset: int, size: int, reply: ReadReply) -> None:
+        """Answer the READ through ``reply`` (see snapfs.fuse.reply): at once, from another
+        thread, or from ``reply.later``. A FuseErrno raised here is answered by the server."""
+        ...
 
     def write(self, ino: int, fh: int, offset: int, data: bytes) -> int: ...
 

@@ -6,9 +6,11 @@ plain ints, WRITE data is copied). Plain ``Operations`` methods run inline in th
 async ones (read, fallocate, lseek) each run in a task of their own, at most ``max_background``
 at once: the reader takes a slot before reading a request and an async request keeps it until
 its reply is written, so a full house stops the reader instead of queueing without bound.
-A READ that ``ops.start_read`` (optional, ``DirectReads``) takes is answered elsewhere, through
-a ``ReplyPipe``, with no task and no slot: the kernel bounds how many it sends at once (its
-own ``max_background`` for async reads, one per blocked reader otherwise).
+A READ is handed to ``ops.read`` with a ``ReadReply`` (snapfs.fuse.reply): the file system
+answers it at once, through a ``ReplyPipe`` from another thread (no task, no slot: the kernel
+bounds how many READs it sends at once, its own ``max_background`` for async reads and one per
+blocked reader otherwise), or from a task of the server (``ReadReply.later``), which keeps the
+reader's slot when it is started while the READ is dispatched.
 
 Every reply the server writes is ONE ``os.writev`` of the header and the payload (a write to
 /dev/fuse completes synchronously, and the kernel wants a whole reply per write). ENOENT from
@@ -27,7 +29,6 @@ The mount is unmounted only while its path still leads to it (``kernel.unmount``
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import stat
@@ -46,9 +47,8 @@ from snapfs.fuse.ops import (
     DirEntry,
     FuseErrno,
     Operations,
-    ReadPlain,
-    ReadResult,
 )
+from snapfs.fuse.reply import ReadReply
 from snapfs.fuse.splice import ReplyPipe
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class FuseServer:
         self._nursery: trio.Nursery | None = None
         self._destroyed = False
         self._handlers: list[Handler] = self._build_handlers()
-        self._start_read: Callable[..., bool] | None = getattr(ops, "start_read", None)
+        self._dispatching: ReadReply | None = None  # the READ whose ops.read runs now
 
     @property
     def mounted(self) -> bool:
@@ -239,6 +239,14 @@ class FuseServer:
             # ENOENT: the request was interrupted and is gone; ENODEV: unmounted meanwhile.
             if err.errno != errno.ENOENT and err.errno not in _ENODEV_LIKE:
                 log.error("writing a reply to /dev/fuse failed: %s", err)
+
+    def write_reply(self, iov: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Write one whole reply (ReadReply answers through this; trio thread)."""
+        self._write(iov)
+
+    def reply_err(self, unique: int, err: int) -> None:
+        """Answer ``unique`` with an error (ReadReply answers through this; trio thread)."""
+        self._reply_err(unique, err)
 
     def _reply(self, unique: int, payload: bytes = b"") -> None:
         self._write((p.OUT_HEADER.pack(_OUT_HEADER_SIZE + len(payload), 0, unique), payload))
@@ -372,32 +380,39 @@ class FuseServer:
             del self._inflight[unique]
             self._slots.release()
 
+    def spawn_read(
+        self, unique: int, reply: ReadReply, work: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run a READ's ``work()`` in a task (``ReadReply.later``). It keeps the reader's slot
+        if it is started while its READ is dispatched (the handler then returns True)."""
+        if self._fd < 0 or self._nursery is None:
+            return  # the connection is gone: nobody to answer
+        scope = trio.CancelScope()
+        self._inflight[unique] = scope
+        slot = reply is self._dispatching
+        self._nursery.start_soon(self._run_read, unique, reply, scope, work, slot)
+
     async def _run_read(
         self,
         unique: int,
+        reply: ReadReply,
         scope: trio.CancelScope,
-        ino: int,
-        fh: int,
-        offset: int,
-        size: int,
+        work: Callable[[], Awaitable[None]],
         slot: bool,
     ) -> None:
-        """The READ path, kept apart from ``_run_async`` to stay lean: header and data go out in
-        one writev without being joined, then the buffer is released."""
         try:
             with scope:
-                result: ReadResult = await self.ops.read(ino, fh, offset, size)
-            if scope.cancelled_caught:
-                self._reply_err(unique, errno.EINTR)
-                return
-            data = result.data
-            try:
-                self._write((p.OUT_HEADER.pack(_OUT_HEADER_SIZE + len(data), 0, unique), data))
-            finally:
-                if result.release is not None:
-                    result.release()
+                await work()
+            if scope.cancelled_caught and not reply.answered:
+                reply.error(errno.EINTR)
+            elif not reply.answered:
+                raise RuntimeError("the READ's work ended without an answer")
         except Exception as exc:
-            self._reply_failure(unique, p.Opcode.READ, exc)
+            if not reply.answered:
+                reply.error(exc.errno if isinstance(exc, FuseErrno) else errno.EIO)
+            if not isinstance(exc, FuseErrno):
+                log.error("FUSE READ failed, answering EIO: %r", exc)
+                log.debug("FUSE READ failed", exc_info=exc)
         finally:
             del self._inflight[unique]
             if slot:
@@ -443,43 +458,13 @@ class FuseServer:
 
     def _op_read(self, unique: int, nodeid: int, body: memoryview) -> bool:
         fh, offset, size, _, _, _, _ = p.READ_IN.unpack_from(body)
-        # The lean path: no task, no slot, no word back unless it fails. What is queued there
-        # is bounded by the kernel (max_background async requests, one per blocked reader).
-        start = self._start_read
-        if start is not None and start(
-            nodeid,
-            fh,
-            offset,
-            size,
-            unique,
-            functools.partial(self._started_read_failed, unique, nodeid, fh, offset, size),
-        ):
-            return False
-        return self._spawn_read(unique, nodeid, fh, offset, size, True)
-
-    def _started_read_failed(
-        self, unique: int, nodeid: int, fh: int, offset: int, size: int, outcome: Exception
-    ) -> None:
-        # Runs as a trio callback: it must never raise.
+        reply = ReadReply(unique, self)
+        self._dispatching = reply
         try:
-            if self._fd < 0 or self._nursery is None:
-                pass  # the connection is gone: nobody to answer
-            elif isinstance(outcome, ReadPlain):
-                self._spawn_read(unique, nodeid, fh, offset, size, False)
-            else:
-                self._reply_failure(unique, p.Opcode.READ, outcome)
-        except Exception as exc:
-            log.error("FUSE READ failed after it started: %r", exc)
-
-    def _spawn_read(
-        self, unique: int, nodeid: int, fh: int, offset: int, size: int, slot: bool
-    ) -> bool:
-        """Run the READ in a task; it gives the reader's slot back at the end if ``slot``."""
-        assert self._nursery is not None
-        scope = trio.CancelScope()
-        self._inflight[unique] = scope
-        self._nursery.start_soon(self._run_read, unique, scope, nodeid, fh, offset, size, slot)
-        return True
+            self.ops.read(nodeid, fh, offset, size, reply)  # what it raises, the loop answers
+        finally:
+            self._dispatching = None
+        return reply.spawned  # a task took over the reader's slot
 
     def _op_fallocate(self, unique: int, nodeid: int, body: memoryview) -> bool:
         if self._uid != 0:

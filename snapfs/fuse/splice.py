@@ -83,10 +83,10 @@ class ReplyPipe(Pipe):
         super().__init__(size)
         self._fuse = os.dup(fuse_fd)
 
-    def start(self, unique: int, length: int) -> int:
-        """Write the header of a ``length``-byte reply; return the end to splice the payload
+    def start(self, header: bytes) -> int:
+        """Write a reply's header (``ReadReply.header``); return the end to splice the payload
         into. The pipe must be empty."""
-        os.write(self.w, _HEADER.pack(_HEADER.size + length, 0, unique))
+        os.write(self.w, header)
         return self.w
 
     def finish(self, length: int) -> None:
@@ -107,10 +107,10 @@ class ReplyPipe(Pipe):
         self.discard(_HEADER.size)
         self.read_exact(view)
 
-    def write_copy(self, unique: int, payload: memoryview | bytearray) -> None:
+    def write_copy(self, header: bytes, payload: memoryview | bytearray) -> None:
         """Send a reply the copying way (header and payload in one writev)."""
         try:
-            os.writev(self._fuse, [_HEADER.pack(_HEADER.size + len(payload), 0, unique), payload])
+            os.writev(self._fuse, [header, payload])
         except OSError as err:
             if err.errno not in _UNDELIVERABLE:
                 raise
