@@ -31,8 +31,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, TextIO
 
-from snapfs import __version__, agent, paths, provider, session
+from snapfs import __version__, agent, control, options, paths, provider, runner, session, state
 from snapfs.errors import SnapfsError, StateError, UsageError
+from snapfs.records import Outcome
 
 log = logging.getLogger("snapfs")
 
@@ -279,7 +280,7 @@ class JournalHandler(logging.Handler):
 def _fallback_log(vmid: str) -> logging.Handler:
     """A log file for a serving process on a host without journald or syslog: root's own
     directory, opened without following links."""
-    directory = session.run_dir() / "log"
+    directory = state.run_dir() / "log"
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / f"{vmid}.log"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -416,11 +417,11 @@ def freeze_config(args: argparse.Namespace) -> agent.FreezeConfig | None:
     return agent.FreezeConfig(sock, timeout=args.freeze_timeout, required=args.freeze == "required")
 
 
-def mount_options(args: argparse.Namespace, mountpoint: str | None) -> session.MountOptions:
+def mount_options(args: argparse.Namespace, mountpoint: str | None) -> options.MountOptions:
     unknown = [o for opt in args.options for o in opt.split(",") if o != "allow_other"]
     if unknown:
         raise UsageError(f"unknown mount option {unknown[0]!r}")
-    opts = session.validate(
+    opts = options.validate(
         args.vmid,
         mountpoint,
         args.qmp,
@@ -436,7 +437,7 @@ def mount_options(args: argparse.Namespace, mountpoint: str | None) -> session.M
     return dataclasses.replace(opts, **wired) if wired else opts
 
 
-def _serve_in_background(args: argparse.Namespace, opts: session.MountOptions) -> int:
+def _serve_in_background(args: argparse.Namespace, opts: options.MountOptions) -> int:
     """Fork the serving process and wait until it serves the tree; the exit code of the mount."""
     r, w = os.pipe()
     pid = os.fork()
@@ -456,7 +457,7 @@ def _serve_in_background(args: argparse.Namespace, opts: session.MountOptions) -
         status = 0
         ready = _ReadyPipe(w)
         try:
-            session.run_trio(session.Session(opts).serve, task_status=ready)
+            runner.run_trio(session.Session(opts).serve, task_status=ready)
         except SnapfsError as err:
             status = err.exit_code
             ready.failed(str(err), status)  # first: the error is not also a warning
@@ -487,11 +488,11 @@ def _serve_in_background(args: argparse.Namespace, opts: session.MountOptions) -
     return code if isinstance(code, int) and code > 0 else 1
 
 
-def _outcome(reply: dict[str, Any]) -> str:
+def _outcome(reply: Outcome) -> str:
     """What an unmount did, in the words that matter for the next backup."""
-    if not reply.get("incremental"):
+    if not reply.incremental:
         return "unmounted"
-    if reply.get("committed"):
+    if reply.committed:
         return "unmounted; committed: the next incremental starts from this snapshot"
     return "unmounted; not committed: the next incremental still contains these changes"
 
@@ -501,7 +502,7 @@ def _mount(args: argparse.Namespace) -> int:
     if args.foreground:
         setup_logging(args)
         sess = session.Session(opts)
-        result = session.run_trio(sess.serve)
+        result = runner.run_trio(sess.serve)
         return 0 if result.get("ok") else int(result.get("exit", 1))
     return _serve_in_background(args, opts)
 
@@ -601,7 +602,7 @@ def _run(args: argparse.Namespace) -> int:
                 status,
             )
         try:
-            reply = session.umount(opts.vmid, commit=commit)
+            reply = control.umount(opts.vmid, commit=commit)
         except StateError as err:
             _error(f"{err}; nothing was committed")
             return status or err.exit_code
@@ -630,21 +631,14 @@ def _fleecing_usage(path: str) -> dict[str, Any]:
 def session_status(vmid: str) -> dict[str, Any]:
     """One session's status: the serving process's facts (over its control socket, not QMP)
     and the fleecing images' allocated size (from the state file's paths)."""
-    vmid, state = session.find_session(vmid)
-    graph_disks = {d["name"]: d for d in state.get("graph", {}).get("disks", [])}
-    out: dict[str, Any] = {
-        "vmid": vmid,
-        "pid": state.get("pid"),
-        "mountpoint": state.get("mountpoint"),
-    }
+    vmid, record = state.find_session(vmid)
+    graph = record.graph
+    graph_disks = {d["name"]: d for d in graph.get("disks", [])}
+    out: dict[str, Any] = {"vmid": vmid, "pid": record.pid, "mountpoint": record.mountpoint}
     try:
-        reply = session.request(vmid, {"op": "status"})
-        facts: dict[str, Any] = reply.get("status")  # type: ignore[assignment]
-        if not isinstance(facts, dict):
-            raise StateError(f"the serving process of VM {vmid} gave no status: {reply}")
+        facts = control.status(vmid)
     except (StateError, OSError) as err:
         # The serving process is gone or hung: report what the state file knows.
-        graph = state.get("graph", {})
         out.update(
             state="stale",
             error=str(err),
@@ -657,45 +651,40 @@ def session_status(vmid: str) -> dict[str, Any]:
             name: {
                 "size": d.get("size"),
                 "bitmap_mode": d.get("bitmap", {}).get("mode"),
-                "broken": None,
                 **_fleecing_usage(d["fleecing_path"]),
             }
             for name, d in graph_disks.items()
         }
         return out
-    broken = facts.get("broken")
     out.update(
         state="active",
         error=None,
-        mountpoint=facts.get("mountpoint"),
-        snapshot_time=facts.get("snapshot_time"),
-        incremental=facts.get("incremental"),
-        pause_ms=facts.get("pause_ms"),
-        broken=broken,
-        freeze=facts.get("freeze"),
-        log=facts.get("log"),
+        mountpoint=facts.mountpoint,
+        snapshot_time=facts.snapshot_time,
+        incremental=facts.incremental,
+        pause_ms=facts.pause_ms,
+        broken=facts.broken,
+        freeze=facts.freeze.to_dict() if facts.freeze else None,
+        log=facts.log,
     )
-    disks: dict[str, Any] = {}
-    for name, d in facts.get("disks", {}).items():
-        gd = graph_disks.get(name, {})
-        disk_broken = d.get("broken", broken)
-        disks[name] = {
-            "size": d["size"],
-            "bitmap_mode": d["bitmap"]["mode"],
-            "bitmap": d["bitmap"],
-            "dirty_bytes": d["dirty_bytes"],
-            "readable_bytes": d["readable_bytes"],
-            "bytes_read": d["bytes_read"],
-            "discarded_bytes": d["discarded_bytes"],
-            "broken": bool(disk_broken),
-            **_fleecing_usage(gd.get("fleecing_path", "")),
+    out["disks"] = {
+        name: {
+            "size": d.size,
+            "bitmap_mode": d.bitmap.mode,
+            "bitmap": d.bitmap.to_dict(),
+            "dirty_bytes": d.dirty_bytes,
+            "readable_bytes": d.readable_bytes,
+            "bytes_read": d.bytes_read,
+            "discarded_bytes": d.discarded_bytes,
+            **_fleecing_usage(graph_disks.get(name, {}).get("fleecing_path", "")),
         }
-    out["disks"] = disks
+        for name, d in facts.disks.items()
+    }
     return out
 
 
 def _all_vmids() -> list[str]:
-    root = session.run_dir() / ".state"
+    root = state.run_dir() / ".state"
     return sorted(p.name for p in root.glob("*") if (p / "state.json").exists())
 
 
@@ -724,7 +713,7 @@ def _consistency(st: dict[str, Any]) -> str:
 
 
 def _status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    vmids = [session.check_vmid(args.vmid)] if args.vmid else _all_vmids()
+    vmids = [state.check_vmid(args.vmid)] if args.vmid else _all_vmids()
     sessions = [session_status(v) for v in vmids]
     if args.json:
         print(json.dumps(sessions, indent=2), file=out)
@@ -752,8 +741,6 @@ def _status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                     f"discarded {_size(d['discarded_bytes'])}"
                 )
             line += f", fleecing {_size(d['fleecing_bytes'])}"
-            if d["broken"]:
-                line += ", BROKEN"
             print(line, file=out)
     return 0
 
@@ -772,12 +759,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         if args.command == "run":
             sys.exit(_run(args))
         if args.command == "umount":
-            reply = session.umount(args.target, commit=args.commit)
+            reply = control.umount(args.target, commit=args.commit)
             log.info("%s", _outcome(reply))
             sys.exit(0)
         if args.command == "cleanup":
             qmp = paths.absolute(args.qmp, "QMP socket") if args.qmp else None
-            for line in session.run_trio(session.cleanup, session.check_vmid(args.vmid), qmp):
+            for line in runner.run_trio(state.cleanup, state.check_vmid(args.vmid), qmp):
                 log.info("%s", line)
             sys.exit(0)
         if args.command == "copy":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import sys
 import threading
@@ -32,6 +31,7 @@ from typing import Any, TextIO
 
 from snapfs.errors import CopyError, UsageError
 from snapfs.libc import punch_hole
+from snapfs.records import BackupRecord, DiskFacts, Facts
 
 CHUNK = 1 << 20
 #: Chunks read and written at once: enough to keep QEMU's NBD server busy on scattered regions.
@@ -113,7 +113,6 @@ class DiskCopy:
         *,
         in_place: bool,
         discard: bool,
-        granularity: int,
         progress: Callable[[int], None],
         workers: int = WORKERS,
     ) -> None:
@@ -121,7 +120,6 @@ class DiskCopy:
         self.dst = dst_fd
         self.in_place = in_place
         self.discard = discard
-        self.granularity = granularity
         self.progress = progress
         self.workers = workers
         self.zeros = bytes(CHUNK)
@@ -241,48 +239,55 @@ def copy_view(
 ) -> dict[str, Any]:
     """Back up a mounted snapfs view into ``dest``; return per-disk statistics."""
     try:
-        facts = json.loads((view / "snapfs.json").read_text())
+        facts = Facts.from_json((view / "snapfs.json").read_text(), f"{view}/snapfs.json")
     except FileNotFoundError:
         raise UsageError(f"{view} is not a snapfs view (no snapfs.json)") from None
+    except ValueError as err:
+        raise CopyError(str(err)) from err
     dest.mkdir(parents=True, exist_ok=True)
     record_path = dest / RECORD
-    record = json.loads(record_path.read_text()) if record_path.exists() else None
-    incremental = facts.get("incremental")
-    disks: dict[str, Any] = facts["disks"]
+    try:
+        record = (
+            BackupRecord.from_json(record_path.read_text(), str(record_path))
+            if record_path.exists()
+            else None
+        )
+    except ValueError as err:
+        raise CopyError(str(err)) from err
+    incremental = facts.incremental
     # Check the whole chain before touching any image.
-    for name, d in disks.items():
-        if d.get("discarded_bytes"):
-            # Discarded bytes can no longer be read, and SEEK_DATA shows them as holes: a
-            # copy would take them for zeros.
+    for name, d in facts.disks.items():
+        if d.discarded_bytes:
+            # Discarded bytes can no longer be read: a copy would miss them.
             raise CopyError(
-                f"{name}: {d['discarded_bytes']} bytes of this view were discarded "
+                f"{name}: {d.discarded_bytes} bytes of this view were discarded "
                 "already (an earlier copy with --discard?): mount a new snapshot"
             )
-        if d["bitmap"]["mode"] != "reuse":
+        if d.bitmap.mode != "reuse":
             continue
         if not (dest / f"{name}.raw").exists():
             raise CopyError(f"{name}: incremental view but no full image {dest / name}.raw")
-        if record is None or record.get("incremental") != incremental:
+        if record is None or record.incremental != incremental:
             raise CopyError(
                 f"{dest} holds no backup of incremental ID {incremental!r} to apply this view to"
             )
-    total = sum(int(d.get("readable_bytes", d["size"])) for d in disks.values())
+    total = sum(d.readable_bytes for d in facts.disks.values())
     bar = Progress(total, progress_stream)
     result: dict[str, Any] = {}
-    for name, d in disks.items():
+    for name, d in facts.disks.items():
         result[name] = _copy_disk(view, dest, name, d, discard, bar.advance)
     bar.finish()
     for extra in sorted(view.iterdir()):
         if extra.suffix != ".raw":
             (dest / extra.name).write_bytes(extra.read_bytes())
-    new_record = {
-        "vmid": facts["vmid"],
-        "incremental": incremental,
-        "snapshot_time": facts["snapshot_time"],
-        "disks": sorted(disks),
-    }
+    new_record = BackupRecord(
+        vmid=facts.vmid,
+        incremental=incremental,
+        snapshot_time=facts.snapshot_time,
+        disks=sorted(facts.disks),
+    )
     tmp = dest / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(new_record, indent=1) + "\n")
+    tmp.write_text(new_record.to_json(indent=1) + "\n")
     with open(tmp) as f:
         os.fsync(f.fileno())
     tmp.replace(record_path)
@@ -294,12 +299,12 @@ def _copy_disk(
     view: Path,
     dest: Path,
     name: str,
-    d: dict[str, Any],
+    d: DiskFacts,
     discard: bool,
     progress: Callable[[int], None],
 ) -> dict[str, int]:
-    size = int(d["size"])
-    in_place = d["bitmap"]["mode"] == "reuse"
+    size = d.size
+    in_place = d.bitmap.mode == "reuse"
     final = dest / f"{name}.raw"
     marker = dest / f"{name}.raw.incomplete"
     target = final if in_place else dest / f"{name}.raw.partial"
@@ -318,7 +323,6 @@ def _copy_disk(
                 dst,
                 in_place=in_place,
                 discard=discard,
-                granularity=int(d.get("granularity", 65536)),
                 progress=progress,
             )
             copier.copy(read_regions(view / f"{name}.dirty"))

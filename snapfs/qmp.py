@@ -559,6 +559,23 @@ async def vm_facts(q: QMP) -> tuple[str, tuple[int, int]]:
     return text, (int(qemu["major"]), int(qemu["minor"]))
 
 
+def check_incremental(incremental: str) -> str:
+    """The one rule for an incremental ID (it names bitmaps ``snapfs-<ID>``, ``-next`` and
+    ``-frozen``): letters, digits and '_', joined by single '.' or '-', at most 64, not
+    ending like a session bitmap. Raises UsageError naming what is wrong."""
+    if (
+        not _INCREMENTAL_RE.fullmatch(incremental)
+        or len(incremental) > 64
+        or incremental.endswith(("-next", "-frozen"))
+    ):
+        shown = incremental if len(incremental) <= 70 else incremental[:70] + "..."
+        raise UsageError(
+            f"invalid incremental ID {shown!r}: use letters, digits and '_', joined by single "
+            "'.' or '-' (at most 64; not ending in -next or -frozen)"
+        )
+    return incremental
+
+
 def confine_reads(version: tuple[int, int]) -> int:
     """The cluster that every snapshot read and block status must stay inside, or 0.
 
@@ -827,15 +844,8 @@ async def setup(
     (QMPTimeoutError: the connection is ``broken``), nothing is undone: QEMU may still run the
     unanswered command, so the caller keeps the plan for a teardown over a new connection.
     """
-    if incremental is not None and (
-        not _INCREMENTAL_RE.fullmatch(incremental)
-        or len(incremental) > 64
-        or incremental.endswith(("-next", "-frozen"))
-    ):
-        raise UsageError(
-            f"invalid incremental id {incremental!r}: use letters, digits, "
-            "'_', '.', '-' (at most 64)"
-        )
+    if incremental is not None:
+        check_incremental(incremental)
 
     # (1) Look, validate, touch nothing.
     version, version_number = await vm_facts(q)

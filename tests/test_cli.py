@@ -4,7 +4,6 @@ a terminal, the Proxmox config reader, and contrib/snapfs-rsync-remote on hand-m
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import pty
@@ -14,12 +13,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from dev.devvm import file_sha256
 from snapfs import cli, pve
+from snapfs.records import BitmapFacts, DiskFacts, Facts
 
 ROOT = Path(__file__).resolve().parents[1]
 RSYNC_REMOTE = ROOT / "contrib" / "snapfs-rsync-remote"
@@ -153,24 +152,35 @@ def fake_view(
 ) -> Path:
     """A directory laid out like a view (plain files; enough for the providers)."""
     path.mkdir(exist_ok=True)
-    disk_facts: dict[str, Any] = {}
-    facts = {
-        "vmid": "100",
-        "snapshot_time": "2026-01-01T00:00:00.000+00:00",
-        "incremental": incremental,
-        "disks": disk_facts,
-    }
+    disk_facts: dict[str, DiskFacts] = {}
     for name, data in disks.items():
+        readable = regions.get(name, [(0, len(data))])
         (path / f"{name}.raw").write_bytes(data)
-        (path / f"{name}.dirty").write_text(
-            "".join(f"{o} {n}\n" for o, n in regions.get(name, [(0, len(data))]))
+        (path / f"{name}.dirty").write_text("".join(f"{o} {n}\n" for o, n in readable))
+        disk_facts[name] = DiskFacts(
+            size=len(data),
+            format="raw",
+            nodes={},
+            bitmap=BitmapFacts(mode=mode),  # type: ignore[arg-type]
+            dirty_bytes=sum(n for _, n in readable),
+            dirty_regions=len(readable),
+            readable_bytes=sum(n for _, n in readable),
+            discarded_bytes=0,
+            bytes_read=0,
+            fleecing_bytes=0,
         )
-        disk_facts[name] = {
-            "size": len(data),
-            "bitmap": {"mode": mode},
-            "readable_bytes": sum(n for _, n in regions.get(name, [(0, len(data))])),
-        }
-    (path / "snapfs.json").write_text(json.dumps(facts))
+    facts = Facts(
+        vmid="100",
+        snapshot_time="2026-01-01T00:00:00.000+00:00",
+        qemu_version="10.0.13",
+        pause_ms=None,
+        incremental=incremental,
+        mountpoint=str(path),
+        broken=None,
+        freeze=None,
+        disks=disk_facts,
+    )
+    (path / "snapfs.json").write_text(facts.to_json(indent=2))
     return path
 
 

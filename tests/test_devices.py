@@ -18,7 +18,7 @@ import pytest
 from dev.devvm import DiskSpec, GuestIO, MiB, TestVM
 from snapfs.errors import SetupError
 from snapfs.qmp import QMP, cleanup_orphans, setup
-from snapfs.session import run_trio
+from snapfs.runner import run_trio
 from tests.conftest import Snapfs
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]

@@ -184,7 +184,7 @@ def test_bash_completion(prefix: Path, tmp_path: Path) -> None:
         [*manpage.subcommands(cli.build_parser()), "--quiet", "--verbose", "--version", "-q", "-v"]
     )
     assert complete("snapfs run --inc") == ["--incremental"]
-    assert complete("snapfs mount 100 --no") == ["--no-freeze"]
+    assert complete("snapfs mount 100 --no") == ["--no-freeze", "--no-tune"]
     assert complete("snapfs umount ") == ["4711"]
     assert complete("snapfs status --j") == ["--json"]
     assert "--commit" in complete("snapfs umount 4711 --")

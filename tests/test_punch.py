@@ -150,9 +150,7 @@ def racing_copy(vm: TestVM, mnt: Path, out: Path, *, discard: bool) -> tuple[int
     src = os.open(mnt / "virtio0.raw", os.O_RDWR)
     dst = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        DiskCopy(
-            src, dst, in_place=False, discard=discard, granularity=G, progress=after_chunk
-        ).region(0, size)
+        DiskCopy(src, dst, in_place=False, discard=discard, progress=after_chunk).region(0, size)
     finally:
         os.close(src)
         os.close(dst)

@@ -26,7 +26,7 @@ from snapfs.errors import (
 )
 from snapfs.qmp import QMP, GraphState, list_disks, setup, teardown
 from snapfs.qmp import cleanup_orphans as cleanup_orphans_
-from snapfs.session import run_trio
+from snapfs.runner import run_trio
 
 pytestmark = [
     pytest.mark.qemu,

@@ -63,7 +63,6 @@ def test_status_json_reports_every_field(vm: TestVM, snapfs: Snapfs, tmp_path: P
         assert d["bitmap"]["mode"] == "new"
         assert d["dirty_bytes"] == spec.size
         assert d["readable_bytes"] == spec.size - d["discarded_bytes"]
-        assert d["broken"] is False
         assert Path(d["fleecing_path"]).parent == vm.workdir / "fleecing"
         assert d["fleecing_bytes"] > 0
         assert d["fleecing_apparent_bytes"] > 0

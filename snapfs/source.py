@@ -1,0 +1,151 @@
+"""A disk of the view from its NBD export: its bytes (``NBDSource``, through libnbd), its
+readable regions (the incremental bitmap), and where the snapshot reads as zeros.
+
+NBD failures become the tree's SourceError (EIO); the session is told when they mean the
+snapshot broke or the VM went away.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+
+from snapfs import qmp
+from snapfs.errors import NBDError
+from snapfs.nbd.client import NBDClient, extents
+from snapfs.regions import Regions
+from snapfs.tree import Disk, SourceError
+
+# NBD base:allocation flags (NBD protocol): a block with ZERO set reads as zeros.
+NBD_STATE_ZERO = 2
+# qemu:dirty-bitmap contexts: bit 0 set means dirty.
+NBD_STATE_DIRTY = 1
+BASE_ALLOCATION = "base:allocation"
+# Block status requests of the allocation walk: QEMU answers up to this many bytes at once.
+_STATUS_CHUNK = 1 << 30
+
+
+def contexts(ds: qmp.DiskState) -> list[str]:
+    """The metadata contexts a disk's libnbd connection asks for. QEMU answers a block status
+    request for all of them at once, and base:allocation fails outside the copy-before-write
+    access bitmap: an incremental view asks for its dirty bitmap only."""
+    if ds.export_bitmap:
+        return [f"qemu:dirty-bitmap:{ds.export_bitmap}"]
+    return [BASE_ALLOCATION] + ([f"qemu:dirty-bitmap:{ds.written}"] if ds.written else [])
+
+
+async def disk(client: NBDClient, ds: qmp.DiskState, on_broken: Callable[[str], None]) -> Disk:
+    """The tree's Disk of one export: its source, what is readable, what reads as zeros."""
+    zeros = Regions()
+    if ds.export_bitmap:
+        dirty = await _regions(
+            client, f"qemu:dirty-bitmap:{ds.export_bitmap}", lambda f: bool(f & NBD_STATE_DIRTY)
+        )
+        # Incremental view: nothing is shown as a hole (see tree.Disk): what is outside the
+        # backup must fail a tool that reads it, not look like zeros.
+    else:
+        dirty = Regions.whole(client.size)
+        # Full view: SEEK_HOLE and st_blocks follow what reads as zeros, so thin disks copy
+        # sparsely.
+        if client.can_meta_context(BASE_ALLOCATION):
+            zeros = await _zeros(client, f"qemu:dirty-bitmap:{ds.written}" if ds.written else None)
+    # Punches are aligned to what copy-before-write can drop: its cluster, which is never
+    # below 64 KiB, nor below the bitmap's granularity.
+    return Disk(
+        name=ds.name,
+        size=client.size,
+        source=NBDSource(client, ds.name, on_broken, ds.confine),
+        dirty=dirty,
+        zeros=zeros,
+        granularity=max(ds.granularity, qmp.CBW_CLUSTER),
+    )
+
+
+class NBDSource:
+    """A disk's bytes from its NBD export; NBD failures become the tree's SourceError (EIO).
+
+    The tree never asks for bytes outside the access bitmap, so any error QEMU answers means
+    the snapshot itself broke (copy-before-write could not save old data, e.g. the fleecing
+    storage is full; QEMU then refuses every snapshot read, with EINVAL over NBD):
+    ``on_broken`` is told.
+
+    The splice data path (snapfs.datapath.SpliceReads) reads most of a disk's bytes through a
+    connection of its own; what it cannot read comes here, and its errors are put in words by
+    ``read_failed``.
+    """
+
+    def __init__(
+        self, client: NBDClient, name: str, on_broken: Callable[[str], None], confine: int = 0
+    ) -> None:
+        self.client = client
+        self.name = name
+        self.on_broken = on_broken
+        self.confine = confine  # see qmp.confine_reads
+
+    def _failed(self, what: str, err: NBDError) -> SourceError:
+        if not self.client.alive:
+            self.on_broken("the VM went away (its NBD server is gone)")
+        elif what == "reads":
+            self.on_broken(
+                f"{self.name}: the snapshot broke: QEMU refuses {what} "
+                "(fleecing storage full, or copy-before-write failed)"
+            )
+        return SourceError(f"{self.name}: {err}", errno.EIO)
+
+    def read_failed(self, err: NBDError) -> SourceError:
+        """What an error of QEMU's to a read means (the snapshot broke, or the VM is gone)."""
+        return self._failed("reads", err)
+
+    async def read_into(self, buf: bytearray, offset: int, length: int) -> None:
+        try:
+            await self.client.pread_into(buf, offset, length, confine=self.confine)
+        except NBDError as err:
+            raise self._failed("reads", err) from err
+
+    async def discard(self, offset: int, length: int) -> None:
+        try:
+            await self.client.trim(offset, length)
+        except NBDError as err:
+            raise self._failed("discards", err) from err
+
+
+async def _regions(client: NBDClient, context: str, keep: Callable[[int], bool]) -> Regions:
+    """The ranges whose block-status flags satisfy ``keep``, walking the whole export."""
+    regions = Regions()
+    async for off, length, flags in extents(client, context):
+        if keep(flags):
+            regions.append(off, length)
+    return regions
+
+
+async def _zeros(client: NBDClient, written: str | None) -> Regions:
+    """The ranges of a full view that read as zeros in the snapshot.
+
+    ``written`` (QEMU before 8.0, see qmp.confine_reads): the context of a bitmap of every
+    guest write since the snapshot point. There, block status of a range that starts in a
+    cluster copy-before-write has copied and runs on into one it has not reports the copied
+    part from the live disk: a later guest zero write shows as zeros. The live disk only
+    differs from the snapshot where the guest wrote, which QEMU records in the bitmap before
+    the status can see the new data, and QEMU computes the bitmap's extents after the
+    allocation's in the same request: zeros are kept only where the bitmap is clean.
+    """
+    contexts = [BASE_ALLOCATION, *([written] if written else [])]
+    zeros = Regions()
+    pos, size = 0, client.size
+    while pos < size:
+        got = await client.block_status_all(pos, min(_STATUS_CHUNK, size - pos), contexts)
+        end = size
+        for batch in got.values():
+            end = min(end, batch[-1][0] + batch[-1][1])
+        chunk = Regions()
+        for off, length, flags in got[BASE_ALLOCATION]:
+            if flags & NBD_STATE_ZERO and off < end:
+                chunk.append(off, min(off + length, end) - off)
+        if written:
+            for off, length, flags in got[written]:
+                if flags & NBD_STATE_DIRTY and off < end:
+                    chunk.remove(off, min(off + length, end) - off)
+        for off, length in chunk:
+            zeros.append(off, length)
+        pos = end
+    return zeros
