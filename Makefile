@@ -37,6 +37,10 @@ demo: deps
 test: lint
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
+# The same without the slow scale tests (CI runs them: make test).
+test-fast: lint
+	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
 # The real-QEMU tests again, against Debian 13's QEMU 10.0 (what Proxmox VE 9 users run), in a
 # chroot built once and kept in QEMU10_ROOT. snapfs itself runs on the host.
 QEMU10_ROOT ?= /var/cache/snapfs-dev/qemu-10.0
@@ -84,7 +88,9 @@ DOCDIR  := $(PREFIX)/share/doc/snapfs
 install: deps
 	$(VPY) -m dev.manpage --check contrib
 	$(PYTHON) -m venv --system-site-packages $(APPDIR)
-	$(APPDIR)/bin/pip install -q --no-build-isolation .
+	@# Built from a copy: a build leaves build/ and *.egg-info behind, not in the work tree.
+	src=$$(mktemp -d) && cp -r pyproject.toml README.md snapfs $$src/ && \
+	  $(APPDIR)/bin/pip install -q --no-build-isolation $$src; rc=$$?; rm -rf $$src; exit $$rc
 	install -d $(BINDIR) $(MANDIR) $(COMPDIR) $(UNITDIR) $(DOCDIR)
 	ln -sf $(APPDIR)/bin/snapfs $(BINDIR)/snapfs
 	install -m 0755 contrib/snapfs-rsync-remote $(BINDIR)/snapfs-rsync-remote

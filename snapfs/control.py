@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import trio
 
 from snapfs import qmp, state
-from snapfs.errors import StateError, TeardownError
+from snapfs.errors import StateError, TeardownError, by_exit_code
 from snapfs.records import Ack, Facts, Outcome, Request
 
 log = logging.getLogger(__name__)
@@ -241,6 +241,5 @@ def umount(target: str, *, commit: bool) -> Outcome:
     if not isinstance(reply, Outcome):
         raise StateError(f"{c.who} acknowledged twice")
     if not reply.ok:
-        exc = TeardownError if reply.exit == TeardownError.exit_code else StateError
-        raise exc(reply.error or "umount failed")
+        raise by_exit_code(reply.exit or StateError.exit_code)(reply.error or "umount failed")
     return reply

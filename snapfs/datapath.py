@@ -243,6 +243,8 @@ class DiskReader:
         self._wakeup = -1  # an eventfd while run() runs
         self._polling = False  # the worker waits in poll(): a new job must write _wakeup
         self._token: trio.lowlevel.TrioToken | None = None
+        #: Set once ``run`` has ended (the worker thread is gone).
+        self.stopped = trio.Event()
         self._stream: NBDStream | None = None
         self._poll = select.poll()
         self._alive = False
@@ -302,6 +304,7 @@ class DiskReader:
             # Closed here, on the trio thread that writes it, once the worker is gone.
             os.close(self._wakeup)
             self._wakeup = -1
+            self.stopped.set()
 
     def submit(
         self,

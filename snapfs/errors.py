@@ -73,3 +73,13 @@ class FuseError(SnapfsError):
 
 class CopyError(SnapfsError):
     exit_code = 9
+
+
+def by_exit_code(code: int) -> type[SnapfsError]:
+    """The error class an exit code stands for (a reply from another process carries only the
+    code); SnapfsError for an unknown one."""
+    for cls in (UsageError, StateError, QMPError, SetupError, TeardownError, NBDError,
+                FuseError, CopyError):  # fmt: skip
+        if cls.exit_code == code:
+            return cls
+    return SnapfsError

@@ -7,19 +7,28 @@ mounted below its tmp_path, so nothing outlives a test.
 
 from __future__ import annotations
 
+import os as _os
+
+# Hypothesis keeps what it learns in .hypothesis/ of the working directory: the work tree.
+_os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", "/tmp/snapfs-hypothesis")
+
 import contextlib
 import os
+import random
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
-from dev.devvm import DiskSpec, TestVM, poll
+from dev.devvm import QEMU_IMG, DiskSpec, MiB, TestVM, poll
 from snapfs.datapath import DiskReader, SharedDepth
 from snapfs.errors import FuseError
 from snapfs.fuse import kernel
@@ -270,3 +279,168 @@ class RecordingReply(ReadReply):
                 await work()
             except FuseErrno as err:
                 self.error(err.errno)
+
+
+# -- QEMU's NBD server, driven from the test's own monitor -----------------------------------
+
+QEMU_IO = "qemu-io"
+
+
+def start_server(vm: TestVM, tmp_path: Path) -> str:
+    sock = str(tmp_path / "nbd.sock")
+    vm.qmp("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+    return sock
+
+
+def export(vm: TestVM, node: str, name: str, *, writable: bool = False, **extra: Any) -> None:
+    # The guest device does not share writes on its node: only other nodes can be writable.
+    vm.qmp(
+        "block-export-add",
+        type="nbd",
+        id=name,
+        **{"node-name": node},
+        name=name,
+        writable=writable,
+        **extra,
+    )
+
+
+def unexport(vm: TestVM, name: str) -> None:
+    vm.qmp("block-export-del", id=name)
+    poll(
+        lambda: not any(e["id"] == name for e in vm.qmp("query-block-exports")),
+        what=f"export {name} to go away",
+    )
+
+
+@contextlib.contextmanager
+def fleecing(vm: TestVM, tmp_path: Path) -> Iterator[None]:
+    """The copy-before-write graph snapfs builds, on the test monitor; torn down in reverse."""
+    fl = tmp_path / "fl.qcow2"
+    subprocess.run(
+        [QEMU_IMG, "create", "-q", "-f", "qcow2", str(fl), str(len(vm.expected["virtio0"]))],
+        check=True,
+    )
+    steps: list[Callable[[], Any]] = []
+    try:
+        vm.qmp(
+            "blockdev-add",
+            driver="qcow2",
+            **{"node-name": "fl"},
+            discard="unmap",
+            file={"driver": "file", "filename": str(fl)},
+        )
+        steps.append(lambda: vm.qmp("blockdev-del", **{"node-name": "fl"}))
+        vm.qmp(
+            "blockdev-add",
+            driver="copy-before-write",
+            **{"node-name": "cbw"},
+            file="virtio0-fmt",
+            target="fl",
+            bitmap={"node": "virtio0-fmt", "name": "b0"},
+        )
+        steps.append(lambda: vm.qmp("blockdev-del", **{"node-name": "cbw"}))
+        vm.qmp("qom-set", path="/machine/peripheral/virtio0", property="drive", value="cbw")
+        steps.append(
+            lambda: vm.qmp(
+                "qom-set", path="/machine/peripheral/virtio0", property="drive", value="virtio0-fmt"
+            )
+        )
+        vm.qmp(
+            "blockdev-add",
+            driver="snapshot-access",
+            **{"node-name": "acc"},
+            file="cbw",
+            discard="unmap",
+        )
+        steps.append(lambda: vm.qmp("blockdev-del", **{"node-name": "acc"}))
+        export(vm, "acc", "acc", writable=True)
+        steps.append(lambda: unexport(vm, "acc"))
+        yield
+    finally:
+        for step in reversed(steps):
+            step()
+
+
+# -- images in memory, and what a view's sidecar says ----------------------------------------
+
+
+@pytest.fixture
+def shm_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory in memory for the images (removed afterwards)."""
+    path = Path("/dev/shm") / f"snapfs-test-{tmp_path.name}-{os.getpid()}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        if (path / "qemu.log").exists():  # kept with the test's other files
+            shutil.copy(path / "qemu.log", tmp_path / "qemu.log")
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def disk_content(seed: int, size: int = 8 * MiB) -> bytes:
+    """Random data with zero stretches of several sizes, as a used thin disk has."""
+    rng = random.Random(seed)
+    data = bytearray(rng.randbytes(size))
+    for start, length in (
+        (64 * 1024, 960 * 1024),
+        (3 * MiB, 256 * 1024),
+        (5 * MiB + 4096, 8192),
+        (size - 512 * 1024, 512 * 1024),
+    ):
+        data[start : start + length] = bytes(length)
+    return bytes(data)
+
+
+def sidecar(mnt: Path, disk: str) -> list[tuple[int, int]]:
+    return [
+        (int(o), int(n))
+        for o, n in (line.split() for line in (mnt / f"{disk}.dirty").read_text().splitlines())
+    ]
+
+
+def covers(regions: list[tuple[int, int]], offset: int, length: int) -> bool:
+    return any(o <= offset and offset + length <= o + n for o, n in regions)
+
+
+# -- a mount whose QMP goes through a proxy (tests/qmp_proxy.py) ------------------------------
+
+
+@dataclass
+class View:
+    """Where a mount through the proxy goes, and what the VM looked like before it."""
+
+    vm: TestVM
+    snapfs: Snapfs
+    mnt: Path
+    fleecing: Path
+    graph: dict[str, Any] = field(default_factory=dict)
+    status: str = ""
+
+    def mount(self, qmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        self.mnt.mkdir(exist_ok=True)
+        return self.snapfs(
+            "mount",
+            self.vm.vmid,
+            str(self.mnt),
+            "--qmp",
+            str(qmp),
+            "--fleecing-dir",
+            str(self.fleecing),
+            *args,
+            check=False,
+        )
+
+    @property
+    def state_dir(self) -> Path:
+        return self.snapfs.run_dir / ".state" / self.vm.vmid
+
+    def assert_restored(self) -> None:
+        """The VM as before the mount; no mount, fleecing file, state or process left."""
+        assert self.vm.graph() == self.graph
+        assert self.vm.qmp("query-status")["status"] == self.status
+        assert not os.path.ismount(self.mnt)
+        assert list(self.mnt.iterdir()) == []
+        assert sorted(p.name for p in self.fleecing.glob("*.qcow2")) == []
+        assert not self.state_dir.exists()
+        assert self.snapfs.pids() == []

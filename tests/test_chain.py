@@ -20,8 +20,7 @@ from typing import Any
 import pytest
 
 from dev.devvm import DiskSpec, GuestIO, MiB, TestVM, poll
-from tests.conftest import Snapfs
-from tests.test_exact import disk_content, shm_dir  # noqa: F401 - a fixture
+from tests.conftest import Snapfs, disk_content
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]
 
@@ -110,7 +109,7 @@ class Chain:
 
 
 def test_a_chain_of_backups_reproduces_every_snapshot(
-    shm_dir: Path,  # noqa: F811
+    shm_dir: Path,
     snapfs: Snapfs,
     tmp_path: Path,
 ) -> None:

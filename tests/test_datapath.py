@@ -28,8 +28,17 @@ from snapfs.errors import NBDError
 from snapfs.fuse.reply import ReadReply
 from snapfs.nbd.tuning import SERVER_SNDBUF
 from snapfs.nbd.wire import CHUNK_FLAG_DONE, CHUNK_OFFSET_DATA, NBDStream, StreamLost
-from tests.conftest import FakeDevice, Snapfs, read_back, with_reader
-from tests.test_nbd import QEMU_IO, export, fleecing, start_server, unexport
+from tests.conftest import (
+    QEMU_IO,
+    FakeDevice,
+    Snapfs,
+    export,
+    fleecing,
+    read_back,
+    start_server,
+    unexport,
+    with_reader,
+)
 
 pytestmark = pytest.mark.qemu
 
@@ -352,8 +361,11 @@ def test_close_while_a_read_ahead_is_in_flight(vm: TestVM, sock: str) -> None:
     async def body(reader: DiskReader, dev: FakeDevice) -> None:
         await read_back(reader, dev, 1, 0, MiB, [(MiB, MiB), (2 * MiB, MiB)])
         reader.close()
+        assert not reader.alive
         with pytest.raises(StreamLost):
             await reader.read(ReadReply(2), MiB, MiB, ())
+        with trio.fail_after(10):  # the worker ends (it does not wait for QEMU)
+            await reader.stopped.wait()
 
     with_reader(sock, "virtio0", body)
 

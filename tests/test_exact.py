@@ -11,48 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dev.devvm import DiskSpec, GuestIO, MiB, TestVM
-from tests.conftest import Snapfs
+from tests.conftest import Snapfs, disk_content
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]
 
 KiB = 1024
 SIZE = 8 * MiB
-
-
-@pytest.fixture
-def shm_dir(tmp_path: Path) -> Iterator[Path]:
-    """A directory in memory for the images (removed afterwards)."""
-    path = Path("/dev/shm") / f"snapfs-test-{tmp_path.name}-{os.getpid()}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        if (path / "qemu.log").exists():  # kept with the test's other files
-            shutil.copy(path / "qemu.log", tmp_path / "qemu.log")
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def disk_content(seed: int, size: int = SIZE) -> bytes:
-    """Random data with zero stretches of several sizes, as a used thin disk has."""
-    rng = random.Random(seed)
-    data = bytearray(rng.randbytes(size))
-    for start, length in (
-        (64 * KiB, 960 * KiB),
-        (3 * MiB, 256 * KiB),
-        (5 * MiB + 4096, 8192),
-        (size - 512 * KiB, 512 * KiB),
-    ):
-        data[start : start + length] = bytes(length)
-    return bytes(data)
 
 
 def read_everything(path: Path, size: int, step: int, start: int = 0) -> bytes:

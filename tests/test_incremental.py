@@ -249,44 +249,48 @@ def test_provider_refuses_an_incremental_without_its_full_image(
         assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_huge_disk_with_many_dirty_extents(tmp_path: Path, snapfs: Snapfs) -> None:
     """1 TiB virtual size, 100,000 dirty extents: mount and `cat` of the sidecar complete.
     The measurements go to stdout (run with -s to see them); nothing about time is asserted."""
     extents = 100_000
     spec = DiskSpec("virtio0", "qcow2", "virtio", size=1 << 40, modelled=False)
     vm = TestVM(tmp_path, [spec])
-    with vm:
-        with snapfs.mounted(vm, tmp_path / "m0", "--incremental", "big", commit=True):
-            pass
-        vm.stop()
-        # Offline writes through qemu-io: the persistent bitmap records them like QEMU would,
-        # and one qemu-io process makes 100,000 writes far faster than as many HMP commands.
-        script = "".join(f"write -q -P 0x5a {i * 2 * G * 3} 4096\n" for i in range(extents))
-        subprocess.run(
-            [QEMU_IO, "-f", "qcow2", str(spec.path)],
-            input=script,
-            text=True,
-            check=True,
-            capture_output=True,
-        )
-        vm.start()
-        t0 = time.monotonic()
-        mnt = snapfs.mount(vm, tmp_path / "m1", "--incremental", "big")
-        mount_s = time.monotonic() - t0
-        try:
-            t0 = time.monotonic()
-            lines = subprocess.run(
-                ["cat", str(mnt / "virtio0.dirty")], capture_output=True, check=True
-            ).stdout.count(b"\n")
-            cat_s = time.monotonic() - t0
-            pid = snapfs.pids()[0]
-            status = Path(f"/proc/{pid}/status").read_text()
-            hwm = next(line for line in status.splitlines() if line.startswith("VmHWM"))
-            assert lines == extents
-            assert facts(mnt)["disks"]["virtio0"]["bitmap"]["mode"] == "reuse"
-            print(
-                f"\n1 TiB disk, {extents} dirty extents: mount {mount_s:.2f} s, "
-                f"cat sidecar {cat_s:.2f} s, serving process {hwm}"
+    try:
+        with vm:
+            with snapfs.mounted(vm, tmp_path / "m0", "--incremental", "big", commit=True):
+                pass
+            vm.stop()
+            # Offline writes through qemu-io: the persistent bitmap records them like QEMU would,
+            # and one qemu-io process makes 100,000 writes far faster than as many HMP commands.
+            script = "".join(f"write -q -P 0x5a {i * 2 * G * 3} 4096\n" for i in range(extents))
+            subprocess.run(
+                [QEMU_IO, "-f", "qcow2", str(spec.path)],
+                input=script,
+                text=True,
+                check=True,
+                capture_output=True,
             )
-        finally:
-            snapfs("umount", str(mnt))
+            vm.start()
+            t0 = time.monotonic()
+            mnt = snapfs.mount(vm, tmp_path / "m1", "--incremental", "big")
+            mount_s = time.monotonic() - t0
+            try:
+                t0 = time.monotonic()
+                lines = subprocess.run(
+                    ["cat", str(mnt / "virtio0.dirty")], capture_output=True, check=True
+                ).stdout.count(b"\n")
+                cat_s = time.monotonic() - t0
+                pid = snapfs.pids()[0]
+                status = Path(f"/proc/{pid}/status").read_text()
+                hwm = next(line for line in status.splitlines() if line.startswith("VmHWM"))
+                assert lines == extents
+                assert facts(mnt)["disks"]["virtio0"]["bitmap"]["mode"] == "reuse"
+                print(
+                    f"\n1 TiB disk, {extents} dirty extents: mount {mount_s:.2f} s, "
+                    f"cat sidecar {cat_s:.2f} s, serving process {hwm}"
+                )
+            finally:
+                snapfs("umount", str(mnt))
+    finally:
+        spec.path.unlink(missing_ok=True)  # gigabytes: not kept with the other files

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import random
 import subprocess
@@ -13,42 +12,16 @@ from typing import Any
 import pytest
 import trio
 
-from dev.devvm import QEMU_IMG, DiskSpec, MiB, TestVM, poll, running_vm
+from dev.devvm import QEMU_IMG, DiskSpec, MiB, TestVM, running_vm
 from snapfs.errors import NBDError
 from snapfs.nbd.client import Extent, NBDClient, extents
+from tests.conftest import export, fleecing, start_server, unexport
 
 pytestmark = pytest.mark.qemu
 
 KiB = 1024
 GiB = 1024 * MiB
 QEMU_IO = "qemu-io"
-
-
-def start_server(vm: TestVM, tmp_path: Path) -> str:
-    sock = str(tmp_path / "nbd.sock")
-    vm.qmp("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
-    return sock
-
-
-def export(vm: TestVM, node: str, name: str, *, writable: bool = False, **extra: Any) -> None:
-    # The guest device does not share writes on its node: only other nodes can be writable.
-    vm.qmp(
-        "block-export-add",
-        type="nbd",
-        id=name,
-        **{"node-name": node},
-        name=name,
-        writable=writable,
-        **extra,
-    )
-
-
-def unexport(vm: TestVM, name: str) -> None:
-    vm.qmp("block-export-del", id=name)
-    poll(
-        lambda: not any(e["id"] == name for e in vm.qmp("query-block-exports")),
-        what=f"export {name} to go away",
-    )
 
 
 def run(fn: Callable[[], Any]) -> Any:
@@ -362,55 +335,6 @@ def test_connect_to_missing_export(vm: TestVM, sock: str) -> None:
                 pass  # pragma: no cover
 
     run(main)
-
-
-@contextlib.contextmanager
-def fleecing(vm: TestVM, tmp_path: Path) -> Iterator[None]:
-    """The copy-before-write graph snapfs builds, on the test monitor; torn down in reverse."""
-    fl = tmp_path / "fl.qcow2"
-    subprocess.run(
-        [QEMU_IMG, "create", "-q", "-f", "qcow2", str(fl), str(len(vm.expected["virtio0"]))],
-        check=True,
-    )
-    steps: list[Callable[[], Any]] = []
-    try:
-        vm.qmp(
-            "blockdev-add",
-            driver="qcow2",
-            **{"node-name": "fl"},
-            discard="unmap",
-            file={"driver": "file", "filename": str(fl)},
-        )
-        steps.append(lambda: vm.qmp("blockdev-del", **{"node-name": "fl"}))
-        vm.qmp(
-            "blockdev-add",
-            driver="copy-before-write",
-            **{"node-name": "cbw"},
-            file="virtio0-fmt",
-            target="fl",
-            bitmap={"node": "virtio0-fmt", "name": "b0"},
-        )
-        steps.append(lambda: vm.qmp("blockdev-del", **{"node-name": "cbw"}))
-        vm.qmp("qom-set", path="/machine/peripheral/virtio0", property="drive", value="cbw")
-        steps.append(
-            lambda: vm.qmp(
-                "qom-set", path="/machine/peripheral/virtio0", property="drive", value="virtio0-fmt"
-            )
-        )
-        vm.qmp(
-            "blockdev-add",
-            driver="snapshot-access",
-            **{"node-name": "acc"},
-            file="cbw",
-            discard="unmap",
-        )
-        steps.append(lambda: vm.qmp("blockdev-del", **{"node-name": "acc"}))
-        export(vm, "acc", "acc", writable=True)
-        steps.append(lambda: unexport(vm, "acc"))
-        yield
-    finally:
-        for step in reversed(steps):
-            step()
 
 
 def test_copy_before_write_access_bitmap(vm: TestVM, tmp_path: Path) -> None:

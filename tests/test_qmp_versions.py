@@ -8,14 +8,13 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dev.devvm import DiskSpec, TestVM, poll
-from tests.conftest import Snapfs
+from tests.conftest import Snapfs, View
 from tests.qmp_proxy import QMPProxy, Refuse, event
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]
@@ -43,46 +42,6 @@ def small_vm(tmp_path: Path) -> Iterator[TestVM]:
 def proxy(small_vm: TestVM, tmp_path: Path) -> Iterator[QMPProxy]:
     with QMPProxy(small_vm.qmp_path, tmp_path / "proxy.sock") as p:
         yield p
-
-
-@dataclass
-class View:
-    """Where a mount through the proxy goes, and what the VM looked like before it."""
-
-    vm: TestVM
-    snapfs: Snapfs
-    mnt: Path
-    fleecing: Path
-    graph: dict[str, Any] = field(default_factory=dict)
-    status: str = ""
-
-    def mount(self, qmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
-        self.mnt.mkdir(exist_ok=True)
-        return self.snapfs(
-            "mount",
-            self.vm.vmid,
-            str(self.mnt),
-            "--qmp",
-            str(qmp),
-            "--fleecing-dir",
-            str(self.fleecing),
-            *args,
-            check=False,
-        )
-
-    @property
-    def state_dir(self) -> Path:
-        return self.snapfs.run_dir / ".state" / self.vm.vmid
-
-    def assert_restored(self) -> None:
-        """The VM as before the mount; no mount, fleecing file, state or process left."""
-        assert self.vm.graph() == self.graph
-        assert self.vm.qmp("query-status")["status"] == self.status
-        assert not os.path.ismount(self.mnt)
-        assert list(self.mnt.iterdir()) == []
-        assert sorted(p.name for p in self.fleecing.glob("*.qcow2")) == []
-        assert not self.state_dir.exists()
-        assert self.snapfs.pids() == []
 
 
 @pytest.fixture

@@ -26,10 +26,8 @@ from typing import Any
 import pytest
 
 from dev.devvm import DiskSpec, TestVM, poll
-from tests.conftest import Snapfs
+from tests.conftest import Snapfs, View, covers, sidecar
 from tests.qmp_proxy import Hold, QMPProxy, Rewrite
-from tests.test_faults import covers, sidecar
-from tests.test_qmp_versions import View
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]
 
