@@ -4,6 +4,7 @@ they belong and work; the units pass `systemd-analyze verify` (or, without it, a
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import os
 import re
 import shlex
@@ -15,6 +16,7 @@ import pytest
 
 from dev import manpage
 from snapfs import cli
+from snapfs.records import DiskFacts, Facts
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = ["snapfs-backup@.service", "snapfs-backup@.timer"]
@@ -188,3 +190,13 @@ def test_bash_completion(prefix: Path, tmp_path: Path) -> None:
     assert complete("snapfs umount ") == ["4711"]
     assert complete("snapfs status --j") == ["--json"]
     assert "--commit" in complete("snapfs umount 4711 --")
+
+
+def test_the_readme_explains_every_field_of_snapfs_json() -> None:
+    """The README's table of snapfs.json follows the record that writes it."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| field | meaning |") :]
+    table = table[: table.index("\n\n")]
+    names = {f.name for cls in (Facts, DiskFacts) for f in dataclasses.fields(cls)}
+    missing = [n for n in sorted(names) if f"`{n}`" not in table]
+    assert not missing, f"README's snapfs.json table lacks {missing}"
