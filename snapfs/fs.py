@@ -111,8 +111,13 @@ class TreeOperations:
                 writable=(flags & os.O_ACCMODE) != os.O_RDONLY,
                 truncate=bool(flags & os.O_TRUNC),
             )
-        # Direct I/O for every file: disk reads must never be widened by readahead (bytes
-        # outside the readable set fail), and snapfs.json changes as the session goes on.
+        # A full view's disks go through the page cache: every byte of them is the snapshot's
+        # and never changes, so the kernel's readahead serves small reads (tar reads 512 bytes
+        # at a time) and keeps what it read. An incremental view's disks are read directly:
+        # readahead would touch bytes outside the backup. snapfs.json changes as the session
+        # goes on; the other text files are small.
+        if self.tree.is_disk(ino) and self.tree.full(ino):
+            return OpenReply(fh=0, direct_io=False, keep_cache=True)
         return OpenReply(fh=0, direct_io=True)
 
     def release(self, ino: int, fh: int) -> None:

@@ -8,11 +8,11 @@ snapshot broke or the VM went away.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from snapfs import qmp
 from snapfs.errors import NBDError
-from snapfs.nbd.client import NBDClient, extents
+from snapfs.nbd.client import Extents, NBDClient
 from snapfs.regions import Regions
 from snapfs.tree import Disk, SourceError
 
@@ -38,9 +38,7 @@ async def disk(client: NBDClient, ds: qmp.DiskState, on_broken: Callable[[str], 
     """The tree's Disk of one export: its source, what is readable, what reads as zeros."""
     zeros = Regions()
     if ds.export_bitmap:
-        dirty = await _regions(
-            client, f"qemu:dirty-bitmap:{ds.export_bitmap}", lambda f: bool(f & NBD_STATE_DIRTY)
-        )
+        dirty = await _regions(client, f"qemu:dirty-bitmap:{ds.export_bitmap}", NBD_STATE_DIRTY)
         # Incremental view: nothing is shown as a hole (see tree.Disk): what is outside the
         # backup must fail a tool that reads it, not look like zeros.
     else:
@@ -109,12 +107,39 @@ class NBDSource:
             raise self._failed("discards", err) from err
 
 
-async def _regions(client: NBDClient, context: str, keep: Callable[[int], bool]) -> Regions:
-    """The ranges whose block-status flags satisfy ``keep``, walking the whole export."""
+def _clipped(starts: list[int], lengths: list[int], end: int) -> tuple[list[int], list[int]]:
+    """The ranges cut off at ``end`` (a server may answer past the range asked for)."""
+    while starts and starts[-1] >= end:
+        starts.pop()
+        lengths.pop()
+    if starts and starts[-1] + lengths[-1] > end:
+        lengths[-1] = end - starts[-1]
+    return starts, lengths
+
+
+async def _walk(
+    client: NBDClient, contexts: list[str]
+) -> AsyncIterator[tuple[int, int, dict[str, Extents]]]:
+    """Block status over the whole export, a request at a time: ``(pos, end, extents)`` where
+    every context's extents cover ``[pos, end)`` (and maybe more)."""
+    pos, size = 0, client.size
+    while pos < size:
+        got = await client.block_status_raw(pos, min(_STATUS_CHUNK, size - pos), contexts)
+        end = min(size, *(e.end for e in got.values()))
+        if end <= pos:
+            raise NBDError(
+                f"block status at {pos}: the server's extents do not go on", errno.EPROTO
+            )
+        yield pos, end, got
+        pos = end
+
+
+async def _regions(client: NBDClient, context: str, mask: int) -> Regions:
+    """The ranges whose block-status flags have a bit of ``mask``, over the whole export; in
+    bulk, so a million dirty extents cost a few arrays, not a million Python objects."""
     regions = Regions()
-    async for off, length, flags in extents(client, context):
-        if keep(flags):
-            regions.append(off, length)
+    async for _, end, got in _walk(client, [context]):
+        regions.extend(*_clipped(*got[context].selected(mask), end))
     return regions
 
 
@@ -131,21 +156,13 @@ async def _zeros(client: NBDClient, written: str | None) -> Regions:
     """
     contexts = [BASE_ALLOCATION, *([written] if written else [])]
     zeros = Regions()
-    pos, size = 0, client.size
-    while pos < size:
-        got = await client.block_status_all(pos, min(_STATUS_CHUNK, size - pos), contexts)
-        end = size
-        for batch in got.values():
-            end = min(end, batch[-1][0] + batch[-1][1])
+    async for _, end, got in _walk(client, contexts):
         chunk = Regions()
-        for off, length, flags in got[BASE_ALLOCATION]:
-            if flags & NBD_STATE_ZERO and off < end:
-                chunk.append(off, min(off + length, end) - off)
+        chunk.extend(*_clipped(*got[BASE_ALLOCATION].selected(NBD_STATE_ZERO), end))
         if written:
-            for off, length, flags in got[written]:
-                if flags & NBD_STATE_DIRTY and off < end:
-                    chunk.remove(off, min(off + length, end) - off)
-        for off, length in chunk:
-            zeros.append(off, length)
-        pos = end
+            for off, length in zip(*_clipped(*got[written].selected(NBD_STATE_DIRTY), end),
+                                   strict=True):  # fmt: skip
+                chunk.remove(off, length)
+        starts, ends = chunk.arrays()
+        zeros.extend(starts, [e - s for s, e in zip(starts, ends, strict=True)])
     return zeros

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import errno as errno_mod
 import json
+import operator
 import stat
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any, Protocol
 
 from snapfs.regions import Regions
@@ -163,35 +165,41 @@ class Sidecar:
     """The text of ``<disk>.dirty``, rendered on demand: one ``OFFSET LENGTH`` line per region.
 
     Only the line boundaries are kept (8 bytes a line), so millions of regions do not become a
-    many-megabyte string; a read renders just the lines it covers.
+    many-megabyte string; a read renders just the lines it covers. Both are done in bulk (no
+    Python statement per line), the boundaries when the tree is built.
     """
+
+    _LINE = b"%d %d\n"
 
     def __init__(self, regions: Regions) -> None:
         self._source = regions
-        ends = array("Q")
-        pos = 0
-        for offset, length in regions:
-            pos += len(str(offset)) + len(str(length)) + 2
-            ends.append(pos)
-        self._line_ends = ends
-        self.size = pos
+        self._line_ends: array[int] | None = None
+        self._index()
 
-    def _line(self, i: int) -> bytes:
-        offset, length = self._source.nth(i)
-        return b"%d %d\n" % (offset, length)
+    def _index(self) -> array[int]:
+        if self._line_ends is None:
+            starts, ends = self._source.arrays()
+            lengths = map(operator.sub, ends, starts)
+            digits = map(operator.add, map(len, map(str, starts)), map(len, map(str, lengths)))
+            self._line_ends = array("Q", accumulate(map((2).__add__, digits)))
+        return self._line_ends
+
+    @property
+    def size(self) -> int:
+        index = self._index()
+        return index[-1] if index else 0
 
     def read(self, offset: int, size: int) -> bytes:
+        index = self._index()
         if offset >= self.size or size <= 0:
             return b""
-        i = bisect_right(self._line_ends, offset)
-        first = 0 if i == 0 else self._line_ends[i - 1]
-        out = bytearray()
-        pos = first
-        while i < len(self._line_ends) and pos < offset + size:
-            out += self._line(i)
-            pos = self._line_ends[i]
-            i += 1
-        return bytes(out[offset - first : offset - first + size])
+        i = bisect_right(index, offset)
+        j = min(len(index), bisect_left(index, offset + size) + 1)
+        starts, ends = self._source.arrays()
+        lines = zip(starts[i:j], map(operator.sub, ends[i:j], starts[i:j]), strict=True)
+        text = b"".join(map(self._LINE.__mod__, lines))
+        first = index[i - 1] if i else 0
+        return text[offset - first : offset - first + size]
 
 
 @dataclass(frozen=True)
@@ -288,6 +296,11 @@ class Tree:
         return DISK_INO_BASE <= ino < DISK_INO_BASE + 2 * len(self.disks) and (
             (ino - DISK_INO_BASE) % 2 == 0
         )
+
+    def full(self, ino: int) -> bool:
+        """Whether a disk file's backup covers the whole disk (a full view)."""
+        disk, _ = self._disk(ino)
+        return disk.dirty.total == disk.size
 
     def open(self, ino: int, writable: bool, truncate: bool) -> None:
         """Opening a disk file read-write succeeds (fallocate needs it); nothing else may be

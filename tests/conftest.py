@@ -15,11 +15,13 @@ _os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", "/tmp/snapfs-hypothesis")
 import contextlib
 import os
 import random
+import select
 import shutil
 import signal
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +183,16 @@ class FakeDevice:
         """The next reply: (unique, error, payload)."""
         length, error, unique = FUSE_OUT_HEADER.unpack(self._exact(FUSE_OUT_HEADER.size))
         return unique, error, self._exact(length - FUSE_OUT_HEADER.size)
+
+    def take_until(self, done: threading.Event) -> Iterator[tuple[int, int, bytes]]:
+        """Replies as they come, until ``done`` is set while none is waiting (so the reading
+        thread ends instead of being left blocked on the pipe)."""
+        while True:
+            ready, _, _ = select.select([self.r], [], [], 0.05)
+            if ready:
+                yield self.take()
+            elif done.is_set():
+                return
 
     def _exact(self, n: int) -> bytes:
         out = bytearray()

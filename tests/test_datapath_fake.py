@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,10 +55,12 @@ async def read_many(
     got: dict[int, bytes] = {}
     failed: dict[int, NBDError] = {}
     settled = trio.Event()
+    stop = threading.Event()
 
     def note() -> None:
         if len(got) + len(failed) == len(reads):
             settled.set()
+            stop.set()
 
     def done(u: int, err: NBDError | None) -> None:
         if err is not None:
@@ -65,21 +68,17 @@ async def read_many(
             note()
 
     def taker() -> None:
-        while not settled.is_set():
-            u, error, payload = dev.take()
+        for u, error, payload in dev.take_until(stop):
             assert error == 0
             got[u] = payload
             trio.from_thread.run_sync(note)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(
-            functools.partial(trio.to_thread.run_sync, taker, abandon_on_cancel=True)
-        )
+        nursery.start_soon(trio.to_thread.run_sync, taker)
         for u, (offset, length) in reads.items():
             reader.submit(ReadReply(u), offset, length, (), functools.partial(done, u))
         with trio.fail_after(30):
             await settled.wait()
-        nursery.cancel_scope.cancel()
     return got, failed
 
 

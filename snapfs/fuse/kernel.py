@@ -48,6 +48,7 @@ class Mount:
     mountpoint: str
     fstype: str
     source: str
+    dev: str = ""  # "major:minor" of the file system (its backing device info in sysfs)
 
 
 _ESCAPE = re.compile(rb"\\([0-7]{3})")
@@ -72,6 +73,7 @@ def mounts() -> list[Mount]:
                     mountpoint=_unescape(fields[4]),
                     fstype=_unescape(fields[sep + 1]),
                     source=_unescape(fields[sep + 2]),
+                    dev=fields[2].decode(),
                 )
             )
     return out
@@ -281,3 +283,15 @@ def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
     with ENOTCONN, so ``os.path.ismount`` says False)."""
     want = os.fsdecode(Path(mountpoint).absolute())
     return any(m.mountpoint == want for m in mounts())
+
+
+def set_readahead(mount: Mount, nbytes: int) -> bool:
+    """Let the kernel read ahead up to ``nbytes`` on this FUSE mount (its backing device info:
+    the kernel starts a FUSE mount at 128 KiB, and INIT can only lower it). False if it could
+    not be set (no sysfs): reads are then slower, never wrong."""
+    try:
+        with open(f"/sys/class/bdi/{mount.dev}/read_ahead_kb", "w") as f:
+            f.write(str(nbytes // 1024))
+    except OSError:
+        return False
+    return True

@@ -156,6 +156,10 @@ class FuseServer:
             self._mounted = True
             os.set_blocking(self._fd, False)
             await self._init()
+            # 1 MiB of readahead where files go through the page cache (the kernel's 128 KiB
+            # would make eight requests of every MiB).
+            if self.mount is not None and not kernel.set_readahead(self.mount, MAX_WRITE):
+                log.debug("cannot raise the readahead of %s", self.mountpoint)
             task_status.started()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery

@@ -31,9 +31,10 @@ Everything here runs on one trio thread; none of it is thread-safe.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
@@ -63,6 +64,34 @@ STATUS_TIMEOUT: Final = 30.0
 
 Extent = tuple[int, int, int]
 """``(offset, length, flags)``; the flags' meaning depends on the metadata context."""
+
+
+class Extents:
+    """One reply's extents of one context in bulk: where the first starts, then every
+    extent's length and flags."""
+
+    __slots__ = ("flags", "lengths", "start")
+
+    def __init__(self, start: int, lengths: list[int], flags: list[int]) -> None:
+        self.start = start
+        self.lengths = lengths
+        self.flags = flags
+
+    @property
+    def end(self) -> int:
+        return self.start + sum(self.lengths)
+
+    def __iter__(self) -> Iterator[Extent]:
+        pos = self.start
+        for length, flags in zip(self.lengths, self.flags, strict=True):
+            yield pos, length, flags
+            pos += length
+
+    def selected(self, mask: int) -> tuple[list[int], list[int]]:
+        """Starts and lengths of the extents with any of the ``mask`` bits set, in bulk."""
+        starts = list(itertools.accumulate(self.lengths[:-1], initial=self.start))
+        keep = [f & mask for f in self.flags]
+        return list(itertools.compress(starts, keep)), list(itertools.compress(self.lengths, keep))
 
 
 class _Op:
@@ -460,10 +489,11 @@ class NBDClient:
         """
         return (await self.block_status_all(offset, length, (context,)))[context]
 
-    async def block_status_all(
+    async def block_status_raw(
         self, offset: int, length: int, contexts: Sequence[str]
-    ) -> dict[str, list[Extent]]:
-        """One block status request: the extents of each of ``contexts`` (see block_status).
+    ) -> dict[str, Extents]:
+        """One block status request: each context's extents as the server sent them, in bulk
+        (``Extents``: no Python object per extent).
 
         QEMU computes the contexts one after the other, in the order the export lists them
         (base:allocation first, then its bitmaps).
@@ -482,16 +512,11 @@ class NBDClient:
                 errno.EINVAL,
             )
         op = _Op(self._ops)
-        found: dict[str, list[Extent]] = {}
+        found: dict[str, Extents] = {}
 
         def extent(metacontext: str, start: int, entries: list[int], err: Any) -> int:
-            if metacontext in contexts and metacontext not in found:
-                result: list[Extent] = []
-                pos = start
-                for i in range(0, len(entries) - 1, 2):
-                    result.append((pos, entries[i], entries[i + 1]))
-                    pos += entries[i]
-                found[metacontext] = result
+            if metacontext in contexts and metacontext not in found and len(entries) >= 2:
+                found[metacontext] = Extents(start, entries[0::2], entries[1::2])
             return 0
 
         try:
@@ -510,13 +535,20 @@ class NBDClient:
             )
         for context in contexts:
             got = found.get(context)
-            if not got or got[0][1] <= 0:
+            if got is None or got.lengths[0] <= 0:
                 raise NBDError(
-                    f"block status at {offset} on {self._name}: the server "
-                    f"returned no {context!r} extents",
+                    f"block status at {offset} on {self._name}: the server returned "
+                    f"no {context!r} extents",
                     errno.EPROTO,
                 )
         return found
+
+    async def block_status_all(
+        self, offset: int, length: int, contexts: Sequence[str]
+    ) -> dict[str, list[Extent]]:
+        """``block_status_raw`` as ``(offset, length, flags)`` tuples."""
+        raw = await self.block_status_raw(offset, length, contexts)
+        return {context: list(got) for context, got in raw.items()}
 
 
 async def extents(
