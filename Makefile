@@ -4,8 +4,9 @@ PYTHON   ?= /usr/bin/python3
 VENV     ?= .venv
 VPY      := $(VENV)/bin/python
 # e2fsprogs: the real-guest tests make and check the guest's ext4 (tests/test_guest.py).
+# borgbackup, restic: restore points are tested under both (tests/test_points.py).
 APT_PKGS := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin fuse3 python3-venv rsync util-linux \
-            e2fsprogs
+            e2fsprogs borgbackup restic
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 

@@ -89,7 +89,8 @@ EXIT_CODES: list[tuple[int, str]] = [
     (TeardownError.exit_code, "teardown could not restore everything; run \\fBsnapfs cleanup\\fR"),
     (NBDError.exit_code, "the NBD connection to QEMU's export failed"),
     (FuseError.exit_code, "mounting or serving the FUSE file system failed"),
-    (9, "\\fBcopy\\fR failed"),
+    (9, "\\fBcopy\\fR, \\fBpoints\\fR or \\fBrestore\\fR failed"),
+    (10, "\\fBverify\\fR found a restore point that does not match its manifest"),
     (127, "\\fBrun\\fR: COMMAND not found"),
     (128, "+N: \\fBrun\\fR got signal N (or COMMAND died of it); the backup was aborted"),
 ]
@@ -174,6 +175,8 @@ def man_page(parser: argparse.ArgumentParser) -> str:
         ".nf",
         _esc("snapfs run 100 --incremental nightly -- snapfs copy {} /backup/100 --discard"),
         _esc("snapfs run 100 -- rsync -a --sparse {}/ /backup/100/"),
+        _esc("snapfs run 100 --incremental nightly -- snapfs copy {} /backup/100 --keep 7"),
+        _esc("snapfs restore /backup/100 --at 2026-11-24 scsi0 /var/tmp/scsi0-tuesday.raw"),
         _esc("systemctl enable --now snapfs-backup@100.timer"),
         _esc("snapfs status --json"),
         ".fi",

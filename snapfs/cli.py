@@ -31,8 +31,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, TextIO
 
-from snapfs import __version__, agent, control, options, paths, provider, runner, session, state
-from snapfs.errors import SnapfsError, StateError, UsageError
+from snapfs import (
+    __version__,
+    agent,
+    control,
+    options,
+    paths,
+    points,
+    provider,
+    runner,
+    session,
+    state,
+)
+from snapfs.errors import SnapfsError, StateError, UsageError, VerifyError
 from snapfs.records import Outcome
 
 log = logging.getLogger("snapfs")
@@ -196,6 +207,44 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="punch each copied range in the view, freeing fleecing space",
     )
+    cp.add_argument(
+        "--keep",
+        type=int,
+        metavar="N",
+        help="keep restore points: each run becomes a point (a qcow2 image per disk, an "
+        "overlay of the previous point for incremental views), the newest N are kept",
+    )
+
+    pt = command("points", "list the restore points in a backup directory")
+    pt.add_argument("dest", help="a backup directory written with 'snapfs copy --keep'")
+    pt.add_argument("--json", action="store_true", help="machine-readable output")
+
+    rs = command("restore", "write a disk (or a whole VM) of a restore point")
+    rs.usage = (
+        "%(prog)s DEST [--at TIME|ID] (DISK TARGET | --list | --to-dir DIR) "
+        "[--format raw|qcow2] [--force]"
+    )
+    rs.add_argument("dest", help="a backup directory with restore points")
+    rs.add_argument("disk", nargs="?", help="the disk's name (as in the view: scsi0, virtio1...)")
+    rs.add_argument("target", nargs="?", help="a new file, or a block device at least as large")
+    rs.add_argument(
+        "--at",
+        metavar="TIME|ID",
+        help="the point: its ID, or the newest one at or before a date or time (local "
+        "unless a zone is given; a date alone means the end of that day); default: the newest",
+    )
+    rs.add_argument("--list", action="store_true", help="list the point's disks and files")
+    rs.add_argument("--to-dir", metavar="DIR", help="every disk and the VM's config into DIR")
+    rs.add_argument(
+        "--format",
+        choices=["raw", "qcow2"],
+        help="the target's format (default: qcow2 for a .qcow2 name, else raw)",
+    )
+    rs.add_argument("--force", action="store_true", help="replace an existing target file")
+
+    vf = command("verify", "re-read restore points and check them against their manifests")
+    vf.add_argument("dest", help="a backup directory with restore points")
+    vf.add_argument("--at", metavar="TIME|ID", help="only this point (see 'restore')")
 
     s = command("status", "show active sessions")
     s.add_argument("vmid", nargs="?", help="only this VM")
@@ -213,7 +262,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if args.command == "run":
             args.argv = [*args.argv, *words[i + 1 :]]
             return args
-    args = parser.parse_args(words)
+    args, extra = parser.parse_known_args(words)
+    if args.command == "restore":
+        # argparse gives optional positionals their value at the first one (DEST) only, so
+        # DISK TARGET after an option come back unparsed: take them in order.
+        for word in list(extra):
+            slot = next((n for n in ("disk", "target") if getattr(args, n) is None), None)
+            if slot is None or word.startswith("-"):
+                break
+            setattr(args, slot, word)
+            extra.remove(word)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "run" and args.argv and args.argv[0].startswith("-"):
         parser.error("put the command after '--'")
     return args
@@ -748,6 +808,85 @@ def _status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 # -- main -----------------------------------------------------------------------------------------
 
 
+def _points(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    info = points.describe(Path(args.dest).absolute())
+    if args.json:
+        print(json.dumps(info, indent=1), file=out)
+        return 0
+    rows = info["points"]
+    if not rows:
+        print(f"{info['dest']}: no restore points", file=out)
+    else:
+        print(f"{'POINT':<17} {'SNAPSHOT (UTC)':<20} {'KIND':<12} {'CHANGED':>10} {'ON DISK':>10}",
+              file=out)  # fmt: skip
+        for r in rows:
+            kinds = {d["mode"] for d in r["disks"].values()}
+            kind = kinds.pop() if len(kinds) == 1 else "mixed"
+            when = r["snapshot_time"][:19].replace("T", " ")
+            print(
+                f"{r['id']:<17} {when:<20} {kind:<12} {_size(r['changed_bytes']):>10} "
+                f"{_size(r['disk_usage']):>10}",
+                file=out,
+            )
+    for pid in info["interrupted"]:
+        print(
+            f"interrupted: point {pid} was not completed (the next 'snapfs copy' removes it)",
+            file=out,
+        )
+    return 0
+
+
+def _restore(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    store = points.Store(Path(args.dest).absolute())
+    progress = sys.stdout.isatty() and not args.quiet
+    with store.locked(exclusive=False):
+        point = store.find(args.at)
+        if args.list:
+            print(f"point {point.id}: snapshot {point.manifest.snapshot_time}", file=out)
+            for name, d in point.manifest.disks.items():
+                print(f"  {name}: {_size(d.size)} ({d.size} bytes), {d.mode}", file=out)
+            for extra in sorted(point.path.iterdir()):
+                if extra.suffix in (".conf", ".fw"):
+                    print(f"  {extra.name}", file=out)
+            return 0
+        if args.to_dir:
+            if args.disk or args.target:
+                raise UsageError("--to-dir restores every disk: give no DISK TARGET")
+            written = store.restore_vm(
+                point, Path(args.to_dir).absolute(), args.format, progress=progress
+            )
+            log.info("restored point %s into %s (%d files)", point.id, args.to_dir, len(written))
+            return 0
+        if not (args.disk and args.target):
+            raise UsageError("give DISK TARGET, --list or --to-dir DIR")
+        fmt = store.restore_disk(
+            point,
+            args.disk,
+            Path(args.target).absolute(),
+            args.format,
+            force=args.force,
+            progress=progress,
+        )
+        log.info("restored %s of point %s to %s (%s)", args.disk, point.id, args.target, fmt)
+    return 0
+
+
+def _verify(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    store = points.Store(Path(args.dest).absolute())
+    problems: list[str] = []
+    with store.locked(exclusive=False):
+        chosen = [store.find(args.at)] if args.at else store.points()
+        if not chosen:
+            raise UsageError(f"{args.dest} holds no restore points")
+        for point in chosen:
+            problems += store.verify(point, lambda line: print(line, file=out, flush=True))
+    for line in problems:
+        print(f"FAILED {line}", file=out)
+    if problems:
+        raise VerifyError(f"{len(problems)} problem(s) in {args.dest}: {problems[0]}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     args = parse_args(argv)
     setup_logging(args)
@@ -769,12 +908,19 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             sys.exit(0)
         if args.command == "copy":
             stream: TextIO = io.StringIO() if args.quiet else sys.stderr
-            stats = provider.copy_view(
-                Path(args.view).absolute(),
-                Path(args.dest).absolute(),
-                discard=args.discard,
-                progress_stream=stream,
-            )
+            view = Path(args.view).absolute()
+            dest = Path(args.dest).absolute()
+            if args.keep is not None:
+                stats = points.copy_points(
+                    view,
+                    dest,
+                    provider.read_facts(view),
+                    args.keep,
+                    discard=args.discard,
+                    progress_stream=stream,
+                )
+            else:
+                stats = provider.copy_view(view, dest, discard=args.discard, progress_stream=stream)
             for name, st in stats.items():
                 log.info(
                     "%s: read %d, wrote %d, zero %d, holes %d, discarded %d bytes",
@@ -788,6 +934,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             sys.exit(0)
         if args.command == "status":
             sys.exit(_status(args))
+        if args.command == "points":
+            sys.exit(_points(args))
+        if args.command == "restore":
+            sys.exit(_restore(args))
+        if args.command == "verify":
+            sys.exit(_verify(args))
     except SnapfsError as err:
         fail(err)
     except KeyboardInterrupt:

@@ -15,7 +15,8 @@ the cause (``raise ... from err``)::
      +-- TeardownError           exit 6   teardown could not restore everything; says what is left
      +-- NBDError                exit 7   the NBD connection to the export failed
      +-- FuseError               exit 8   mounting or serving the FUSE file system failed
- +-- CopyError               exit 9   the reference provider (snapfs copy) could not copy a view
+ +-- CopyError               exit 9   the reference provider (snapfs copy, points, restore) failed
+      +-- VerifyError        exit 10  a restore point does not match its manifest (snapfs verify)
 """
 
 from __future__ import annotations
@@ -75,11 +76,15 @@ class CopyError(SnapfsError):
     exit_code = 9
 
 
+class VerifyError(CopyError):
+    exit_code = 10
+
+
 def by_exit_code(code: int) -> type[SnapfsError]:
     """The error class an exit code stands for (a reply from another process carries only the
     code); SnapfsError for an unknown one."""
     for cls in (UsageError, StateError, QMPError, SetupError, TeardownError, NBDError,
-                FuseError, CopyError):  # fmt: skip
+                FuseError, CopyError, VerifyError):  # fmt: skip
         if cls.exit_code == code:
             return cls
     return SnapfsError

@@ -1,6 +1,6 @@
 """The system calls Python's os module lacks, in one place: mount(2), umount2(2),
-fallocate(2) with a mode, and pidfd_getfd(2). Each raises ``OSError`` with the errno (callers
-put it in words)."""
+fallocate(2) with a mode, pidfd_getfd(2) and prctl(PR_SET_PDEATHSIG). Each raises ``OSError``
+with the errno (callers put it in words)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ _libc.fallocate.restype = ctypes.c_int
 
 FALLOC_FL_KEEP_SIZE: Final = 0x01
 FALLOC_FL_PUNCH_HOLE: Final = 0x02
+_PR_SET_PDEATHSIG: Final = 1
 _SYS_PIDFD_GETFD: Final = 438  # the same number on every architecture (Linux 5.6)
 
 
@@ -52,3 +53,9 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 def pidfd_getfd(pidfd: int, fd: int) -> int:
     """A close-on-exec duplicate of another process's ``fd``."""
     return _check(int(_libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)))
+
+
+def die_with_parent(signum: int) -> None:
+    """In a child between fork and exec: get ``signum`` when the parent (thread) dies, so a
+    helper process never outlives a killed snapfs."""
+    _check(_libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0))

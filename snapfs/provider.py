@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from snapfs.errors import CopyError, UsageError
 from snapfs.libc import punch_hole
@@ -96,8 +96,42 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class Target(Protocol):
+    """Where a disk's bytes go: a raw image file, or a qcow2 image through qemu-nbd."""
+
+    #: The target holds older data: zeros in the view must be written, not skipped.
+    keeps_old: bool
+
+    def write(self, offset: int, data: memoryview) -> None: ...
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make the range read as zeros."""
+
+
+class FileTarget:
+    """A raw image file; a new one (``in_place`` false) reads as zeros where nothing is
+    written, an existing one has its zeros punched."""
+
+    def __init__(self, fd: int, *, in_place: bool) -> None:
+        self.fd = fd
+        self.keeps_old = in_place
+
+    def write(self, offset: int, data: memoryview) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], offset + done)
+
+    def zero(self, offset: int, length: int) -> None:
+        punch_hole(self.fd, offset, length)
+
+
+#: Called with every range of the view as it is read: (offset, length, bytes), or None for
+#: bytes the view reports as zeros. From several threads at once, for disjoint ranges.
+DataHook = Callable[[int, int, "memoryview | None"], None]
+
+
 class DiskCopy:
-    """Copies one disk file's readable regions into a target file descriptor.
+    """Copies one disk file's readable regions into a target.
 
     Chunks of up to CHUNK bytes are read, checked for zeros and written by ``workers`` threads
     at once (the view serves concurrent READs of a disk in parallel, and QEMU answers them in
@@ -109,16 +143,16 @@ class DiskCopy:
     def __init__(
         self,
         src_fd: int,
-        dst_fd: int,
+        target: Target,
         *,
-        in_place: bool,
         discard: bool,
         progress: Callable[[int], None],
         workers: int = WORKERS,
+        on_data: DataHook | None = None,
     ) -> None:
         self.src = src_fd
-        self.dst = dst_fd
-        self.in_place = in_place
+        self.target = target
+        self.on_data = on_data
         self.discard = discard
         self.progress = progress
         self.workers = workers
@@ -136,8 +170,10 @@ class DiskCopy:
 
     def _hole(self, offset: int, length: int) -> None:
         """The view says these bytes read as zeros: the target must too."""
-        if self.in_place:
-            punch_hole(self.dst, offset, length)
+        if self.on_data is not None:
+            self.on_data(offset, length, None)
+        if self.target.keeps_old:
+            self.target.zero(offset, length)
 
     def _data_span(self, offset: int, end: int) -> tuple[int, int]:
         """The next (data_start, data_end) at or after offset within end, or (end, end)."""
@@ -187,9 +223,9 @@ class DiskCopy:
             self._hole(pos, n)
             zero, written = n, 0
         else:
-            done = 0
-            while done < n:
-                done += os.pwrite(self.dst, view[done:], pos + done)
+            if self.on_data is not None:
+                self.on_data(pos, n, view)
+            self.target.write(pos, view)
             zero, written = 0, n
         if self.discard:
             self._discard(pos, n)
@@ -234,16 +270,23 @@ class DiskCopy:
             raise CopyError(f"discard at {offset}+{length} failed: {err}") from err
 
 
-def copy_view(
-    view: Path, dest: Path, *, discard: bool = False, progress_stream: TextIO = sys.stderr
-) -> dict[str, Any]:
-    """Back up a mounted snapfs view into ``dest``; return per-disk statistics."""
+def read_facts(view: Path) -> Facts:
+    """The view's ``snapfs.json``."""
     try:
-        facts = Facts.from_json((view / "snapfs.json").read_text(), f"{view}/snapfs.json")
+        return Facts.from_json((view / "snapfs.json").read_text(), f"{view}/snapfs.json")
     except FileNotFoundError:
         raise UsageError(f"{view} is not a snapfs view (no snapfs.json)") from None
     except ValueError as err:
         raise CopyError(str(err)) from err
+
+
+def copy_view(
+    view: Path, dest: Path, *, discard: bool = False, progress_stream: TextIO = sys.stderr
+) -> dict[str, Any]:
+    """Back up a mounted snapfs view into ``dest``; return per-disk statistics."""
+    facts = read_facts(view)
+    if (dest / "points").exists():
+        raise UsageError(f"{dest} holds restore points: copy into it with --keep N")
     dest.mkdir(parents=True, exist_ok=True)
     record_path = dest / RECORD
     try:
@@ -320,8 +363,7 @@ def _copy_disk(
             os.ftruncate(dst, size)
             copier = DiskCopy(
                 src,
-                dst,
-                in_place=in_place,
+                FileTarget(dst, in_place=in_place),
                 discard=discard,
                 progress=progress,
             )

@@ -3,6 +3,7 @@
 - ``Facts``: ``snapfs.json`` in a view (and in a backup made from it), and the status the
   serving process reports over its control socket;
 - ``BackupRecord``: ``snapfs-backup.json`` in a destination of ``snapfs copy``;
+- ``PointManifest``: ``manifest.json`` of one restore point (``snapfs copy --keep``);
 - ``StateRecord``: ``<run_dir>/.state/<vmid>/state.json``, what teardown and ``snapfs cleanup``
   need;
 - ``Request``, ``Ack`` and ``Outcome``: the control socket's messages, one JSON object per line.
@@ -181,6 +182,37 @@ class BackupRecord(Record):
     incremental: str | None
     snapshot_time: str
     disks: list[str]
+    schema: int = SCHEMA
+
+
+# -- restore points -------------------------------------------------------------------------------
+
+
+@dataclass
+class PointDisk(Record):
+    """One disk of a restore point: its image and what it holds."""
+
+    size: int
+    image: str  # file name in the point's directory
+    backing: str | None  # the point whose image this one's backing file is; None: a base
+    mode: Literal["full", "incremental"]
+    dirty_bytes: int  # bytes of the regions this run copied (the whole disk for a full one)
+    dirty_regions: int
+    written: int  # bytes of data written into the image
+    zero: int  # bytes the view read as zeros
+    checksum: str  # "sha256/1M:<hex>": SHA-256 of the SHA-256 of every 1 MiB of the disk
+
+
+@dataclass
+class PointManifest(Record):
+    """``manifest.json`` of a restore point; a point without one is not a point."""
+
+    id: str
+    vmid: str
+    snapshot_time: str  # UTC, ISO 8601, as in snapfs.json
+    completed: str  # UTC, ISO 8601: when the point became visible
+    incremental: str | None
+    disks: dict[str, PointDisk]
     schema: int = SCHEMA
 
 

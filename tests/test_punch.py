@@ -15,7 +15,7 @@ import pytest
 from dev.devvm import DiskSpec, TestVM
 from snapfs import libc
 from snapfs.libc import punch_hole
-from snapfs.provider import CHUNK, DiskCopy
+from snapfs.provider import CHUNK, DiskCopy, FileTarget
 from tests.conftest import Snapfs
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]
@@ -150,7 +150,9 @@ def racing_copy(vm: TestVM, mnt: Path, out: Path, *, discard: bool) -> tuple[int
     src = os.open(mnt / "virtio0.raw", os.O_RDWR)
     dst = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        DiskCopy(src, dst, in_place=False, discard=discard, progress=after_chunk).region(0, size)
+        DiskCopy(
+            src, FileTarget(dst, in_place=False), discard=discard, progress=after_chunk
+        ).region(0, size)
     finally:
         os.close(src)
         os.close(dst)

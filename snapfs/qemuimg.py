@@ -1,0 +1,344 @@
+"""qemu-img and qemu-nbd: the tools the restore points are written, merged and read with.
+
+Images are qcow2 files whose backing file is named relative to their own directory, so a
+point's directory can be read by QEMU's own tools (``qemu-img convert``, ``qemu-nbd``) without
+snapfs. Bytes go in and out through a ``qemu-nbd`` on a unix socket in a fresh 0700 directory,
+a small pool of libnbd connections shared by the copy's threads.
+
+Every wait is bounded: each qemu-img command has a timeout that grows with what it does, and
+qemu-nbd must listen within ``START_TIMEOUT`` seconds and exit within ``STOP_TIMEOUT``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import nbd
+
+from snapfs import libc
+from snapfs.errors import CopyError
+
+log = logging.getLogger(__name__)
+
+QEMU_IMG = "qemu-img"
+QEMU_NBD = "qemu-nbd"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+#: How long a request waits for a free connection (the others' requests are local I/O).
+REQUEST_TIMEOUT = 600.0
+#: qemu-img commands that only look at or create metadata.
+META_TIMEOUT = 120.0
+#: The largest write-zeroes request: QEMU's NBD server refuses 4 GiB and more.
+MAX_ZERO = 1 << 30
+
+
+def _die_with_parent() -> None:
+    libc.die_with_parent(signal.SIGTERM)
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise CopyError(f"{name} not found: install it (Debian: qemu-utils)")
+    return path
+
+
+def run(args: list[str], what: str, timeout: float | None = META_TIMEOUT) -> str:
+    """Run qemu-img with ``args``; its stdout, or CopyError with its last line of stderr."""
+    argv = [_tool(QEMU_IMG), *args]
+    try:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired:
+        raise CopyError(f"{what}: qemu-img did not finish within {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise CopyError(f"{what}: {lines[-1] if lines else f'qemu-img exit {proc.returncode}'}")
+    return proc.stdout
+
+
+def create(path: Path, size: int, backing: str | None = None) -> None:
+    """A new qcow2 image of ``size`` bytes; with ``backing`` (relative to ``path``'s directory)
+    an overlay that reads as its backing file until written."""
+    args = ["create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        args += ["-b", backing, "-F", "qcow2"]
+    run([*args, str(path), str(size)], f"creating {path}")
+
+
+def info(path: Path) -> dict[str, Any]:
+    """``qemu-img info`` of one image (not its chain)."""
+    out = run(["info", "-U", "--output=json", str(path)], f"reading {path}")
+    try:
+        data = json.loads(out)
+    except ValueError as err:
+        raise CopyError(f"reading {path}: qemu-img info is not JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise CopyError(f"reading {path}: qemu-img info is not an object")
+    return data
+
+
+def map_chain(path: Path, size: int) -> list[dict[str, Any]]:
+    """``qemu-img map`` of an image through its backing chain: extents with ``start``,
+    ``length``, ``data`` and ``zero``."""
+    out = run(["map", "-U", "--output=json", str(path)], f"mapping {path}", _data_timeout(size))
+    try:
+        data = json.loads(out)
+    except ValueError as err:
+        raise CopyError(f"mapping {path}: qemu-img map is not JSON: {err}") from err
+    if not isinstance(data, list):
+        raise CopyError(f"mapping {path}: qemu-img map is not a list")
+    return [e for e in data if isinstance(e, dict)]
+
+
+def check(path: Path) -> str | None:
+    """What ``qemu-img check`` finds wrong with one image's metadata, or None (leaked clusters,
+    which waste space but lose nothing, are not wrong)."""
+    argv = [_tool(QEMU_IMG), "check", "-U", "--output=json", str(path)]
+    try:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=META_TIMEOUT, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired:
+        return f"qemu-img check did not finish within {META_TIMEOUT:.0f} s"
+    if proc.returncode in (0, 3):  # 3: leaked clusters only
+        return None
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    try:
+        data = json.loads(proc.stdout)
+        found = data.get("corruptions", "?"), data.get("check-errors", "?")
+        return f"{found[0]} corruption(s), {found[1]} check error(s)"
+    except ValueError:
+        return lines[-1] if lines else f"qemu-img check exit {proc.returncode}"
+
+
+def commit(top: Path, size: int) -> None:
+    """Write ``top``'s own data into its backing file; ``top`` keeps its data (``-d``), so it
+    reads the same all the while and a crash leaves both readable."""
+    run(["commit", "-q", "-d", str(top)], f"merging {top}", timeout=_data_timeout(size))
+
+
+def _data_timeout(size: int) -> float:
+    """A bound for commands that move up to ``size`` bytes: 10 minutes plus 10 MB/s."""
+    return 600.0 + size / 10e6
+
+
+class Server:
+    """A ``qemu-nbd`` serving one image on a private unix socket, with a pool of libnbd
+    connections. Use as a context manager; leaving it closes every connection and stops the
+    server (SIGTERM, then SIGKILL after STOP_TIMEOUT).
+    """
+
+    def __init__(self, image: Path, *, writable: bool, clients: int = 8) -> None:
+        self.image = image
+        self.writable = writable
+        self.clients = clients
+        self._dir = Path(tempfile.mkdtemp(prefix="snapfs-nbd-"))
+        self.socket = self._dir / "sock"
+        self._log = self._dir / "log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._slots = threading.BoundedSemaphore(clients)
+        self._free: list[nbd.NBD] = []
+        self._handles: list[nbd.NBD] = []
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Server:
+        argv = [
+            _tool(QEMU_NBD),
+            "--socket",
+            str(self.socket),
+            "--format",
+            "qcow2",
+            "--shared",
+            str(self.clients + 1),
+            "--persistent",
+            "--cache",
+            "writeback",
+        ]
+        if self.writable:
+            argv += ["--discard", "unmap"]
+        else:
+            argv += ["--read-only"]
+        with open(self._log, "wb") as log_file:  # a file: a pipe nobody reads can fill up
+            self._proc = subprocess.Popen(
+                [*argv, str(self.image)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                # A qemu-nbd left behind by a killed snapfs would keep its images locked,
+                # and the next prune could not merge them.
+                preexec_fn=_die_with_parent,
+            )
+        try:
+            self._wait_listening()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _wait_listening(self) -> None:
+        """Until the first connection succeeds (the socket exists a moment before qemu-nbd
+        listens on it); that connection is the pool's first."""
+        assert self._proc is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self._proc.poll() is not None:
+                lines = [x for x in self._log.read_text(errors="replace").splitlines() if x.strip()]
+                raise CopyError(
+                    f"qemu-nbd could not serve {self.image}: "
+                    f"{lines[-1] if lines else f'exit {self._proc.returncode}'}"
+                )
+            if self.socket.exists():
+                h = nbd.NBD()
+                try:
+                    h.connect_unix(str(self.socket))
+                except nbd.Error:
+                    pass
+                else:
+                    self._handles.append(h)
+                    self._free.append(h)
+                    return
+            if time.monotonic() > deadline:
+                raise CopyError(f"qemu-nbd did not listen within {START_TIMEOUT:.0f} s")
+            time.sleep(0.01)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[nbd.NBD]:
+        """A connection for one request: at most ``clients`` are opened, reused by any thread."""
+        if not self._slots.acquire(timeout=REQUEST_TIMEOUT):
+            raise CopyError(f"qemu-nbd for {self.image} did not answer in {REQUEST_TIMEOUT:.0f} s")
+        try:
+            with self._lock:
+                h = self._free.pop() if self._free else None
+            if h is None:
+                h = nbd.NBD()
+                try:
+                    h.connect_unix(str(self.socket))
+                except nbd.Error as err:
+                    raise CopyError(f"connecting to qemu-nbd for {self.image}: {err}") from err
+                with self._lock:
+                    self._handles.append(h)
+            try:
+                yield h
+            finally:
+                with self._lock:
+                    self._free.append(h)
+        finally:
+            self._slots.release()
+
+    def size(self) -> int:
+        with self.connection() as h:
+            return int(h.get_size())
+
+    def pread(self, length: int, offset: int) -> bytes:
+        try:
+            with self.connection() as h:
+                return bytes(h.pread(length, offset))
+        except nbd.Error as err:
+            raise CopyError(f"reading {self.image} at {offset}: {err}") from err
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        try:
+            with self.connection() as h:
+                h.pwrite(data, offset)
+        except nbd.Error as err:
+            raise CopyError(f"writing {self.image} at {offset}: {err}") from err
+
+    def zero(self, length: int, offset: int) -> None:
+        """Make the range read as zeros, whatever the backing file holds there."""
+        try:
+            with self.connection() as h:
+                while length:
+                    n = min(length, MAX_ZERO)
+                    h.zero(n, offset)
+                    offset += n
+                    length -= n
+        except nbd.Error as err:
+            raise CopyError(f"zeroing {self.image} at {offset}: {err}") from err
+
+    def flush(self) -> None:
+        try:
+            with self.connection() as h:
+                h.flush()
+        except nbd.Error as err:
+            raise CopyError(f"flushing {self.image}: {err}") from err
+
+    def close(self) -> None:
+        with self._lock:
+            handles, self._handles = self._handles, []
+        for h in handles:
+            with contextlib.suppress(nbd.Error):
+                h.shutdown()
+        # libnbd frees a handle with its last reference.
+        del handles
+        self._free = []
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.warning("qemu-nbd for %s did not stop: killing it", self.image)
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def convert(
+    src: Path, dst: Path, out_format: str, *, existing: bool, progress: bool, size: int
+) -> None:
+    """``qemu-img convert`` of ``src`` (its whole chain) into ``dst``: sparse, into an existing
+    target (``-n``) or a new file."""
+    argv = [_tool(QEMU_IMG), "convert", "-f", "qcow2", "-O", out_format]
+    if existing:
+        argv.append("-n")
+    if progress:
+        argv.append("-p")
+    argv += [str(src), str(dst)]
+    timeout = _data_timeout(size)
+    try:
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=None if progress else subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise CopyError(
+            f"restoring {dst}: qemu-img did not finish within {timeout:.0f} s"
+        ) from None
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise CopyError(f"restoring {dst}: {lines[-1] if lines else f'exit {proc.returncode}'}")
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
