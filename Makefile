@@ -23,7 +23,8 @@ apt:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; \
 	fi
 
-# The venv sees Debian's python3-libnbd (not on PyPI) through --system-site-packages.
+# The venv sees Debian's python3-libnbd (not on PyPI) through --system-site-packages; the
+# floors in pyproject.toml keep Debian's older trio (pulled in by borgbackup) out of it.
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
