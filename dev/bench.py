@@ -13,6 +13,12 @@ written on, QEMU's CPU seconds per GiB for the same bytes varied threefold from 
 every tool alike, and drowned the differences between the readers, which are what this measures.
 ``--images disk`` measures with the storage instead.
 
+Workloads (docs/performance.md describes each): (a)-(c) sequential reads of full views, (d) an
+incremental view's scattered 64 KiB regions (also read by libnbd straight from snapfs's export,
+the ceiling), (e) mount and umount, (f) peak RSS, (g) the guest's pause, (h) confined reads,
+(i) a throttled disk, (j) small reads of a full view, (k) ``snapfs copy`` of a full view against
+``cp`` + ``sync``, (l) a 1 TiB disk with a million dirty extents.
+
 Figures per run: wall time, bytes, CPU seconds of the reader (dd, cp, nbdcopy: from wait4) and
 of the serving process (snapfs or nbdfuse: /proc/PID/stat deltas), and QEMU's CPU seconds
 separately (QEMU is the NBD server of every tool and the FUSE server of its own export).
@@ -39,36 +45,36 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dev.devvm import QEMU_ROOT_ENV, DiskSpec, MiB, TestVM, poll
+from dev.devvm import QEMU_IO, QEMU_ROOT_ENV, DiskSpec, MiB, TestVM, poll
 
 GiB = 1024 * MiB
+TiB = 1024 * GiB
 THROTTLE = 10_000_000  # bytes/s of the throttled disk in (i)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 REGION = 64 * 1024
+#: (l): the disk's virtual size, and the distance between two of its dirty extents.
+SCALE_SIZE = TiB
+SCALE_STEP = MiB
+#: The checkout this file belongs to: every Python process the bench starts imports snapfs and
+#: dev from it (PYTHONPATH), whatever the working directory or an installed snapfs.
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 SNAPFS = "snapfs"
 NBDFUSE = "nbdfuse"
 QEMU_FUSE = "qemu-fuse"
 NBDCOPY = "nbdcopy"
-
-# A reader that copies the regions of a .dirty-style list with pread/pwrite: the (d) reference.
-_PREAD_LOOP = """
-import os, sys
-src = os.open(sys.argv[1], os.O_RDONLY)
-dst = os.open(sys.argv[3], os.O_WRONLY | os.O_CREAT, 0o600)
-with open(sys.argv[2]) as f:
-    for line in f:
-        off, n = map(int, line.split())
-        while n:
-            k = min(n, 1 << 20)
-            data = os.pread(src, k, off)
-            if len(data) != k:
-                sys.exit(f"short read at {off}")
-            os.pwrite(dst, data, off)
-            off += k
-            n -= k
-os.fsync(dst)
-"""
+#: (d)'s ceiling: libnbd straight on the export, 16 requests in flight, buffers reused.
+CEILING_REQUESTS = 16
+CEILING = f"libnbd-{CEILING_REQUESTS}"
+#: (d)'s readers with several pread threads.
+PREAD_THREADS = 8
+#: (j)'s and (k)'s tools.
+DD_1M = "snapfs-dd1M"
+DD_4K = "snapfs-dd4K"
+TAR = "snapfs-tar"
+CP_SYNC = "cp+sync"
+#: The tool each row of a workload is divided by in the ``ref_ratio`` column (MiB/s ÷ MiB/s).
+REFERENCE = {"d-incr": CEILING, "j-small": DD_1M, "k-full": CP_SYNC}
 
 
 def parse_size(text: str) -> int:
@@ -168,6 +174,15 @@ class Results:
     # The QEMU measured, and whether snapfs confines its reads there by default.
     qemu: str = ""
     confined: bool = False
+    #: (l): dirty extents of the 1 TiB disk, and per round the wall time of ``snapfs mount``
+    #: and of ``cat`` of the sidecar, and the serving process's peak RSS (bytes).
+    scale_extents: int = 0
+    scale_mount_s: list[float] = field(default_factory=list)
+    scale_cat_s: list[float] = field(default_factory=list)
+    scale_rss: list[int] = field(default_factory=list)
+    #: (l): how long the offline qemu-io took to make the extents, and the image's size after.
+    scale_setup_s: float = 0.0
+    scale_image_bytes: int = 0
 
 
 def _wait_all(procs: Sequence[subprocess.Popen[bytes]]) -> float:
@@ -241,21 +256,31 @@ class BenchVM(TestVM):
 
 
 class Bench:
-    """Owns the VM, the snapfs mount and every reference mount; ``close`` undoes all of it."""
+    """Owns the VM, the snapfs mount and every reference mount; ``close`` undoes all of it.
+
+    ``dest_dir`` is where (d) writes its copies (in memory, on /dev/shm, when there is room);
+    (k) writes into the work directory, on the disk that holds it."""
 
     def __init__(
-        self, args: argparse.Namespace, workdir: Path, image_dir: Path | None = None
+        self,
+        args: argparse.Namespace,
+        workdir: Path,
+        image_dir: Path | None = None,
+        dest_dir: Path | None = None,
     ) -> None:
         self.args = args
         self.workdir = workdir
+        self.dest_dir = dest_dir or workdir
         self.size: int = args.size_bytes
         self.names = [f"virtio{i}" for i in range(args.disks)]
         self.run_dir = workdir / "r"  # short: QEMU's NBD socket lives below it (108-byte limit)
         self.mnt = workdir / "snapfs"
+        path = os.environ.get("PYTHONPATH")
         self.env = dict(
             os.environ,
             SNAPFS_RUN_DIR=str(self.run_dir),
             SNAPFS_LOG_FILE=str(workdir / "snapfs.log"),
+            PYTHONPATH=str(SOURCE_ROOT) + (f":{path}" if path else ""),
         )
         self.vm = BenchVM(
             workdir,
@@ -441,18 +466,26 @@ class Bench:
         names: Sequence[str],
         argv: Callable[[str], list[str]],
         nbytes: int,
+        *,
+        servers: Sequence[int] | None = None,
     ) -> Run:
-        """Run one reader per disk in ``names`` at once and account for it."""
+        """Run one reader per disk in ``names`` at once and account for it. ``servers``: the
+        serving processes whose CPU counts (by default those of ``tool``)."""
         if not self.args.no_drop_caches:
             drop_caches()
-        servers = self.server_pids(tool, names)
+        if servers is None:
+            servers = self.server_pids(tool, names)
         s0 = sum(cpu_seconds(p) for p in servers)
         q0 = cpu_seconds(self.vm.pid)
         f0 = minor_faults(self.vm.pid)
         t0 = time.perf_counter()
         procs = [
             subprocess.Popen(
-                argv(n), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                argv(n),
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
             )
             for n in names
         ]
@@ -479,7 +512,7 @@ class Bench:
         )
         self.results.runs.append(run)
         print(
-            f"  round {rnd} {workload:10} {tool:9} {run.mib_s:8.0f} MiB/s  "
+            f"  round {rnd} {workload:10} {tool:13} {run.mib_s:8.0f} MiB/s  "
             f"cpu {run.cpu_per_gib:5.2f} s/GiB  qemu {run.qemu_per_gib:5.2f} s/GiB",
             flush=True,
         )
@@ -652,11 +685,13 @@ class Bench:
                 self.results.pause_ms.setdefault(kind, []).append(float(facts["pause_ms"]))
 
     def incremental(self) -> None:
-        """(d): an incremental view with scattered 64 KiB dirty regions, copied by the
-        reference provider, against a pread/pwrite loop over the same regions via nbdfuse."""
+        """(d): an incremental view with scattered 64 KiB dirty regions, copied into memory by
+        the reference provider, by pread/pwrite loops (one thread and several) through snapfs
+        and through nbdfuse, and read by libnbd straight from snapfs's export with 16 requests
+        in flight (the ceiling: no FUSE, no destination)."""
         first = self.names[0]
         exclude = [a for n in self.names[1:] for a in ("--exclude", n)]
-        dest = self.workdir / "backup"
+        dest = self.dest_dir / "backup"
         shutil.rmtree(dest, ignore_errors=True)
         print("(d) full backup of the incremental chain's base", flush=True)
         self.mount("--incremental", "bench", *exclude)
@@ -685,50 +720,213 @@ class Bench:
             regions = self.workdir / "regions.txt"
             shutil.copyfile(self.mnt / f"{first}.dirty", regions)
             self.start_nbdfuse([first])
-            ref = self.workdir / "ref.raw"
-            for rnd in range(self.args.rounds):
-                runs: list[tuple[str, Callable[[str], list[str]]]] = [
-                    (
-                        "snapfs-copy",
-                        lambda n: [
-                            sys.executable,
-                            "-m",
-                            "snapfs",
-                            "copy",
-                            str(self.mnt),
-                            str(dest),
-                        ],
-                    ),
-                    (
-                        "snapfs-pread",
-                        lambda n: [
-                            sys.executable,
-                            "-c",
-                            _PREAD_LOOP,
-                            self.file_of(SNAPFS, n),
-                            str(regions),
-                            str(ref),
-                        ],
-                    ),
-                    (
-                        "nbdfuse-pread",
-                        lambda n: [
-                            sys.executable,
-                            "-c",
-                            _PREAD_LOOP,
-                            self.file_of(NBDFUSE, n),
-                            str(regions),
-                            str(ref),
-                        ],
-                    ),
+            ref = self.dest_dir / "ref.raw"
+            readers = [sys.executable, "-m", "dev.readers"]
+
+            def pread(tool: str, threads: int) -> Callable[[str], list[str]]:
+                return lambda n: [
+                    *readers,
+                    "pread",
+                    self.file_of(tool, n),
+                    str(regions),
+                    str(ref),
+                    "--threads",
+                    str(threads),
                 ]
-                if rnd % 2:
-                    runs.reverse()
-                for label, argv in runs:
+
+            runs: list[tuple[str, Callable[[str], list[str]]]] = [
+                (
+                    "snapfs-copy",
+                    lambda n: [sys.executable, "-m", "snapfs", "copy", str(self.mnt), str(dest)],
+                ),
+                (
+                    CEILING,
+                    lambda n: [
+                        *readers,
+                        "nbd",
+                        self.uri(n),
+                        str(regions),
+                        "--requests",
+                        str(CEILING_REQUESTS),
+                    ],
+                ),
+                ("snapfs-pread", pread(SNAPFS, 1)),
+                (f"snapfs-pread{PREAD_THREADS}", pread(SNAPFS, PREAD_THREADS)),
+                ("nbdfuse-pread", pread(NBDFUSE, 1)),
+                (f"nbdfuse-pread{PREAD_THREADS}", pread(NBDFUSE, PREAD_THREADS)),
+            ]
+            for rnd in range(self.args.rounds):
+                for label, argv in runs[rnd % len(runs) :] + runs[: rnd % len(runs)]:
                     self.measure("d-incr", label, rnd, [first], argv, nbytes)
         finally:
             self.stop_nbdfuse()
+            shutil.rmtree(dest, ignore_errors=True)
+            ref.unlink(missing_ok=True)
         self.umount()
+
+    def small_reads(self) -> None:
+        """(j): small sequential reads of a full view, which goes through the page cache with
+        the kernel's read-ahead: ``dd bs=4K`` and ``tar --sparse`` (10 KiB reads, into a pipe:
+        GNU tar does not read a file whose archive is /dev/null) against ``dd bs=1M``."""
+        first = self.names[0]
+        src = str(self.mnt / f"{first}.raw")
+        tools: list[tuple[str, list[str]]] = [
+            (DD_1M, ["dd", f"if={src}", "of=/dev/null", "bs=1M", "status=none"]),
+            (DD_4K, ["dd", f"if={src}", "of=/dev/null", "bs=4K", "status=none"]),
+            (TAR, ["sh", "-c", 'tar --sparse -cf - "$1" | cat >/dev/null', "sh", src]),
+        ]
+        self.mount()
+        try:
+            for rnd in range(self.args.rounds):
+                for tool, argv in tools[rnd % len(tools) :] + tools[: rnd % len(tools)]:
+                    self.measure(
+                        "j-small",
+                        tool,
+                        rnd,
+                        [first],
+                        _fixed(argv),
+                        self.size,
+                        servers=[self.snapfs_pid],
+                    )
+        finally:
+            self.umount()
+
+    def full_copy(self) -> None:
+        """(k): ``snapfs copy`` of a full view into a directory on the work directory's disk,
+        against ``cp --sparse=always`` of the same files and ``sync`` of them and of the
+        directory (what snapfs copy fsyncs), the destination removed before every run."""
+        first = self.names[0]
+        exclude = [a for n in self.names[1:] for a in ("--exclude", n)]
+        dest = self.workdir / "full-copy"
+        self.mount(*exclude)
+        try:
+            files = [str(p) for p in sorted(self.mnt.iterdir())]
+            tools: list[tuple[str, list[str]]] = [
+                ("snapfs-copy", [sys.executable, "-m", "snapfs", "copy", str(self.mnt), str(dest)]),
+                (
+                    CP_SYNC,
+                    [
+                        "sh",
+                        "-c",
+                        'd=$1; shift; cp --sparse=always "$@" "$d"/ && sync "$d" "$d"/*',
+                        "sh",
+                        str(dest),
+                        *files,
+                    ],
+                ),
+            ]
+            for rnd in range(self.args.rounds):
+                for tool, argv in tools[rnd % 2 :] + tools[: rnd % 2]:
+                    shutil.rmtree(dest, ignore_errors=True)
+                    dest.mkdir()
+                    self.measure(
+                        "k-full",
+                        tool,
+                        rnd,
+                        [first],
+                        _fixed(argv),
+                        self.size,
+                        servers=[self.snapfs_pid],
+                    )
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+            self.umount()
+
+    def scale(self) -> None:
+        """(l): a 1 TiB qcow2 disk with ``--scale-extents`` dirty extents of 64 KiB, 1 MiB
+        apart: the wall time of ``snapfs mount --incremental``, of ``cat`` of the sidecar, and
+        the serving process's peak RSS. The extents are made offline by one qemu-io process
+        (the persistent bitmap records its writes as QEMU would) with zero writes, which only
+        change the image's metadata: about 128 MiB of L2 tables for a million of them."""
+        extents = self.args.scale_extents
+        workdir = self.workdir / "scale"
+        workdir.mkdir()
+        spec = DiskSpec("virtio0", "qcow2", "virtio", size=SCALE_SIZE, modelled=False)
+        vm = TestVM(workdir, [spec])
+        mnt = workdir / "mnt"
+        mnt.mkdir()
+        incremental = ("--incremental", "scale")
+
+        def mount() -> float:
+            return self.snapfs(
+                "mount",
+                vm.vmid,
+                str(mnt),
+                "--qmp",
+                str(vm.qmp_path),
+                "--fleecing-dir",
+                str(workdir / "fleecing"),
+                *incremental,
+            )
+
+        try:
+            vm.start()
+            mount()
+            self.snapfs("umount", str(mnt), "--commit")
+            vm.stop()
+            print(f"(l) {extents} zero writes of 4 KiB, {SCALE_STEP >> 20} MiB apart", flush=True)
+            script = "".join(f"write -q -z {i * SCALE_STEP} 4096\n" for i in range(extents))
+            t0 = time.perf_counter()
+            # cache=unsafe: no flush after every write (a million flushes take minutes); the
+            # metadata is written out all the same when qemu-io closes the image.
+            proc = subprocess.run(
+                [QEMU_IO, "-t", "unsafe", "-f", "qcow2", str(spec.path)],
+                input=script.encode(),
+                stdout=subprocess.DEVNULL,  # a prompt per command
+                stderr=subprocess.PIPE,
+                check=False,
+            )
+            if proc.returncode != 0 or proc.stderr.strip():
+                raise RuntimeError(f"qemu-io failed: {proc.stderr.decode(errors='replace')}")
+            self.results.scale_setup_s = time.perf_counter() - t0
+            self.results.scale_image_bytes = spec.path.stat().st_blocks * 512
+            print(
+                f"(l) made in {self.results.scale_setup_s:.0f} s; the image holds "
+                f"{self.results.scale_image_bytes / MiB:.0f} MiB",
+                flush=True,
+            )
+            vm.start()
+            for rnd in range(self.args.rounds):
+                if not self.args.no_drop_caches:
+                    drop_caches()
+                self.results.scale_mount_s.append(mount())
+                try:
+                    pid = int((self.run_dir / ".state" / vm.vmid / "pid").read_text())
+                    t0 = time.perf_counter()
+                    text = subprocess.run(
+                        ["cat", str(mnt / f"{spec.name}.dirty")], capture_output=True, check=True
+                    ).stdout
+                    self.results.scale_cat_s.append(time.perf_counter() - t0)
+                    self.results.scale_rss.append(peak_rss(pid))
+                    if rnd == 0:
+                        _check_extents(text, extents)
+                finally:
+                    self.snapfs("umount", str(mnt))  # no --commit: the next round sees the same
+                print(
+                    f"  round {rnd} l-scale mount {self.results.scale_mount_s[-1]:.2f} s, "
+                    f"cat {self.results.scale_cat_s[-1]:.2f} s, "
+                    f"peak RSS {self.results.scale_rss[-1] / MiB:.0f} MiB",
+                    flush=True,
+                )
+            self.results.scale_extents = extents
+        finally:
+            vm.stop()
+            spec.path.unlink(missing_ok=True)
+
+
+def _fixed(argv: list[str]) -> Callable[[str], list[str]]:
+    """The same command line whatever the disk (for workloads of one disk)."""
+    return lambda _name: argv
+
+
+def _check_extents(text: bytes, extents: int) -> None:
+    """(l)'s sidecar lists exactly the extents made: one 64 KiB block every SCALE_STEP."""
+    lines = text.splitlines()
+    if len(lines) != extents:
+        raise RuntimeError(f"(l) the sidecar has {len(lines)} lines, not {extents}")
+    for i, line in enumerate(lines):
+        if line != b"%d %d" % (i * SCALE_STEP, REGION):
+            raise RuntimeError(f"(l) sidecar line {i + 1} is {line!r}")
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -739,7 +937,9 @@ def _med(values: Sequence[float]) -> float:
 
 
 def summarize(res: Results) -> dict[str, Any]:
-    """Medians per (workload, tool), and snapfs's ratio to each reference."""
+    """Medians per (workload, tool); snapfs's ratio to each tool (``snapfs_ratio``: snapfs's
+    MiB/s over the tool's) and, where a workload has a reference, each tool's ratio to it
+    (``ref_ratio``: the tool's MiB/s over the reference's); the headline (``headline``)."""
     out: dict[str, Any] = {}
     for workload in dict.fromkeys(r.workload for r in res.runs):
         rows: dict[str, Any] = {}
@@ -752,8 +952,10 @@ def summarize(res: Results) -> dict[str, Any]:
                 "qemu_cpu_s_per_gib": _med([r.qemu_per_gib for r in runs]),
             }
         ours = next((v for k, v in rows.items() if k.startswith(SNAPFS)), None)
+        ref = rows.get(REFERENCE.get(workload, ""))
         for row in rows.values():
             row["snapfs_ratio"] = ours["mib_s"] / row["mib_s"] if ours else None
+            row["ref_ratio"] = row["mib_s"] / ref["mib_s"] if ref else None
         out[workload] = rows
     out["mount_s"] = _med(res.mount_s)
     out["umount_s"] = _med(res.umount_s)
@@ -761,6 +963,180 @@ def summarize(res: Results) -> dict[str, Any]:
     out["pause_ms"] = {k: _med(v) for k, v in res.pause_ms.items()}
     out["qemu"] = res.qemu
     out["confined"] = res.confined
+    if res.scale_extents:
+        out["scale"] = {
+            "extents": res.scale_extents,
+            "mount_s": _med(res.scale_mount_s),
+            "cat_s": _med(res.scale_cat_s),
+            "peak_rss_mib": max(res.scale_rss) / MiB,
+            "setup_s": res.scale_setup_s,
+            "image_mib": res.scale_image_bytes / MiB,
+        }
+    out["headline"] = [asdict(h) for h in headline(res, out)]
+    return out
+
+
+@dataclass
+class Headline:
+    """One row of the report's first table (the README's): a measure of one workload, its
+    values in this run, and the goal it has, if any (``met``: whether the first value meets
+    it)."""
+
+    workload: str
+    measure: str
+    values: list[float]
+    unit: str = ""  # "" for ratios, else "s", "ms", "MiB"
+    goal: str = ""  # "≥ 0.8", "≤ 2", "< 3": an operator and a number
+    met: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.goal and self.values:
+            op, limit = self.goal.split()
+            value, bound = self.values[0], float(limit)
+            self.met = {
+                "≥": value >= bound,
+                "≤": value <= bound,
+                "<": value < bound,
+            }[op]
+
+    def text(self) -> str:
+        """The values as the table shows them."""
+        if self.unit == "":
+            return ", ".join(f"{v:.2f}" for v in self.values)
+        digits = {"s": 2, "ms": 1, "MiB": 0}[self.unit]
+        return ", ".join(f"{v:.{digits}f} {self.unit}" for v in self.values)
+
+    def goal_text(self) -> str:
+        if not self.goal:
+            return ""
+        return f"{self.goal} {self.unit}".strip() + (" (met)" if self.met else " (missed)")
+
+
+def _ratios(
+    summary: dict[str, Any], workload: str, tools: Sequence[str]
+) -> tuple[str, list[float]]:
+    """snapfs ÷ each of ``tools`` that ran in ``workload`` (MiB/s over MiB/s)."""
+    rows = summary.get(workload, {})
+    present = [t for t in tools if t in rows and SNAPFS in rows]
+    values = [rows[SNAPFS]["mib_s"] / rows[t]["mib_s"] for t in present]
+    return "snapfs ÷ " + ", ÷ ".join(present), values
+
+
+def headline(res: Results, summary: dict[str, Any]) -> list[Headline]:
+    """The ratios and figures the README shows, with the goals some of them have."""
+    a = res.args
+    disks = f"{a['disks']} disk" + ("s" if a["disks"] != 1 else "")
+    refs = [NBDFUSE, NBDCOPY, QEMU_FUSE]
+    out: list[Headline] = []
+    for workload, title in (
+        ("a-dd", "(a) `dd bs=1M iflag=direct`, one disk"),
+        ("b-cp", "(b) `cp --sparse=always` to /dev/null, one disk"),
+        ("c-parallel", f"(c) {disks} at once, `dd bs=1M iflag=direct`"),
+    ):
+        measure, values = _ratios(summary, workload, refs)
+        if values:
+            out.append(Headline(title, measure + " (MiB/s)", values))
+    d = summary.get("d-incr", {})
+    if CEILING in d:
+        where = "memory" if a.get("dest_in_memory") else "files on disk"
+        title = (
+            f"(d) incremental view, {res.dirty_regions:,} regions of 64 KiB, copied into {where}"
+        )
+        for tool, what in (
+            ("snapfs-copy", "`snapfs copy`"),
+            (f"snapfs-pread{PREAD_THREADS}", f"{PREAD_THREADS} pread threads through snapfs"),
+        ):
+            if tool in d:
+                out.append(
+                    Headline(
+                        title,
+                        f"{what} ÷ libnbd, {CEILING_REQUESTS} requests in flight (MiB/s)",
+                        [d[tool]["ref_ratio"]],
+                        goal="≥ 0.8",
+                    )
+                )
+                title = ""
+    if res.mount_s:
+        out.append(
+            Headline(
+                f"(e) {disks}",
+                "`snapfs mount`, `snapfs umount`",
+                [summary["mount_s"], summary["umount_s"]],
+                unit="s",
+            )
+        )
+    if summary["peak_rss_mib"]:
+        rss = summary["peak_rss_mib"]
+        out.append(
+            Headline("(f) peak RSS during (a)", ", ".join(rss), list(rss.values()), unit="MiB")
+        )
+    if summary["pause_ms"]:
+        pause = summary["pause_ms"]
+        out.append(
+            Headline(
+                f"(g) a running guest's pause at the snapshot point, {disks}",
+                ", ".join(f"{k} view" for k in pause),
+                list(pause.values()),
+                unit="ms",
+            )
+        )
+    h = [summary.get(w, {}) for w in ("h-a", "h-c")]
+    if all(SNAPFS in r and f"{SNAPFS}-confined" in r for r in h):
+        out.append(
+            Headline(
+                "(h) reads confined to one cluster per request (QEMU before 8.0)",
+                "confined ÷ as this QEMU is read, (a), (c) (MiB/s)",
+                [r[f"{SNAPFS}-confined"]["mib_s"] / r[SNAPFS]["mib_s"] for r in h],
+            )
+        )
+    i = summary.get("i-throttled", {})
+    if SNAPFS in i and f"{SNAPFS}-throttled" in i:
+        out.append(
+            Headline(
+                "(i) a disk throttled to 10 MB/s",
+                "throttled ÷ unthrottled (MiB/s)",
+                [i[f"{SNAPFS}-throttled"]["mib_s"] / i[SNAPFS]["mib_s"]],
+            )
+        )
+    j = summary.get("j-small", {})
+    if DD_1M in j:
+        title = "(j) small reads of a full view"
+        if DD_4K in j:
+            out.append(
+                Headline(
+                    title, "`dd bs=4K` ÷ `dd bs=1M` (MiB/s)", [j[DD_4K]["ref_ratio"]], goal="≥ 0.5"
+                )
+            )
+            title = ""
+        if TAR in j:
+            out.append(
+                Headline(
+                    title,
+                    "`tar --sparse -cf - \\| cat` ÷ `dd bs=1M` (time)",
+                    [1 / j[TAR]["ref_ratio"]],
+                    goal="≤ 2",
+                )
+            )
+    k = summary.get("k-full", {})
+    if "snapfs-copy" in k and CP_SYNC in k:
+        out.append(
+            Headline(
+                "(k) a full view copied into a directory on disk",
+                "`snapfs copy` ÷ `cp --sparse=always` + `sync` (time)",
+                [1 / k["snapfs-copy"]["ref_ratio"]],
+                goal="≤ 1",
+            )
+        )
+    scale = summary.get("scale")
+    if scale:
+        title = f"(l) 1 TiB disk with {scale['extents']:,} dirty extents"
+        out += [
+            Headline(title, "`snapfs mount`", [scale["mount_s"]], unit="s", goal="< 3"),
+            Headline("", "`cat` of the `.dirty` sidecar", [scale["cat_s"]], unit="s", goal="< 1"),
+            Headline(
+                "", "serving process's peak RSS", [scale["peak_rss_mib"]], unit="MiB", goal="< 200"
+            ),
+        ]
     return out
 
 
@@ -772,22 +1148,44 @@ WORKLOAD_TITLES = {
     "h-a": "(h) confined reads: (a)",
     "h-c": "(h) confined reads: (c)",
     "i-throttled": "(i) a disk throttled to 10 MB/s, against an unthrottled one",
+    "j-small": "(j) full view, sequential reads through the page cache",
+    "k-full": "(k) full view copied into a directory on disk",
 }
 
 
-def markdown(res: Results, summary: dict[str, Any]) -> str:
+def caption(res: Results) -> str:
+    """What the run was: the line above the report's tables."""
     a = res.args
-    lines = [
+    return (
         f"{a['disks']} disk(s) x {a['size']} of random data ({a['format']}), "
         f"{a['rounds']} alternated rounds, medians; images in "
         f"{'memory' if a.get('images_in_memory') else 'files on disk'}; page cache dropped "
-        "before every run" + (" (not)" if a["no_drop_caches"] else "") + ".",
+        "before every run" + (" (not)" if a["no_drop_caches"] else "") + f"; QEMU {res.qemu}."
+    )
+
+
+def markdown(res: Results, summary: dict[str, Any]) -> str:
+    """The report: the caption and the headline table (what the README shows), then every
+    tool's medians (what docs/performance.md keeps)."""
+    a = res.args
+    lines = [
+        caption(res),
+        "",
+        "| workload | measure | latest | goal |",
+        "| --- | --- | ---: | --- |",
+    ]
+    for h in summary["headline"]:
+        row = Headline(**h)
+        lines.append(f"| {row.workload} | {row.measure} | {row.text()} | {row.goal_text()} |")
+    lines += [
         "",
         f"QEMU {res.qemu}: snapfs confines its reads there "
-        + ("by default (before 8.0)." if res.confined else "only in (h)."),
+        + ("by default (before 8.0)." if res.confined else "only in (h).")
+        + " Ratios of MiB/s are of the median MiB/s; a ratio of time is the inverse.",
         "",
-        "| workload | tool | MiB/s | CPU s/GiB (reader+server) | QEMU CPU s/GiB | snapfs ratio |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| workload | tool | MiB/s | CPU s/GiB (reader+server) | QEMU CPU s/GiB | snapfs ratio "
+        "| ÷ reference |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for workload, rows in summary.items():
         if not isinstance(rows, dict) or workload not in WORKLOAD_TITLES:
@@ -796,30 +1194,26 @@ def markdown(res: Results, summary: dict[str, Any]) -> str:
         if workload == "c-parallel":
             title = title.replace("4 disks", f"{a['disks']} disks")
         if workload == "d-incr":
-            title += f" ({res.dirty_regions} regions)"
+            where = "memory" if a.get("dest_in_memory") else "files on disk"
+            title += f" ({res.dirty_regions} regions), copied into {where}"
+        if workload in REFERENCE:
+            title += f"; reference: {REFERENCE[workload]}"
         for tool, row in rows.items():
+            ref = "" if row["ref_ratio"] is None else f"{row['ref_ratio']:.2f}"
             lines.append(
                 f"| {title} | {tool} | {row['mib_s']:.0f} | {row['cpu_s_per_gib']:.2f} "
-                f"| {row['qemu_cpu_s_per_gib']:.2f} | {row['snapfs_ratio']:.2f} |"
+                f"| {row['qemu_cpu_s_per_gib']:.2f} | {row['snapfs_ratio']:.2f} | {ref} |"
             )
             title = ""
     for tool, why in res.unavailable.items():
-        lines.append(f"| all | {tool} | not available: {why} | | | |")
-    lines += [
-        "",
-        f"(e) `snapfs mount` {summary['mount_s']:.2f} s, `snapfs umount` "
-        f"{summary['umount_s']:.2f} s for {a['disks']} disks (median wall time).",
-    ]
-    rss = summary["peak_rss_mib"]
-    lines.append(
-        "(f) peak RSS during (a): " + ", ".join(f"{k} {v:.0f} MiB" for k, v in rss.items()) + "."
-    )
-    if summary["pause_ms"]:
-        lines.append(
-            f"(g) a running guest is paused at the snapshot point for {a['disks']} disks: "
-            + ", ".join(f"{k} view {v:.1f} ms" for k, v in summary["pause_ms"].items())
-            + " (median)."
-        )
+        lines.append(f"| all | {tool} | not available: {why} | | | | |")
+    scale = summary.get("scale")
+    if scale:
+        lines += [
+            "",
+            f"(l) {scale['extents']:,} extents made offline by one qemu-io in "
+            f"{scale['setup_s']:.0f} s; the image holds {scale['image_mib']:.0f} MiB.",
+        ]
     return "\n".join(lines)
 
 
@@ -841,10 +1235,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="64 KiB dirty regions of the incremental view (default 10000; 0 skips)",
     )
     p.add_argument(
+        "--scale-extents",
+        type=int,
+        default=1_000_000,
+        help="dirty extents of the 1 TiB disk of (l) (default 1000000, at most "
+        f"{SCALE_SIZE // SCALE_STEP}; 0 skips)",
+    )
+    p.add_argument(
         "--workdir",
         default="/var/tmp",
-        help="where the work directory goes: sockets, mounts, the backup of (d), and the "
-        "images unless they are in memory (default /var/tmp)",
+        help="where the work directory goes: sockets, mounts, the copies of (k), the disk of "
+        "(l), and the images and (d)'s copies unless they are in memory (default /var/tmp)",
     )
     p.add_argument(
         "--images",
@@ -873,26 +1274,41 @@ def run(args: argparse.Namespace) -> Results:
         raise SystemExit("--size must be a positive multiple of 64 KiB")
     if args.rounds < 1 or args.disks < 1:
         raise SystemExit("--rounds and --disks must be at least 1")
-    args.images_in_memory = images_in_memory(args.images, args.size_bytes * args.disks)
+    if not 0 <= args.scale_extents <= SCALE_SIZE // SCALE_STEP:
+        raise SystemExit(f"--scale-extents must be between 0 and {SCALE_SIZE // SCALE_STEP}")
+    images = args.size_bytes * args.disks
+    args.images_in_memory = images_in_memory(args.images, images)
+    # (d)'s copies (a full image of one disk, and the readers' regions) go to memory too when
+    # there is room beside the images.
+    args.dest_in_memory = images_in_memory(
+        "auto", 2 * args.size_bytes + (images if args.images_in_memory else 0)
+    )
     if args.qemu_root:
         os.environ[QEMU_ROOT_ENV] = args.qemu_root
     workdir = Path(tempfile.mkdtemp(prefix="snapfs-bench-", dir=args.workdir))
-    image_dir = None
+    image_dir = dest_dir = None
     if args.images_in_memory:
         image_dir = Path(tempfile.mkdtemp(prefix="snapfs-bench-", dir="/dev/shm"))
-    bench = Bench(args, workdir, image_dir)
+    if args.dest_in_memory:
+        dest_dir = Path(tempfile.mkdtemp(prefix="snapfs-bench-dest-", dir="/dev/shm"))
+    bench = Bench(args, workdir, image_dir, dest_dir)
     try:
         bench.setup()
         bench.rounds()
         if args.dirty_regions:
             bench.incremental()
+        bench.small_reads()
+        bench.full_copy()
         bench.confinement()
         bench.pause()
         bench.throttled()
+        if args.scale_extents:
+            bench.scale()
     finally:
         bench.close()
-        if image_dir is not None:
-            shutil.rmtree(image_dir, ignore_errors=True)  # memory: never kept
+        for tmp in (image_dir, dest_dir):
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)  # memory: never kept
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     return bench.results
@@ -915,6 +1331,12 @@ def main(argv: list[str] | None = None) -> int:
         "unavailable": res.unavailable,
         "dirty_regions": res.dirty_regions,
         "pause_ms": res.pause_ms,
+        "scale": {
+            "extents": res.scale_extents,
+            "mount_s": res.scale_mount_s,
+            "cat_s": res.scale_cat_s,
+            "peak_rss": res.scale_rss,
+        },
         "markdown": table,
     }
     Path(args.json).write_text(json.dumps(data, indent=1, default=str) + "\n")

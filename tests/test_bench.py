@@ -55,6 +55,8 @@ def test_bench_runs_every_workload_and_cleans_up(short_tmp: Path) -> None:
         "2",
         "--dirty-regions",
         "8",
+        "--scale-extents",
+        "50",
         "--workdir",
         str(tmp_path),
         "--json",
@@ -71,7 +73,20 @@ def test_bench_runs_every_workload_and_cleans_up(short_tmp: Path) -> None:
     assert set(summary["a-dd"]) == tools
     assert set(summary["b-cp"]) == tools - {"nbdcopy"}
     assert set(summary["c-parallel"]) == tools
-    assert set(summary["d-incr"]) == {"snapfs-copy", "snapfs-pread", "nbdfuse-pread"}
+    assert set(summary["d-incr"]) == {
+        "snapfs-copy",
+        "libnbd-16",
+        "snapfs-pread",
+        "snapfs-pread8",
+        "nbdfuse-pread",
+        "nbdfuse-pread8",
+    }
+    for row in summary["d-incr"].values():  # every tool over the ceiling
+        assert row["ref_ratio"] == pytest.approx(
+            row["mib_s"] / summary["d-incr"]["libnbd-16"]["mib_s"]
+        )
+    assert set(summary["j-small"]) == {"snapfs-dd1M", "snapfs-dd4K", "snapfs-tar"}
+    assert set(summary["k-full"]) == {"snapfs-copy", "cp+sync"}
     for row in summary["a-dd"].values():  # snapfs's speed over each tool's
         assert row["snapfs_ratio"] == pytest.approx(
             summary["a-dd"]["snapfs"]["mib_s"] / row["mib_s"]
@@ -86,19 +101,76 @@ def test_bench_runs_every_workload_and_cleans_up(short_tmp: Path) -> None:
     assert summary["peak_rss_mib"]["snapfs"] > 0
     assert set(data["pause_ms"]) == {"full", "incremental"}
     assert all(len(v) == 2 and all(ms > 0 for ms in v) for v in data["pause_ms"].values())
-    assert "(g) a running guest is paused" in data["markdown"]
     assert "| (a) dd bs=1M iflag=direct | snapfs |" in data["markdown"]
-    # Every run moved the bytes it claims: 2 disks of 4 MiB in (c), 8 regions of 64 KiB in (d).
+    # The headline: every workload's row, the goals of issue 16 with their verdicts.
+    measures = {h["measure"]: h for h in summary["headline"]}
+    copy = measures["`snapfs copy` ÷ libnbd, 16 requests in flight (MiB/s)"]
+    assert copy["values"] == [summary["d-incr"]["snapfs-copy"]["ref_ratio"]]
+    assert copy["goal"] == "≥ 0.8"
+    assert copy["met"] is (copy["values"][0] >= 0.8)
+    pread8 = measures["8 pread threads through snapfs ÷ libnbd, 16 requests in flight (MiB/s)"]
+    assert pread8["values"] == [summary["d-incr"]["snapfs-pread8"]["ref_ratio"]]
+    small = summary["j-small"]
+    assert measures["`dd bs=4K` ÷ `dd bs=1M` (MiB/s)"]["values"] == [
+        small["snapfs-dd4K"]["mib_s"] / small["snapfs-dd1M"]["mib_s"]
+    ]
+    tar = measures["`tar --sparse -cf - \\| cat` ÷ `dd bs=1M` (time)"]
+    assert tar["values"] == [
+        pytest.approx(small["snapfs-dd1M"]["mib_s"] / small["snapfs-tar"]["mib_s"])
+    ]
+    full = measures["`snapfs copy` ÷ `cp --sparse=always` + `sync` (time)"]
+    assert full["values"] == [
+        pytest.approx(
+            summary["k-full"]["cp+sync"]["mib_s"] / summary["k-full"]["snapfs-copy"]["mib_s"]
+        )
+    ]
+    assert full["goal"] == "≤ 1"
+    assert measures["`snapfs mount`"]["goal"] == "< 3"
+    assert measures["serving process's peak RSS"]["values"][0] > 0
+    workloads = [h["workload"][:3] for h in summary["headline"] if h["workload"]]
+    assert workloads == [f"({w})" for w in "abcdefghijkl"]
+    # The headline table comes first, directly under the caption: the README's table.
+    lines = data["markdown"].splitlines()
+    assert lines[2:4] == ["| workload | measure | latest | goal |", "| --- | --- | ---: | --- |"]
+    assert "| (l) 1 TiB disk with 50 dirty extents | `snapfs mount` |" in data["markdown"]
+    assert summary["scale"]["extents"] == 50
+    assert len(data["scale"]["mount_s"]) == len(data["scale"]["cat_s"]) == 2
+    # Every run moved the bytes it claims: 2 disks of 4 MiB in (c), 8 regions of 64 KiB in (d),
+    # a disk of 4 MiB in (j) and (k).
     assert {r["nbytes"] for r in data["runs"] if r["workload"] == "c-parallel"} == {8 << 20}
     assert {r["nbytes"] for r in data["runs"] if r["workload"] == "d-incr"} == {8 << 16}
+    assert {r["nbytes"] for r in data["runs"] if r["workload"] in ("j-small", "k-full")} == {
+        4 << 20
+    }
     # Nothing left: no mount, no work directory (QEMU is stopped by Bench.close).
     assert mounts_below(tmp_path) == []
     assert [p for p in tmp_path.iterdir() if p.name.startswith("snapfs-bench-")] == []
     assert "images in memory" in data["markdown"]
-    assert set(Path("/dev/shm").glob("snapfs-bench-*")) == shm_before  # images removed
+    assert set(Path("/dev/shm").glob("snapfs-bench-*")) == shm_before  # images, copies removed
 
 
 def test_images_go_to_memory_only_if_asked_or_there_is_room() -> None:
     assert bench.images_in_memory("memory", 1 << 50)
     assert not bench.images_in_memory("disk", 1)
     assert not bench.images_in_memory("auto", 1 << 50)  # a PiB fits nowhere
+
+
+def test_headline_goals_and_text() -> None:
+    ratio = bench.Headline("(d)", "x ÷ y", [0.79], goal="≥ 0.8")
+    assert ratio.met is False
+    assert (ratio.text(), ratio.goal_text()) == ("0.79", "≥ 0.8 (missed)")
+    seconds = bench.Headline("(l)", "mount", [2.5], unit="s", goal="< 3")
+    assert seconds.met is True
+    assert (seconds.text(), seconds.goal_text()) == ("2.50 s", "< 3 s (met)")
+    assert bench.Headline("(e)", "mount, umount", [0.4, 0.3], unit="s").text() == "0.40 s, 0.30 s"
+    assert bench.Headline("(e)", "m", [0.4]).goal_text() == ""
+    assert bench.Headline("(k)", "t", [1.0], goal="≤ 1").met is True
+
+
+def test_scale_sidecar_check() -> None:
+    good = b"".join(b"%d 65536\n" % (i << 20) for i in range(3))
+    bench._check_extents(good, 3)
+    with pytest.raises(RuntimeError, match="2 lines, not 3"):
+        bench._check_extents(good[: good.rindex(b"2097152")], 3)
+    with pytest.raises(RuntimeError, match="line 2"):
+        bench._check_extents(good.replace(b"1048576 65536", b"1048576 131072"), 3)

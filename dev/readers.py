@@ -1,0 +1,151 @@
+"""The benchmark's own readers of a regions list (``OFFSET LENGTH`` lines, as a ``.dirty``
+sidecar has them), run by ``dev.bench`` as processes of their own:
+
+    python -m dev.readers pread SRC REGIONS DEST [--threads N]
+    python -m dev.readers nbd URI REGIONS [--requests N]
+
+``pread`` copies the regions of a file (a disk of a view, through snapfs or nbdfuse) into the
+same offsets of DEST with pread/pwrite, in requests of at most 1 MiB, with N threads (each
+with one buffer of its own, reused), then fsyncs DEST. ``nbd`` reads the regions straight from
+an NBD export with libnbd, N requests in flight, from N buffers that are reused, and keeps no
+byte: the most QEMU's NBD server gives one connection for these regions, with no FUSE and no
+destination (the ceiling of the incremental workload).
+
+Both fail (exit status 1, a message on stderr) on any short or failed read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+CHUNK = 1 << 20
+
+
+def requests(path: str) -> Iterator[tuple[int, int]]:
+    """The regions of the list, cut into requests of at most CHUNK bytes."""
+    with open(path) as f:
+        for line in f:
+            offset, length = (int(x) for x in line.split())
+            while length:
+                n = min(length, CHUNK)
+                yield offset, n
+                offset += n
+                length -= n
+
+
+def pread_copy(src: str, regions: str, dest: str, threads: int) -> None:
+    """Copy the regions of ``src`` into ``dest`` with ``threads`` pread/pwrite threads."""
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open(dest, os.O_WRONLY | os.O_CREAT, 0o600)
+    local = threading.local()
+
+    def one(offset: int, n: int) -> None:
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = bytearray(CHUNK)
+        view = memoryview(buf)[:n]
+        got = os.preadv(sfd, [view], offset)
+        if got != n:
+            raise OSError(f"short read at {offset}: {got} of {n} bytes")
+        done = 0
+        while done < n:
+            done += os.pwrite(dfd, view[done:], offset + done)
+
+    try:
+        if threads == 1:
+            for offset, n in requests(regions):
+                one(offset, n)
+        else:
+            room = threading.BoundedSemaphore(threads * 2)  # requests queued or in flight
+            failed: list[BaseException] = []
+
+            def run(offset: int, n: int) -> None:
+                try:
+                    if not failed:
+                        one(offset, n)
+                except BaseException as err:
+                    failed.append(err)
+                finally:
+                    room.release()
+
+            with ThreadPoolExecutor(threads) as pool:
+                for offset, n in requests(regions):
+                    room.acquire()
+                    if failed:
+                        room.release()
+                        break
+                    pool.submit(run, offset, n)
+            if failed:
+                raise failed[0]
+        os.fsync(dfd)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+
+
+def nbd_read(uri: str, regions: str, in_flight: int) -> None:
+    """Read the regions from the export at ``uri`` with ``in_flight`` requests at once."""
+    import nbd  # Debian's python3-libnbd: only this reader needs it
+
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        pool: dict[int, list[Any]] = {}  # idle buffers by size: a read fills its buffer
+        pending: dict[int, Any] = {}  # cookie -> its buffer
+        work = requests(regions)
+        more = True
+        while more or pending:
+            while more and len(pending) < in_flight:
+                try:
+                    offset, n = next(work)
+                except StopIteration:
+                    more = False
+                    break
+                idle = pool.get(n)
+                buf = idle.pop() if idle else nbd.Buffer(n)
+                pending[h.aio_pread(buf, offset)] = buf
+            if not pending:
+                break
+            cookie = h.aio_peek_command_completed()
+            if cookie <= 0:
+                h.poll(-1)
+                continue
+            h.aio_command_completed(cookie)  # raises if the read failed
+            buf = pending.pop(cookie)
+            pool.setdefault(buf.size(), []).append(buf)
+    finally:
+        h.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dev.readers", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("pread", help="copy the regions of a file with pread/pwrite")
+    pr.add_argument("src")
+    pr.add_argument("regions")
+    pr.add_argument("dest")
+    pr.add_argument("--threads", type=int, default=1)
+    nb = sub.add_parser("nbd", help="read the regions from an NBD export with libnbd")
+    nb.add_argument("uri")
+    nb.add_argument("regions")
+    nb.add_argument("--requests", type=int, default=16)
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "pread":
+            pread_copy(args.src, args.regions, args.dest, max(1, args.threads))
+        else:
+            nbd_read(args.uri, args.regions, max(1, args.requests))
+    except Exception as err:
+        print(f"dev.readers {args.cmd}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
