@@ -46,7 +46,15 @@ from typing import Any, TextIO
 
 from snapfs import qemuimg
 from snapfs.errors import CopyError, UsageError
-from snapfs.provider import RECORD, WORKERS, DiskCopy, Progress, read_regions
+from snapfs.provider import (
+    RECORD,
+    WORKERS,
+    DirectReads,
+    DiskCopy,
+    Progress,
+    direct_reads,
+    read_regions,
+)
 from snapfs.records import DiskFacts, Facts, PointDisk, PointManifest
 
 log = logging.getLogger(__name__)
@@ -158,7 +166,7 @@ class Sums:
             yield i
             i = self.known.find(0, i + 1)
 
-    def fill(self, read: Callable[[int, int], bytes], workers: int = WORKERS) -> int:
+    def fill(self, read: Callable[[int, int], bytes | bytearray], workers: int = WORKERS) -> int:
         """Hash the chunks not seen whole, reading them with ``read(length, offset)``; returns
         how many."""
 
@@ -213,10 +221,10 @@ class _ImageTarget:
         self.keeps_old = keeps_old
 
     def write(self, offset: int, data: memoryview) -> None:
-        self.server.pwrite(data, offset)
+        self.server.pool.pwrite(data, offset)
 
     def zero(self, offset: int, length: int) -> None:
-        self.server.zero(length, offset)
+        self.server.pool.zero(length, offset)
 
 
 class Store:
@@ -347,10 +355,11 @@ class Store:
         bar = Progress(total, progress_stream)
         stats: dict[str, dict[str, int]] = {}
         disks: dict[str, PointDisk] = {}
-        for name, d in facts.disks.items():
-            disks[name], stats[name] = self._write_disk(
-                view, tmp, name, d, parents[name], discard, bar.advance
-            )
+        with direct_reads(view, facts) as direct:
+            for name, d in facts.disks.items():
+                disks[name], stats[name] = self._write_disk(
+                    view, tmp, name, d, parents[name], discard, bar.advance, direct.get(name)
+                )
         bar.finish()
         for extra in sorted(view.iterdir()):
             if VIEW_FILES.fullmatch(extra.name) and extra.is_file():
@@ -400,6 +409,7 @@ class Store:
         parent: Point | None,
         discard: bool,
         progress: Callable[[int], None],
+        direct: DirectReads | None,
     ) -> tuple[PointDisk, dict[str, int]]:
         image = tmp / f"{name}.qcow2"
         backing = None
@@ -426,11 +436,12 @@ class Store:
                     discard=discard,
                     progress=progress,
                     on_data=sums.seen,
+                    direct=direct,
                 )
                 copier.copy(read_regions(regions_file))
-                server.flush()
-                sums.fill(server.pread)
-                server.flush()
+                server.pool.flush()
+                sums.fill(server.pool.pread)
+                server.pool.flush()
         except OSError as err:
             raise CopyError(f"{name}: {err}") from err
         finally:
@@ -634,8 +645,8 @@ def _reread(image: Path, size: int, sums: bytes) -> list[int] | str:
     try:
         zero = _zero_chunks(image, size)
         with qemuimg.Server(image, writable=False, clients=WORKERS) as server:
-            if server.size() != size:
-                return f"the image has {server.size()} bytes, the manifest says {size}"
+            if server.pool.size() != size:
+                return f"the image has {server.pool.size()} bytes, the manifest says {size}"
 
             def one(index: int) -> bool:
                 n = _chunk_len(size, index)
@@ -644,7 +655,7 @@ def _reread(image: Path, size: int, sums: bytes) -> list[int] | str:
                     # The chain says these bytes read as zeros (a wrong zero flag still
                     # differs from the checksum): no need to read them.
                     return hashlib.sha256(bytes(n)).digest() == want
-                return hashlib.sha256(server.pread(n, index * SUM_CHUNK)).digest() == want
+                return hashlib.sha256(server.pool.pread(n, index * SUM_CHUNK)).digest() == want
 
             with ThreadPoolExecutor(WORKERS, thread_name_prefix="snapfs-verify") as pool:
                 for index, ok in enumerate(pool.map(one, range(count))):

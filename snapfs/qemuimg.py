@@ -3,7 +3,7 @@
 Images are qcow2 files whose backing file is named relative to their own directory, so a
 point's directory can be read by QEMU's own tools (``qemu-img convert``, ``qemu-nbd``) without
 snapfs. Bytes go in and out through a ``qemu-nbd`` on a unix socket in a fresh 0700 directory,
-a small pool of libnbd connections shared by the copy's threads.
+a pool of libnbd connections shared by the copy's threads (snapfs.nbd.pool).
 
 Every wait is bounded: each qemu-img command has a timeout that grows with what it does, and
 qemu-nbd must listen within ``START_TIMEOUT`` seconds and exit within ``STOP_TIMEOUT``.
@@ -11,7 +11,6 @@ qemu-nbd must listen within ``START_TIMEOUT`` seconds and exit within ``STOP_TIM
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -19,17 +18,14 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import nbd
-
 from snapfs import libc
 from snapfs.errors import CopyError
+from snapfs.nbd.pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +33,8 @@ QEMU_IMG = "qemu-img"
 QEMU_NBD = "qemu-nbd"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
-#: How long a request waits for a free connection (the others' requests are local I/O).
-REQUEST_TIMEOUT = 600.0
 #: qemu-img commands that only look at or create metadata.
 META_TIMEOUT = 120.0
-#: The largest write-zeroes request: QEMU's NBD server refuses 4 GiB and more.
-MAX_ZERO = 1 << 30
 
 
 def _die_with_parent() -> None:
@@ -151,10 +143,8 @@ class Server:
         self.socket = self._dir / "sock"
         self._log = self._dir / "log"
         self._proc: subprocess.Popen[bytes] | None = None
-        self._slots = threading.BoundedSemaphore(clients)
-        self._free: list[nbd.NBD] = []
-        self._handles: list[nbd.NBD] = []
-        self._lock = threading.Lock()
+        #: Reads and writes of the image, from any thread.
+        self.pool = Pool(str(self.socket), clients=clients, what=f"{image}", error=CopyError)
 
     def __enter__(self) -> Server:
         argv = [
@@ -192,7 +182,7 @@ class Server:
 
     def _wait_listening(self) -> None:
         """Until the first connection succeeds (the socket exists a moment before qemu-nbd
-        listens on it); that connection is the pool's first."""
+        listens on it)."""
         assert self._proc is not None
         deadline = time.monotonic() + START_TIMEOUT
         while True:
@@ -203,89 +193,17 @@ class Server:
                     f"{lines[-1] if lines else f'exit {self._proc.returncode}'}"
                 )
             if self.socket.exists():
-                h = nbd.NBD()
                 try:
-                    h.connect_unix(str(self.socket))
-                except nbd.Error:
-                    pass
-                else:
-                    self._handles.append(h)
-                    self._free.append(h)
+                    self.pool.connect()
                     return
+                except CopyError:
+                    pass
             if time.monotonic() > deadline:
                 raise CopyError(f"qemu-nbd did not listen within {START_TIMEOUT:.0f} s")
             time.sleep(0.01)
 
-    @contextlib.contextmanager
-    def connection(self) -> Iterator[nbd.NBD]:
-        """A connection for one request: at most ``clients`` are opened, reused by any thread."""
-        if not self._slots.acquire(timeout=REQUEST_TIMEOUT):
-            raise CopyError(f"qemu-nbd for {self.image} did not answer in {REQUEST_TIMEOUT:.0f} s")
-        try:
-            with self._lock:
-                h = self._free.pop() if self._free else None
-            if h is None:
-                h = nbd.NBD()
-                try:
-                    h.connect_unix(str(self.socket))
-                except nbd.Error as err:
-                    raise CopyError(f"connecting to qemu-nbd for {self.image}: {err}") from err
-                with self._lock:
-                    self._handles.append(h)
-            try:
-                yield h
-            finally:
-                with self._lock:
-                    self._free.append(h)
-        finally:
-            self._slots.release()
-
-    def size(self) -> int:
-        with self.connection() as h:
-            return int(h.get_size())
-
-    def pread(self, length: int, offset: int) -> bytes:
-        try:
-            with self.connection() as h:
-                return bytes(h.pread(length, offset))
-        except nbd.Error as err:
-            raise CopyError(f"reading {self.image} at {offset}: {err}") from err
-
-    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
-        try:
-            with self.connection() as h:
-                h.pwrite(data, offset)
-        except nbd.Error as err:
-            raise CopyError(f"writing {self.image} at {offset}: {err}") from err
-
-    def zero(self, length: int, offset: int) -> None:
-        """Make the range read as zeros, whatever the backing file holds there."""
-        try:
-            with self.connection() as h:
-                while length:
-                    n = min(length, MAX_ZERO)
-                    h.zero(n, offset)
-                    offset += n
-                    length -= n
-        except nbd.Error as err:
-            raise CopyError(f"zeroing {self.image} at {offset}: {err}") from err
-
-    def flush(self) -> None:
-        try:
-            with self.connection() as h:
-                h.flush()
-        except nbd.Error as err:
-            raise CopyError(f"flushing {self.image}: {err}") from err
-
     def close(self) -> None:
-        with self._lock:
-            handles, self._handles = self._handles, []
-        for h in handles:
-            with contextlib.suppress(nbd.Error):
-                h.shutdown()
-        # libnbd frees a handle with its last reference.
-        del handles
-        self._free = []
+        self.pool.close()
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -212,3 +212,49 @@ def assert_modes(dest: Path, mode: str) -> None:
 def serving_pid(snapfs: Snapfs, vm: TestVM) -> int:
     (pid,) = snapfs.pids()
     return pid
+
+
+def test_copy_reads_qemus_export_directly_and_through_the_view_alike(
+    shm_dir: Path, snapfs: Snapfs, tmp_path: Path
+) -> None:
+    """As root, `snapfs copy` reads the session's NBD export itself (the view's counters stay
+    at 0); with SNAPFS_COPY_DIRECT=0 it reads through the view. Both give the snapshot, with
+    the guest writing data, zeros and discards during the copies."""
+    disks = [DiskSpec("virtio0", "qcow2", "virtio", size=SIZE, detect_zeroes="unmap")]
+    vm = TestVM(shm_dir, disks, contents={"virtio0": disk_content(77)})
+    with vm:
+        guest = GuestIO(vm, seed=5)
+        mnt = snapfs.mount(vm, tmp_path / "mnt")
+        try:
+            want = vm.snapshot()["virtio0"]
+            for direct, dest in (("1", tmp_path / "direct"), ("0", tmp_path / "view")):
+                env = dict(snapfs.env, SNAPFS_COPY_DIRECT=direct)
+                with guest.storm():
+                    proc = subprocess.run(
+                        [sys.executable, "-m", "snapfs", "copy", str(mnt), str(dest)],
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                        timeout=120,
+                    )
+                assert proc.returncode == 0, proc.stderr
+                assert (dest / "virtio0.raw").read_bytes() == want, direct
+                status = json.loads(snapfs("status", vm.vmid, "--json").stdout)
+                read = _find(status, "bytes_read")
+                assert (read == 0) if direct == "1" else (read > SIZE // 2), (direct, read)
+        finally:
+            snapfs("umount", str(mnt))
+
+
+def _find(data: Any, key: str) -> Any:
+    """The first value of ``key`` anywhere in a JSON document."""
+    if isinstance(data, dict):
+        if key in data:
+            return data[key]
+        data = list(data.values())
+    if isinstance(data, list):
+        for item in data:
+            found = _find(item, key)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,135 @@
+"""Blocking libnbd connections for threads: what ``snapfs copy`` reads QEMU's exports with and
+writes restore points through (qemu-nbd).
+
+A ``Pool`` opens at most ``clients`` connections to one export and lends one per request to
+whichever thread asks; libnbd releases the GIL while it waits, so as many requests are in
+flight as threads use the pool. Errors become the caller's error class, one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+
+import nbd
+
+from snapfs.errors import SnapfsError
+
+#: How long a request waits for a free connection (the others' requests are in flight).
+WAIT_TIMEOUT = 600.0
+#: The largest write-zeroes request: QEMU's NBD server refuses 4 GiB and more.
+MAX_ZERO = 1 << 30
+
+
+class Pool:
+    """Connections to one export on a unix socket (see the module's docstring)."""
+
+    def __init__(
+        self,
+        socket: str,
+        export: str = "",
+        *,
+        clients: int,
+        what: str,
+        error: Callable[[str], SnapfsError],
+    ) -> None:
+        self.socket = socket
+        self.export = export
+        self.what = what
+        self.error = error
+        self._slots = threading.BoundedSemaphore(clients)
+        self._free: list[nbd.NBD] = []
+        self._all: list[nbd.NBD] = []
+        self._lock = threading.Lock()
+
+    def connect(self) -> None:
+        """Open the first connection now (it raises what a later one would)."""
+        with self.connection():
+            pass
+
+    def _open(self) -> nbd.NBD:
+        h = nbd.NBD()
+        try:
+            if self.export:
+                h.set_export_name(self.export)
+            h.connect_unix(self.socket)
+        except nbd.Error as err:
+            raise self.error(f"connecting to {self.what}: {err}") from err
+        return h
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[nbd.NBD]:
+        """A connection for one request."""
+        if not self._slots.acquire(timeout=WAIT_TIMEOUT):
+            raise self.error(f"{self.what} did not answer in {WAIT_TIMEOUT:.0f} s")
+        try:
+            with self._lock:
+                h = self._free.pop() if self._free else None
+            if h is None:
+                h = self._open()
+                with self._lock:
+                    self._all.append(h)
+            try:
+                yield h
+            finally:
+                with self._lock:
+                    self._free.append(h)
+        finally:
+            self._slots.release()
+
+    def size(self) -> int:
+        with self.connection() as h:
+            return int(h.get_size())
+
+    def pread(self, length: int, offset: int, confine: int = 0) -> bytearray:
+        """``length`` bytes at ``offset``; with ``confine``, one request per aligned block of
+        that size (see snapfs.qmp.confine_reads)."""
+        try:
+            with self.connection() as h:
+                if not confine or offset // confine == (offset + length - 1) // confine:
+                    data: bytearray = h.pread(length, offset)
+                    return data
+                out = bytearray()
+                pos, end = offset, offset + length
+                while pos < end:
+                    n = min(end, (pos // confine + 1) * confine) - pos
+                    out += h.pread(n, pos)
+                    pos += n
+                return out
+        except nbd.Error as err:
+            raise self.error(f"reading {self.what} at {offset}: {err}") from err
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        try:
+            with self.connection() as h:
+                h.pwrite(data, offset)
+        except nbd.Error as err:
+            raise self.error(f"writing {self.what} at {offset}: {err}") from err
+
+    def zero(self, length: int, offset: int) -> None:
+        """Make the range read as zeros, whatever a backing file holds there."""
+        try:
+            with self.connection() as h:
+                while length:
+                    n = min(length, MAX_ZERO)
+                    h.zero(n, offset)
+                    offset += n
+                    length -= n
+        except nbd.Error as err:
+            raise self.error(f"zeroing {self.what} at {offset}: {err}") from err
+
+    def flush(self) -> None:
+        try:
+            with self.connection() as h:
+                h.flush()
+        except nbd.Error as err:
+            raise self.error(f"flushing {self.what}: {err}") from err
+
+    def close(self) -> None:
+        """Disconnect every connection (libnbd frees a handle with its last reference)."""
+        with self._lock:
+            handles, self._all, self._free = self._all, [], []
+        for h in handles:
+            with contextlib.suppress(nbd.Error):
+                h.shutdown()
