@@ -66,7 +66,8 @@ def test_status_json_reports_every_field(vm: TestVM, snapfs: Snapfs, tmp_path: P
         assert Path(d["fleecing_path"]).parent == vm.workdir / "fleecing"
         assert d["fleecing_bytes"] > 0
         assert d["fleecing_apparent_bytes"] > 0
-    assert st["disks"]["scsi0"]["bytes_read"] == 65536
+    # A full view goes through the page cache: the kernel may read ahead of the 64 KiB asked.
+    assert 65536 <= st["disks"]["scsi0"]["bytes_read"] <= 8 * MiB
     assert st["disks"]["virtio0"]["bytes_read"] == 0
     assert st["disks"]["virtio0"]["discarded_bytes"] == MiB
     assert st["disks"]["scsi0"]["discarded_bytes"] == 0
