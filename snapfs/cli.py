@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import io
 import json
 import logging
@@ -27,37 +26,20 @@ import signal
 import socket
 import subprocess
 import sys
-import types
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from snapfs import __version__, paths
+from snapfs import __version__, lazy_module, paths
 from snapfs.errors import SnapfsError, StateError, UsageError, VerifyError
 from snapfs.records import Outcome
-
-
-def _lazy(name: str) -> types.ModuleType:
-    """A module that is loaded when first used: ``snapfs copy`` and ``snapfs restore`` need
-    neither trio nor QMP, and start that much faster."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    assert spec is not None
-    assert spec.loader is not None
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 if TYPE_CHECKING:
     from snapfs import agent, control, options, points, provider, runner, session, state
 else:
     agent, control, options, points, provider, runner, session, state = (
-        _lazy(f"snapfs.{name}")
+        lazy_module(f"snapfs.{name}")
         for name in ("agent", "control", "options", "points", "provider", "runner", "session",
                      "state")
     )  # fmt: skip

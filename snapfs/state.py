@@ -15,13 +15,20 @@ import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import trio
-
-from snapfs import paths, qmp
+from snapfs import lazy_module, paths
 from snapfs.errors import FuseError, StateError, UsageError, VMGoneError
 from snapfs.fuse import kernel
 from snapfs.records import StateRecord
+
+if TYPE_CHECKING:
+    import trio
+
+    from snapfs import qmp
+else:  # finding a session (snapfs copy) needs neither
+    trio = lazy_module("trio")
+    qmp = lazy_module("snapfs.qmp")
 
 log = logging.getLogger(__name__)
 
