@@ -24,10 +24,12 @@ view. ``SNAPFS_COPY_DIRECT=0`` (or no access to the session) reads through the v
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
 import os
+import queue
 import sys
 import threading
 import time
@@ -37,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+import nbd
+
 from snapfs.errors import CopyError, UsageError
 from snapfs.libc import punch_hole
 from snapfs.nbd.pool import Pool
@@ -45,6 +49,8 @@ from snapfs.records import BackupRecord, DiskFacts, Facts
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+#: NBD requests in flight when reading QEMU's export directly.
+WINDOW = 16
 #: Chunks read and written at once: enough to keep QEMU's NBD server busy on scattered regions.
 WORKERS = 8
 RECORD = "snapfs-backup.json"
@@ -224,29 +230,23 @@ class DiskCopy:
                     yield pos, n
                     pos += n
 
-    def _read(self, pos: int, n: int) -> tuple[bytearray, memoryview]:
-        """The bytes of [pos, pos + n): a buffer and the view of them."""
-        if self.direct is not None:
-            data = self.direct.pool.pread(n, pos, self.direct.confine)
-            got = len(data)
-            view = memoryview(data)
-        else:
-            buf: bytearray | None = getattr(self._local, "buf", None)
-            if buf is None:
-                buf = self._local.buf = bytearray(CHUNK)
-            data = buf
-            view = memoryview(data)[:n]
-            got = os.preadv(self.src, [view], pos)
+    def _read(self, pos: int, n: int) -> bytearray:
+        """The bytes of [pos, pos + n) through the view (this thread's buffer, CHUNK long)."""
+        buf: bytearray | None = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = bytearray(CHUNK)
+        got = os.preadv(self.src, [memoryview(buf)[:n]], pos)
         if got != n:
             raise CopyError(f"short read at {pos}: {got} of {n} bytes")
-        return data, view
+        return buf
 
-    def _chunk(self, pos: int, n: int) -> None:
-        buf, view = self._read(pos, n)
+    def _chunk(self, pos: int, n: int, buf: bytearray) -> None:
+        """Write (or punch) the chunk whose bytes start ``buf``."""
         if buf.startswith(self.zeros[:n]):  # memcmp; comparing memoryviews is bytewise
             self._hole(pos, n)
             zero, written = n, 0
         else:
+            view = memoryview(buf)[:n]
             if self.on_data is not None:
                 self.on_data(pos, n, view)
             self.target.write(pos, view)
@@ -257,15 +257,90 @@ class DiskCopy:
             n, read=n, zero=zero, holes=zero, written=written, discarded=n if self.discard else 0
         )
 
+    def _copy_direct(self, chunks: Iterator[tuple[int, int]], direct: DirectReads) -> None:
+        """Copy the chunks from QEMU's export in this thread, with up to WINDOW requests in
+        flight on one connection: QEMU answers them in any order, and they are written in
+        order as they come (one thread: Python threads would only take turns at the GIL)."""
+        confine = direct.confine
+        window: collections.deque[tuple[int, int, list[tuple[int, nbd.Buffer]]]]
+        window = collections.deque()
+        in_flight = 0
+        # The writes go to a thread of their own: they overlap the next replies' reception.
+        done: queue.Queue[tuple[int, int, bytearray, list[Any]] | None] = queue.Queue(WINDOW)
+        failure: list[BaseException] = []
+
+        def writer() -> None:
+            while (item := done.get()) is not None:
+                if not failure:
+                    try:
+                        self._chunk(item[0], item[1], item[2])
+                    except BaseException as err:
+                        failure.append(err)
+
+        thread = threading.Thread(target=writer, name="snapfs-copy-write")
+        thread.start()
+        try:
+            self._read_direct(chunks, direct, confine, window, in_flight, done, failure)
+        finally:
+            done.put(None)
+            thread.join()
+        if failure:
+            raise failure[0]
+
+    def _read_direct(
+        self,
+        chunks: Iterator[tuple[int, int]],
+        direct: DirectReads,
+        confine: int,
+        window: collections.deque[tuple[int, int, list[tuple[int, nbd.Buffer]]]],
+        in_flight: int,
+        done: queue.Queue[tuple[int, int, bytearray, list[Any]] | None],
+        failure: list[BaseException],
+    ) -> None:
+        with direct.pool.connection() as h:
+            try:
+                while not failure:
+                    while in_flight < WINDOW:
+                        nxt = next(chunks, None)
+                        if nxt is None:
+                            break
+                        pos, n = nxt
+                        pieces = []
+                        p, end = pos, pos + n
+                        while p < end:
+                            k = min(end, (p // confine + 1) * confine) - p if confine else end - p
+                            buf = nbd.Buffer(k)
+                            pieces.append((h.aio_pread(buf, p), buf))
+                            p += k
+                        window.append((pos, n, pieces))
+                        in_flight += len(pieces)
+                    if not window:
+                        return
+                    pos, n, pieces = window.popleft()
+                    for cookie, _ in pieces:
+                        while not h.aio_command_completed(cookie):  # raises if it failed
+                            h.poll(-1)
+                    in_flight -= len(pieces)
+                    if len(pieces) == 1:
+                        data = pieces[0][1].to_buffer()
+                    else:
+                        data = bytearray().join(buf.to_buffer() for _, buf in pieces)
+                    done.put((pos, n, data, pieces))  # pieces: the buffer lives until written
+            except nbd.Error as err:
+                raise CopyError(f"reading {direct.pool.what}: {err}") from err
+
     def copy(self, regions: Iterable[tuple[int, int]]) -> None:
         """Copy these regions (ascending ``(offset, length)``, as the sidecar lists them)."""
+        if self.direct is not None:
+            self._copy_direct(self._chunks(regions), self.direct)
+            return
         failure: list[BaseException] = []
         room = threading.Semaphore(self.workers * 2)  # chunks queued or in flight
 
         def run(pos: int, n: int) -> None:
             try:
                 if not failure:
-                    self._chunk(pos, n)
+                    self._chunk(pos, n, self._read(pos, n))
             except BaseException as err:
                 failure.append(err)
             finally:
