@@ -49,8 +49,11 @@ from snapfs.records import BackupRecord, DiskFacts, Facts
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
-#: NBD requests in flight when reading QEMU's export directly.
-WINDOW = 16
+#: NBD requests, and bytes, in flight when reading QEMU's export directly: small regions
+#: keep up to WINDOW requests busy, whole chunks (cut into 64 KiB requests on QEMU before
+#: 8.0) up to WINDOW_BYTES.
+WINDOW = 32
+WINDOW_BYTES = 8 * CHUNK
 #: Chunks read and written at once: enough to keep QEMU's NBD server busy on scattered regions.
 WORKERS = 8
 RECORD = "snapfs-backup.json"
@@ -299,8 +302,9 @@ class DiskCopy:
     ) -> None:
         with direct.pool.connection() as h:
             try:
+                window_bytes = 0
                 while not failure:
-                    while in_flight < WINDOW:
+                    while in_flight < WINDOW and window_bytes < WINDOW_BYTES:
                         nxt = next(chunks, None)
                         if nxt is None:
                             break
@@ -314,6 +318,7 @@ class DiskCopy:
                             p += k
                         window.append((pos, n, pieces))
                         in_flight += len(pieces)
+                        window_bytes += n
                     if not window:
                         return
                     pos, n, pieces = window.popleft()
@@ -321,6 +326,7 @@ class DiskCopy:
                         while not h.aio_command_completed(cookie):  # raises if it failed
                             h.poll(-1)
                     in_flight -= len(pieces)
+                    window_bytes -= n
                     if len(pieces) == 1:
                         data = pieces[0][1].to_buffer()
                     else:
