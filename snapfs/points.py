@@ -44,7 +44,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from snapfs import qemuimg
+from snapfs import paths, qemuimg
 from snapfs.errors import CopyError, UsageError
 from snapfs.provider import (
     RECORD,
@@ -239,7 +239,10 @@ class Store:
 
     @contextlib.contextmanager
     def locked(self, *, exclusive: bool) -> Iterator[Store]:
-        """Hold the store's lock; never waits: another snapfs changing the points is an error."""
+        """Hold the store's lock; never waits: another snapfs changing the points is an error.
+        The destination must be a trusted path (snapfs.paths): the images name their backing
+        files, and root reads and merges whatever they name."""
+        paths.resolve(self.dest, "backup directory")
         if exclusive:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         elif not self.dir.is_dir():
@@ -590,6 +593,8 @@ class Store:
                 raise UsageError(f"{target} exists: remove it or use --force")
         if not target.parent.is_dir():
             raise UsageError(f"{target.parent} is not a directory")
+        # The image goes into a scratch directory made there: no other user may rename it.
+        paths.resolve(target.parent, "restore target's directory")
         # Written in a private directory beside the target, then renamed over it: a failed
         # restore leaves no half image under the target's name, and no name that someone
         # else can write in (a symlink planted there) is ever opened.
@@ -608,6 +613,7 @@ class Store:
         self, point: Point, to_dir: Path, out_format: str | None, *, progress: bool
     ) -> list[Path]:
         """Every disk of a point plus its configuration into a new or empty directory."""
+        paths.resolve(to_dir, "restore directory")
         if to_dir.exists() and any(to_dir.iterdir()):
             raise UsageError(f"{to_dir} is not empty")
         to_dir.mkdir(parents=True, exist_ok=True)

@@ -429,3 +429,26 @@ def test_points_under_borg_and_restic(plain: PlainView, tmp_path: Path, snapfs: 
                 target = tmp_path / "r.raw"
                 snapfs("restore", str(out), "--at", pid, name, str(target), "--force")
                 assert target.read_bytes() == data, (out, pid, name)
+
+
+def test_paths_other_users_can_change_are_refused(
+    plain: PlainView, tmp_path: Path, snapfs: Snapfs
+) -> None:
+    """Images name their backing files, and a restore writes as root: a backup directory or a
+    target directory that another user can write is refused, with nothing written."""
+    dest = tmp_path / "dest"
+    copy(plain.make(full=True), dest, keep=3)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # writable by everyone, not sticky
+    proc = snapfs("restore", str(dest), "scsi0", str(shared / "x.raw"), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "unsafe" in proc.stderr
+    assert list(shared.iterdir()) == []
+    owned = tmp_path / "owned"
+    shutil.copytree(dest, owned)
+    os.chown(owned, 1000, 1000)
+    for args in (["points", str(owned)], ["verify", str(owned)]):
+        proc = snapfs(*args, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert "owned by uid 1000" in proc.stderr
