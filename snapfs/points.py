@@ -52,7 +52,9 @@ from snapfs.provider import (
     DirectReads,
     DiskCopy,
     Progress,
+    check_readable,
     direct_reads,
+    fsync_path,
     read_regions,
 )
 from snapfs.records import DiskFacts, Facts, PointDisk, PointManifest
@@ -82,14 +84,6 @@ def point_id(snapshot_time: str) -> str:
     return t.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_durably(path: Path, data: bytes) -> None:
     """Write a file and fsync it (not its directory)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -106,7 +100,7 @@ def _replace_durably(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     _write_durably(tmp, data)
     tmp.replace(path)
-    _fsync_path(path.parent, directory=True)
+    fsync_path(path.parent, directory=True)
 
 
 # -- checksums ------------------------------------------------------------------------------------
@@ -283,7 +277,7 @@ class Store:
                 self._finish_drop(self._load(path))
                 done.append(f"finished pruning point {path.name}")
         if done:
-            _fsync_path(self.dir, directory=True)
+            fsync_path(self.dir, directory=True)
         return done
 
     # -- reading
@@ -376,18 +370,14 @@ class Store:
             disks=disks,
         )
         _write_durably(tmp / MANIFEST, (manifest.to_json(indent=1) + "\n").encode())
-        _fsync_path(tmp, directory=True)
+        fsync_path(tmp, directory=True)
         tmp.rename(self.dir / pid)
-        _fsync_path(self.dir, directory=True)
+        fsync_path(self.dir, directory=True)
         return stats
 
     def _parent(self, points: list[Point], name: str, d: DiskFacts, facts: Facts) -> Point | None:
         """The point an incremental disk's overlay goes on: the newest one with this disk."""
-        if d.discarded_bytes:
-            raise CopyError(
-                f"{name}: {d.discarded_bytes} bytes of this view were discarded "
-                "already (an earlier copy with --discard?): mount a new snapshot"
-            )
+        check_readable(name, d)
         if d.bitmap.mode != "reuse":
             return None
         with_disk = [p for p in points if name in p.manifest.disks]
@@ -449,7 +439,7 @@ class Store:
             raise CopyError(f"{name}: {err}") from err
         finally:
             os.close(src)
-        _fsync_path(image)
+        fsync_path(image)
         _write_durably(tmp / f"{name}.sums", bytes(sums.data))
         s = copier.stats
         disk = PointDisk(
@@ -479,7 +469,7 @@ class Store:
         dropped = []
         for p in points[: max(len(points) - keep, 0)]:
             (p.path / PRUNING).touch()
-            _fsync_path(p.path, directory=True)
+            fsync_path(p.path, directory=True)
             self._finish_drop(p)
             dropped.append(p.id)
         return dropped
@@ -505,16 +495,16 @@ class Store:
             base = p.path / disk.image
             if base.exists():
                 qemuimg.commit(top, disk.size)
-                _fsync_path(base)
+                fsync_path(base)
                 base.replace(top)
-                _fsync_path(child.path, directory=True)
+                fsync_path(child.path, directory=True)
             child.manifest.disks[name].backing = None
             child.manifest.disks[name].mode = "full"
             _replace_durably(
                 child.path / MANIFEST, (child.manifest.to_json(indent=1) + "\n").encode()
             )
         shutil.rmtree(p.path)
-        _fsync_path(self.dir, directory=True)
+        fsync_path(self.dir, directory=True)
 
     # -- verifying
 
@@ -602,11 +592,11 @@ class Store:
         try:
             partial = scratch / target.name
             qemuimg.convert(image, partial, fmt, existing=False, progress=progress, size=disk.size)
-            _fsync_path(partial)
+            fsync_path(partial)
             partial.replace(target)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        _fsync_path(target.parent, directory=True)
+        fsync_path(target.parent, directory=True)
         return fmt
 
     def restore_vm(
@@ -627,7 +617,7 @@ class Store:
             if extra.suffix in (".json", ".conf", ".fw", ".dirty"):
                 shutil.copyfile(extra, to_dir / extra.name)
                 written.append(to_dir / extra.name)
-        _fsync_path(to_dir, directory=True)
+        fsync_path(to_dir, directory=True)
         return written
 
 

@@ -108,12 +108,23 @@ class Progress:
             self.stream.flush()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path, directory: bool = False) -> None:
+    """fsync a file, or a directory (its entries)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_readable(name: str, d: DiskFacts) -> None:
+    """Refuse a disk of a view whose bytes can no longer all be read."""
+    if d.discarded_bytes:
+        # Discarded bytes can no longer be read: a copy would miss them.
+        raise CopyError(
+            f"{name}: {d.discarded_bytes} bytes of this view were discarded "
+            "already (an earlier copy with --discard?): mount a new snapshot"
+        )
 
 
 class Target(Protocol):
@@ -466,12 +477,7 @@ def copy_view(
     incremental = facts.incremental
     # Check the whole chain before touching any image.
     for name, d in facts.disks.items():
-        if d.discarded_bytes:
-            # Discarded bytes can no longer be read: a copy would miss them.
-            raise CopyError(
-                f"{name}: {d.discarded_bytes} bytes of this view were discarded "
-                "already (an earlier copy with --discard?): mount a new snapshot"
-            )
+        check_readable(name, d)
         if d.bitmap.mode != "reuse":
             continue
         if not (dest / f"{name}.raw").exists():
@@ -501,7 +507,7 @@ def copy_view(
     with open(tmp) as f:
         os.fsync(f.fileno())
     tmp.replace(record_path)
-    _fsync_dir(dest)
+    fsync_path(dest, directory=True)
     return result
 
 
@@ -523,7 +529,7 @@ def _copy_disk(
     try:
         if in_place:
             marker.touch()
-            _fsync_dir(dest)
+            fsync_path(dest, directory=True)
             dst = os.open(target, os.O_WRONLY)
         else:
             dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -549,7 +555,7 @@ def _copy_disk(
         os.close(src)
     if not in_place:
         target.replace(final)
-    _fsync_dir(dest)
+    fsync_path(dest, directory=True)
     marker.unlink(missing_ok=True)
     s = copier.stats
     return {
