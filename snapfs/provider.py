@@ -29,7 +29,6 @@ import contextlib
 import errno
 import logging
 import os
-import queue
 import sys
 import threading
 import time
@@ -64,7 +63,8 @@ def read_regions(path: Path) -> Iterator[tuple[int, int]]:
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             try:
-                offset, length = (int(x) for x in line.split())
+                first, second = line.split()
+                offset, length = int(first), int(second)
             except ValueError:
                 raise CopyError(f"{path}:{lineno}: not an 'OFFSET LENGTH' line") from None
             yield offset, length
@@ -194,12 +194,19 @@ class DiskCopy:
         self._lock = threading.Lock()  # stats and progress
         self._local = threading.local()  # each thread's buffer
 
-    def _count(self, progress: int = 0, **counts: int) -> None:
+    def _count(
+        self, n: int, *, read: int = 0, zero: int = 0, holes: int = 0, written: int = 0
+    ) -> None:
+        """Account for ``n`` bytes done (what a copy that discards reads, it discards)."""
         with self._lock:
-            for name, n in counts.items():
-                setattr(self.stats, name, getattr(self.stats, name) + n)
-            if progress:
-                self.progress(progress)
+            s = self.stats
+            s.read += read
+            s.zero += zero
+            s.holes += holes
+            s.written += written
+            if self.discard:
+                s.discarded += read
+            self.progress(n)
 
     def _hole(self, offset: int, length: int) -> None:
         """The view says these bytes read as zeros: the target must too."""
@@ -267,82 +274,51 @@ class DiskCopy:
             zero, written = 0, n
         if self.discard:
             self._discard(pos, n)
-        self._count(
-            n, read=n, zero=zero, holes=zero, written=written, discarded=n if self.discard else 0
-        )
+        self._count(n, read=n, zero=zero, holes=zero, written=written)
 
     def _copy_direct(self, chunks: Iterator[tuple[int, int]], direct: DirectReads) -> None:
-        """Copy the chunks from QEMU's export in this thread, with up to WINDOW requests in
-        flight on one connection: QEMU answers them in any order, and they are written in
-        order as they come (one thread: Python threads would only take turns at the GIL)."""
+        """Copy the chunks from QEMU's export in this thread, with up to WINDOW requests and
+        WINDOW_BYTES in flight on one connection. The chunks are written in order, each as soon
+        as its requests are answered (QEMU may answer them in any order); the requests of the
+        later chunks stay in flight meanwhile.
+
+        One thread, and buffers reused: a second thread for the writes made both threads wait
+        for the GIL at every libnbd call and every write, which cost more than the overlap won.
+        """
         confine = direct.confine
-        window: collections.deque[tuple[int, int, list[tuple[int, nbd.Buffer]]]]
-        window = collections.deque()
-        in_flight = 0
-        # The writes go to a thread of their own: they overlap the next replies' reception.
-        done: queue.Queue[tuple[int, int, bytearray, list[Any]] | None] = queue.Queue(WINDOW)
-        failure: list[BaseException] = []
-
-        def writer() -> None:
-            while (item := done.get()) is not None:
-                if not failure:
-                    try:
-                        self._chunk(item[0], item[1], item[2])
-                    except BaseException as err:
-                        failure.append(err)
-
-        thread = threading.Thread(target=writer, name="snapfs-copy-write")
-        thread.start()
-        try:
-            self._read_direct(chunks, direct, confine, window, in_flight, done, failure)
-        finally:
-            done.put(None)
-            thread.join()
-        if failure:
-            raise failure[0]
-
-    def _read_direct(
-        self,
-        chunks: Iterator[tuple[int, int]],
-        direct: DirectReads,
-        confine: int,
-        window: collections.deque[tuple[int, int, list[tuple[int, nbd.Buffer]]]],
-        in_flight: int,
-        done: queue.Queue[tuple[int, int, bytearray, list[Any]] | None],
-        failure: list[BaseException],
-    ) -> None:
+        window: collections.deque[tuple[int, int, bytearray, list[int]]] = collections.deque()
+        spare: list[bytearray] = []  # buffers of chunks written, CHUNK bytes each
+        in_flight = window_bytes = 0
         with direct.pool.connection() as h:
             try:
-                window_bytes = 0
-                while not failure:
+                while True:
                     while in_flight < WINDOW and window_bytes < WINDOW_BYTES:
                         nxt = next(chunks, None)
                         if nxt is None:
                             break
                         pos, n = nxt
-                        pieces = []
+                        buf = spare.pop() if spare else bytearray(CHUNK)
+                        view = memoryview(buf)
+                        cookies = []
                         p, end = pos, pos + n
                         while p < end:
                             k = min(end, (p // confine + 1) * confine) - p if confine else end - p
-                            buf = nbd.Buffer(k)
-                            pieces.append((h.aio_pread(buf, p), buf))
+                            piece = nbd.Buffer.from_buffer(view[p - pos : p - pos + k])
+                            cookies.append(h.aio_pread(piece, p))
                             p += k
-                        window.append((pos, n, pieces))
-                        in_flight += len(pieces)
+                        window.append((pos, n, buf, cookies))
+                        in_flight += len(cookies)
                         window_bytes += n
                     if not window:
                         return
-                    pos, n, pieces = window.popleft()
-                    for cookie, _ in pieces:
+                    pos, n, buf, cookies = window.popleft()
+                    for cookie in cookies:
                         while not h.aio_command_completed(cookie):  # raises if it failed
                             h.poll(-1)
-                    in_flight -= len(pieces)
+                    in_flight -= len(cookies)
                     window_bytes -= n
-                    if len(pieces) == 1:
-                        data = pieces[0][1].to_buffer()
-                    else:
-                        data = bytearray().join(buf.to_buffer() for _, buf in pieces)
-                    done.put((pos, n, data, pieces))  # pieces: the buffer lives until written
+                    self._chunk(pos, n, buf)
+                    spare.append(buf)
             except nbd.Error as err:
                 raise CopyError(f"reading {direct.pool.what}: {err}") from err
 
@@ -434,6 +410,7 @@ def _direct_exports(view: Path, facts: Facts, workers: int) -> dict[str, DirectR
             clients=workers,
             what=f"QEMU's export of {name}",
             error=CopyError,
+            tune=True,
         )
         try:
             pool.connect()

@@ -9,6 +9,7 @@ flight as threads use the pool. Errors become the caller's error class, one line
 from __future__ import annotations
 
 import contextlib
+import socket as sockets
 import threading
 from collections.abc import Callable, Iterator
 
@@ -18,6 +19,8 @@ from snapfs.errors import SnapfsError
 
 #: How long a request waits for a free connection (the others' requests are in flight).
 WAIT_TIMEOUT = 600.0
+#: How long connecting to the server's socket may take (the handshake is libnbd's).
+CONNECT_TIMEOUT = 10.0
 #: The largest write-zeroes request: QEMU's NBD server refuses 4 GiB and more.
 MAX_ZERO = 1 << 30
 
@@ -33,10 +36,12 @@ class Pool:
         clients: int,
         what: str,
         error: Callable[[str], SnapfsError],
+        tune: bool = False,
     ) -> None:
         self.socket = socket
         self.export = export
         self.what = what
+        self.tune = tune
         self.error = error
         self._slots = threading.BoundedSemaphore(clients)
         self._free: list[nbd.NBD] = []
@@ -53,10 +58,37 @@ class Pool:
         try:
             if self.export:
                 h.set_export_name(self.export)
-            h.connect_unix(self.socket)
+            if self.tune:
+                self._connect_tuned(h)
+            else:
+                h.connect_unix(self.socket)
         except nbd.Error as err:
             raise self.error(f"connecting to {self.what}: {err}") from err
+        except OSError as err:
+            raise self.error(f"connecting to {self.what}: {err.strerror or err}") from err
         return h
+
+    def _connect_tuned(self, h: nbd.NBD) -> None:
+        """Connect ``h`` through a socket of our own, then widen the server's end of it
+        (snapfs.nbd.tuning): with the default send buffer QEMU stops after a few 64 KiB replies
+        until the reader takes them, so it idles while the reader writes what it got."""
+        from snapfs.nbd import tuning
+
+        sock = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM | sockets.SOCK_CLOEXEC)
+        try:
+            sock.bind("")  # a unique abstract name, by which tuning finds the server's end
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect(self.socket)
+            sock.settimeout(None)
+            # The duplicate only names the connection (its address, the server's pid); libnbd
+            # owns the socket from here on and closes it with the handle.
+            probe = sock.dup()
+        except BaseException:
+            sock.close()
+            raise
+        with probe:
+            h.connect_socket(sock.detach())
+            tuning.widen_server_sndbuf(probe, self.what)
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[nbd.NBD]:

@@ -1,0 +1,133 @@
+"""`snapfs copy` reading an NBD export itself (provider.DirectReads), against a FAKE NBD server
+(tests/fake_nbd.py): libnbd with many requests in flight, answered out of order, one of them
+failing, the connection breaking. The fast tier; test_chain.py runs the same path on QEMU.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapfs import provider
+from snapfs.errors import CopyError
+from snapfs.nbd.pool import Pool
+from tests.fake_nbd import FakeNBD
+
+KiB = 1024
+MiB = 1 << 20
+SIZE = 16 * MiB
+CLUSTER = 64 * KiB
+
+
+def content() -> bytes:
+    """Random data with zero runs: whole chunks, whole clusters and pieces of both."""
+    rng = random.Random(7)
+    data = bytearray(rng.randbytes(SIZE))
+    for start, length in [(MiB, MiB), (3 * MiB, CLUSTER), (5 * MiB + 100, 5000)]:
+        data[start : start + length] = bytes(length)
+    return bytes(data)
+
+
+def regions() -> list[tuple[int, int]]:
+    """Scattered regions of many sizes and alignments, none longer than a chunk, in order."""
+    rng = random.Random(8)
+    out = [(MiB, MiB), (3 * MiB, CLUSTER)]
+    pos = 4 * MiB
+    while pos < SIZE - 2 * MiB:
+        length = rng.choice([1, 4095, 4 * KiB, CLUSTER, CLUSTER + 1, 300_000, MiB])
+        out.append((pos, length))
+        pos += length + rng.choice([0, 1, 4 * KiB, CLUSTER])
+    return out
+
+
+@pytest.fixture
+def data() -> bytes:
+    return content()
+
+
+def copy(sock: Path, dest: Path, confine: int, wanted: list[tuple[int, int]]) -> provider.DiskCopy:
+    """Copy ``wanted`` from the export at ``sock`` into a new file ``dest``."""
+    pool = Pool(str(sock), "disk", clients=1, what="the fake export", error=CopyError, tune=True)
+    fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, SIZE)
+        job = provider.DiskCopy(
+            fd,
+            provider.FileTarget(fd, in_place=False),
+            discard=False,
+            progress=lambda n: None,
+            direct=provider.DirectReads(pool, confine),
+        )
+        job.copy(wanted)
+        return job
+    finally:
+        os.close(fd)
+        pool.close()
+
+
+def expected(data: bytes, wanted: list[tuple[int, int]]) -> bytes:
+    out = bytearray(SIZE)
+    for offset, length in wanted:
+        out[offset : offset + length] = data[offset : offset + length]
+    return bytes(out)
+
+
+@pytest.mark.parametrize("confine", [0, CLUSTER], ids=["whole", "confined"])
+def test_answers_out_of_order_are_written_where_they_belong(
+    tmp_path: Path, data: bytes, confine: int
+) -> None:
+    """The fake answers the requests in flight in a random order and splits them into chunks
+    and holes; every byte lands at its place, zero chunks become holes, and where reads must
+    be confined no request crosses a cluster."""
+    wanted = regions()
+    with FakeNBD(tmp_path / "s", data, shuffle=True, chunk=16 * KiB) as fake:
+        job = copy(tmp_path / "s", tmp_path / "out", confine, wanted)
+        asked = list(fake.reads)
+    assert (tmp_path / "out").read_bytes() == expected(data, wanted)
+    total = sum(n for _, n in wanted)
+    assert job.stats.read == total
+    assert job.stats.zero >= MiB + CLUSTER  # the zero chunk and the zero cluster
+    assert job.stats.written + job.stats.zero == total
+    assert sum(n for _, n in asked) == total  # each wanted byte asked for once
+    step = confine or provider.CHUNK
+    assert all(o // step == (o + n - 1) // step for o, n in asked)
+
+
+@pytest.mark.parametrize("confine", [0, CLUSTER], ids=["whole", "confined"])
+def test_a_failing_request_among_many_fails_the_copy(
+    tmp_path: Path, data: bytes, confine: int
+) -> None:
+    """One request in the middle fails (EIO) while many are in flight: the copy stops with a
+    one-line error naming the export, and nothing past the failed chunk was written."""
+    wanted = regions()
+    bad = wanted[len(wanted) // 2]
+    fail = [(bad[0] + bad[1] - 1, 1)]
+    with (
+        FakeNBD(tmp_path / "s", data, shuffle=True, fail=fail),
+        pytest.raises(CopyError, match="reading the fake export") as err,
+    ):
+        copy(tmp_path / "s", tmp_path / "out", confine, wanted)
+    assert "\n" not in str(err.value)
+    out = (tmp_path / "out").read_bytes()
+    done = [r for r in wanted if r[0] < bad[0]]
+    assert out[: bad[0]] == expected(data, done)[: bad[0]]
+    assert out[bad[0] + bad[1] :] == bytes(SIZE - bad[0] - bad[1])
+
+
+def test_a_broken_connection_fails_the_copy(tmp_path: Path, data: bytes) -> None:
+    """The server sends garbage and hangs up after a few replies: an error, not a hang."""
+    with (
+        FakeNBD(tmp_path / "s", data, break_after=5),
+        pytest.raises(CopyError, match="reading the fake export"),
+    ):
+        copy(tmp_path / "s", tmp_path / "out", 0, regions())
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers(tmp_path: Path) -> Iterator[None]:
+    yield
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["out"], ["out", "s"], ["s"])
