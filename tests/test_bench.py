@@ -85,7 +85,8 @@ def test_bench_runs_every_workload_and_cleans_up(short_tmp: Path) -> None:
         assert row["ref_ratio"] == pytest.approx(
             row["mib_s"] / summary["d-incr"]["libnbd-16"]["mib_s"]
         )
-    assert set(summary["j-small"]) == {"snapfs-dd1M", "snapfs-dd4K", "snapfs-tar"}
+    # tar-image: tar of the raw image in memory (--images memory), tar's own speed.
+    assert set(summary["j-small"]) == {"snapfs-dd1M", "snapfs-dd4K", "snapfs-tar", "tar-image"}
     assert set(summary["k-full"]) == {"snapfs-copy", "cp+sync"}
     for row in summary["a-dd"].values():  # snapfs's speed over each tool's
         assert row["snapfs_ratio"] == pytest.approx(
@@ -117,6 +118,10 @@ def test_bench_runs_every_workload_and_cleans_up(short_tmp: Path) -> None:
     tar = measures["`tar --sparse -cf - \\| cat` ÷ `dd bs=1M` (time)"]
     assert tar["values"] == [
         pytest.approx(small["snapfs-dd1M"]["mib_s"] / small["snapfs-tar"]["mib_s"])
+    ]
+    own = measures["the same `tar` of the disk's image in memory, no FUSE ÷ `dd bs=1M` (time)"]
+    assert own["values"] == [
+        pytest.approx(small["snapfs-dd1M"]["mib_s"] / small["tar-image"]["mib_s"])
     ]
     full = measures["`snapfs copy` ÷ `cp --sparse=always` + `sync` (time)"]
     assert full["values"] == [
