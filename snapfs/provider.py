@@ -40,6 +40,7 @@ from typing import Any, Protocol, TextIO
 
 import nbd
 
+from snapfs import paths
 from snapfs.errors import CopyError, UsageError
 from snapfs.libc import punch_hole
 from snapfs.nbd.pool import Pool
@@ -437,7 +438,12 @@ def read_facts(view: Path) -> Facts:
 def copy_view(
     view: Path, dest: Path, *, discard: bool = False, progress_stream: TextIO = sys.stderr
 ) -> dict[str, Any]:
-    """Back up a mounted snapfs view into ``dest``; return per-disk statistics."""
+    """Back up a mounted snapfs view into ``dest``; return per-disk statistics.
+
+    As root, ``dest`` must be a path no other user can change (snapfs.paths): the copy
+    creates, truncates and renames files in it."""
+    if os.geteuid() == 0:
+        paths.resolve(dest, "backup directory")
     facts = read_facts(view)
     if (dest / "points").exists():
         raise UsageError(f"{dest} holds restore points: copy into it with --keep N")

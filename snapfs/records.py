@@ -46,7 +46,10 @@ class Record:
                     raise ValueError(f"{what} has no {f.name!r}")
                 continue
             values[f.name] = _convert(data[f.name], hints[f.name], f"{what}.{f.name}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as err:  # a field's value refused by the record's own check
+            raise ValueError(f"{what}: {err}") from None
 
     @classmethod
     def from_json(cls: type[R], text: str | bytes, what: str = "") -> R:
@@ -61,6 +64,19 @@ class Record:
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=indent is not None)
+
+
+def check_file_name(name: str, what: str) -> None:
+    """Raise ValueError unless ``name`` is a plain file name: a disk's name becomes
+    ``<name>.raw`` in a view and in a backup directory, and records are read from paths
+    someone gave (a view may be any directory), so none may lead out of its directory."""
+    if (
+        not name
+        or name.startswith(".")
+        or any(c in name for c in "/\0\n")
+        or len(name.encode(errors="surrogateescape")) > 200
+    ):
+        raise ValueError(f"{what}: {name!r} is not a plain file name")
 
 
 def _convert(value: Any, hint: Any, what: str) -> Any:
@@ -169,6 +185,10 @@ class Facts(Record):
     tuned: bool = True  # QEMU's NBD server tuned from the outside (--no-tune: False)
     schema: int = SCHEMA
 
+    def __post_init__(self) -> None:
+        for name in self.disks:
+            check_file_name(name, "a disk's name")
+
 
 # -- snapfs-backup.json ---------------------------------------------------------------------------
 
@@ -183,6 +203,10 @@ class BackupRecord(Record):
     snapshot_time: str
     disks: list[str]
     schema: int = SCHEMA
+
+    def __post_init__(self) -> None:
+        for name in self.disks:
+            check_file_name(name, "a disk's name")
 
 
 # -- restore points -------------------------------------------------------------------------------
@@ -202,6 +226,9 @@ class PointDisk(Record):
     zero: int  # bytes the view read as zeros
     checksum: str  # "sha256/1M:<hex>": SHA-256 of the SHA-256 of every 1 MiB of the disk
 
+    def __post_init__(self) -> None:
+        check_file_name(self.image, "an image's name")
+
 
 @dataclass
 class PointManifest(Record):
@@ -214,6 +241,11 @@ class PointManifest(Record):
     incremental: str | None
     disks: dict[str, PointDisk]
     schema: int = SCHEMA
+
+    def __post_init__(self) -> None:
+        check_file_name(self.id, "a point's name")
+        for name in self.disks:
+            check_file_name(name, "a disk's name")
 
 
 # -- state.json ----------------------------------------------------------------------------------

@@ -452,3 +452,36 @@ def test_paths_other_users_can_change_are_refused(
         proc = snapfs(*args, check=False)
         assert proc.returncode == 2, proc.stderr
         assert "owned by uid 1000" in proc.stderr
+
+
+def test_a_plain_copy_refuses_unsafe_destinations_and_disk_names(
+    plain: PlainView, tmp_path: Path, snapfs: Snapfs
+) -> None:
+    """`snapfs copy` without --keep, as root: a backup directory another user can change is
+    refused, and so is a view whose snapfs.json names a disk that is not a plain file name
+    (a view may be any directory someone points the copy at); nothing is written."""
+    view = plain.make(full=True)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # writable by everyone, not sticky
+    owned = tmp_path / "owned"
+    owned.mkdir()
+    os.chown(owned, 1000, 1000)
+    for dest, why in ((shared / "dest", "unsafe"), (owned, "owned by uid 1000")):
+        proc = snapfs("copy", str(view), str(dest), check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert why in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert list(shared.iterdir()) == list(owned.iterdir()) == []
+    facts = json.loads((view / "snapfs.json").read_text())
+    disk = facts["disks"]["scsi0"]
+    for bad in ("../evil", ".hidden", "a/b"):
+        facts["disks"] = {bad: disk}
+        (view / "snapfs.json").write_text(json.dumps(facts))
+        dest = tmp_path / "dest"
+        proc = snapfs("copy", str(view), str(dest), check=False)
+        assert proc.returncode == CopyError.exit_code, proc.stderr
+        assert "is not a plain file name" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not dest.exists()
+        assert not (tmp_path / "evil.raw").exists()
