@@ -56,11 +56,6 @@ log = logging.getLogger(__name__)
 #: Largest request, in 4 KiB pages (FUSE_MAX_PAGES): 1 MiB reads and writes.
 MAX_PAGES = 256
 MAX_WRITE = MAX_PAGES * p.PAGE_SIZE
-#: The kernel's readahead where files go through the page cache (a full view's disks): up to
-#: eight 1 MiB READs in flight for one sequential reader. Why: with 1 MiB a reader had about
-#: one READ in flight and waited out a round trip per MiB, and buffered reads ran at a third
-#: to a half of direct ones (the kernel's own 128 KiB makes eight requests of every MiB).
-READAHEAD = 8 * MAX_WRITE
 #: Requests the kernel may have in flight in the background, and how many async ops we run at
 #: once; above the congestion threshold the kernel throttles readahead and async I/O.
 MAX_BACKGROUND = 64
@@ -161,8 +156,9 @@ class FuseServer:
             self._mounted = True
             os.set_blocking(self._fd, False)
             await self._init()
-            # Where files go through the page cache, the kernel reads ahead READAHEAD.
-            if self.mount is not None and not kernel.set_readahead(self.mount, READAHEAD):
+            # 1 MiB of readahead where files go through the page cache (the kernel's 128 KiB
+            # would make eight requests of every MiB).
+            if self.mount is not None and not kernel.set_readahead(self.mount, MAX_WRITE):
                 log.debug("cannot raise the readahead of %s", self.mountpoint)
             task_status.started()
             async with trio.open_nursery() as nursery:
