@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,6 +126,27 @@ def test_a_broken_connection_fails_the_copy(tmp_path: Path, data: bytes) -> None
         pytest.raises(CopyError, match="reading the fake export"),
     ):
         copy(tmp_path / "s", tmp_path / "out", 0, regions())
+
+
+@pytest.mark.parametrize("tune", [False, True], ids=["plain", "tuned"])
+def test_a_server_that_never_answers_the_handshake_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tune: bool
+) -> None:
+    """A socket that accepts and then says nothing (a stopped QEMU, a stuck qemu-nbd): the
+    connection fails with one line within the connect timeout, it does not hang."""
+    monkeypatch.setattr("snapfs.nbd.pool.CONNECT_TIMEOUT", 0.5)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(tmp_path / "s"))
+        listener.listen(1)
+        pool = Pool(str(tmp_path / "s"), "disk", clients=1, what="the mute export",
+                    error=CopyError, tune=tune)  # fmt: skip
+        try:
+            with pytest.raises(CopyError, match="the mute export: no NBD handshake") as err:
+                pool.connect()
+        finally:
+            pool.close()
+            (tmp_path / "s").unlink()
+    assert "\n" not in str(err.value)
 
 
 @pytest.fixture(autouse=True)

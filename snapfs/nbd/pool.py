@@ -9,17 +9,18 @@ flight as threads use the pool. Errors become the caller's error class, one line
 from __future__ import annotations
 
 import contextlib
-import socket as sockets
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import nbd
 
 from snapfs.errors import SnapfsError
+from snapfs.nbd import tuning
 
 #: How long a request waits for a free connection (the others' requests are in flight).
 WAIT_TIMEOUT = 600.0
-#: How long connecting to the server's socket may take (the handshake is libnbd's).
+#: How long connecting to the server's socket may take, and then the NBD handshake.
 CONNECT_TIMEOUT = 10.0
 #: The largest write-zeroes request: QEMU's NBD server refuses 4 GiB and more.
 MAX_ZERO = 1 << 30
@@ -58,28 +59,21 @@ class Pool:
         try:
             if self.export:
                 h.set_export_name(self.export)
-            if self.tune:
-                self._connect_tuned(h)
-            else:
-                h.connect_unix(self.socket)
+            self._connect(h)
         except nbd.Error as err:
             raise self.error(f"connecting to {self.what}: {err}") from err
         except OSError as err:
             raise self.error(f"connecting to {self.what}: {err.strerror or err}") from err
         return h
 
-    def _connect_tuned(self, h: nbd.NBD) -> None:
-        """Connect ``h`` through a socket of our own, then widen the server's end of it
-        (snapfs.nbd.tuning): with the default send buffer QEMU stops after a few 64 KiB replies
-        until the reader takes them, so it idles while the reader writes what it got."""
-        from snapfs.nbd import tuning
-
-        sock = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM | sockets.SOCK_CLOEXEC)
+    def _connect(self, h: nbd.NBD) -> None:
+        """Connect ``h`` through a socket of our own and negotiate, each within
+        CONNECT_TIMEOUT (a server that accepts and then says nothing must not hold a copy
+        forever). With ``tune``, widen the server's end of it (snapfs.nbd.tuning): with the
+        default send buffer QEMU stops after a few 64 KiB replies until the reader takes them,
+        so it idles while the reader writes what it got."""
+        sock = tuning.connect_unix(self.socket, CONNECT_TIMEOUT)
         try:
-            sock.bind("")  # a unique abstract name, by which tuning finds the server's end
-            sock.settimeout(CONNECT_TIMEOUT)
-            sock.connect(self.socket)
-            sock.settimeout(None)
             # The duplicate only names the connection (its address, the server's pid); libnbd
             # owns the socket from here on and closes it with the handle.
             probe = sock.dup()
@@ -87,8 +81,19 @@ class Pool:
             sock.close()
             raise
         with probe:
-            h.connect_socket(sock.detach())
-            tuning.widen_server_sndbuf(probe, self.what)
+            h.aio_connect_socket(sock.detach())
+            deadline = time.monotonic() + CONNECT_TIMEOUT
+            while h.aio_is_connecting():
+                left = deadline - time.monotonic()
+                if left <= 0:  # the handle closes the socket when it is freed
+                    raise self.error(
+                        f"connecting to {self.what}: no NBD handshake within {CONNECT_TIMEOUT:g} s"
+                    )
+                h.poll(max(1, int(left * 1000)))
+            if not h.aio_is_ready():
+                raise self.error(f"connecting to {self.what}: the NBD handshake failed")
+            if self.tune:
+                tuning.widen_server_sndbuf(probe, self.what)
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[nbd.NBD]:

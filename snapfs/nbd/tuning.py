@@ -111,6 +111,22 @@ def widen_server_sndbuf(sock: socket.socket, name: str) -> int:
     return 0
 
 
+def connect_unix(path: str, timeout: float) -> socket.socket:
+    """A unix stream socket connected to ``path`` in at most ``timeout`` seconds, bound to a
+    unique abstract name first: by that name ``widen_server_sndbuf`` finds the server's end.
+    The socket is returned blocking; raises OSError."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind("")
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def warm_up(stream: NBDStream, handle: int) -> None:
     """Read up to WARM_UP bytes at offset 0 with request ``handle`` and throw them away (see
     WARM_UP). An error reply is fine (the range may be outside the backup): QEMU allocated the

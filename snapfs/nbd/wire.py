@@ -114,23 +114,23 @@ class NBDStream:
         every request stays inside one copy-before-write cluster (see qmp.confine_reads).
         """
         name = f"{socket_path}:{export}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock: socket.socket | None = None
         try:
-            sock.bind("")  # a unique abstract name, by which tuning finds the server's end
+            sock = tuning.connect_unix(socket_path, timeout)
             sock.settimeout(timeout)  # bounds the handshake only
-            sock.connect(socket_path)
             stream = cls(sock, name, 0, structured)
             stream.size = stream._handshake(export)
             sock.settimeout(None)
             stream.server_sndbuf = tuning.widen_server_sndbuf(sock, name) if tune else 0
-        except OSError as err:
-            sock.close()
-            raise NBDError(
-                f"cannot connect to NBD export {export!r} at {socket_path}: {err.strerror or err}",
-                err.errno or errno.EIO,
-            ) from err
-        except BaseException:
-            sock.close()
+        except BaseException as err:
+            if sock is not None:
+                sock.close()
+            if isinstance(err, OSError):
+                raise NBDError(
+                    f"cannot connect to NBD export {export!r} at {socket_path}: "
+                    f"{err.strerror or err}",
+                    err.errno or errno.EIO,
+                ) from err
             raise
         return stream
 
