@@ -6,10 +6,11 @@ sidecar has them), run by ``dev.bench`` as processes of their own:
 
 ``pread`` copies the regions of a file (a disk of a view, through snapfs or nbdfuse) into the
 same offsets of DEST with pread/pwrite, in requests of at most 1 MiB, with N threads (each
-with one buffer of its own, reused), then fsyncs DEST. ``nbd`` reads the regions straight from
-an NBD export with libnbd, N requests in flight, from N buffers that are reused, and keeps no
-byte: the most QEMU's NBD server gives one connection for these regions, with no FUSE and no
-destination (the ceiling of the incremental workload).
+with one buffer of its own, reused, taking the next request when it is done), then fsyncs
+DEST. ``nbd`` reads the regions straight from an NBD export with libnbd, N requests in flight,
+from N buffers that are reused, and keeps no byte: the most QEMU's NBD server gives one
+connection for these regions, with no FUSE and no destination (the ceiling of the incremental
+workload).
 
 Both fail (exit status 1, a message on stderr) on any short or failed read.
 """
@@ -21,7 +22,6 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 CHUNK = 1 << 20
@@ -40,49 +40,43 @@ def requests(path: str) -> Iterator[tuple[int, int]]:
 
 
 def pread_copy(src: str, regions: str, dest: str, threads: int) -> None:
-    """Copy the regions of ``src`` into ``dest`` with ``threads`` pread/pwrite threads."""
+    """Copy the regions of ``src`` into ``dest`` with ``threads`` pread/pwrite threads.
+
+    Each thread takes the next request from the one shared list and has one buffer of its
+    own: no executor, no future per request, so the reader's own CPU (it shares the machine
+    with the server it measures) stays small."""
     sfd = os.open(src, os.O_RDONLY)
     dfd = os.open(dest, os.O_WRONLY | os.O_CREAT, 0o600)
-    local = threading.local()
+    work = requests(regions)
+    lock = threading.Lock()
+    failed: list[BaseException] = []
 
-    def one(offset: int, n: int) -> None:
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = bytearray(CHUNK)
-        view = memoryview(buf)[:n]
-        got = os.preadv(sfd, [view], offset)
-        if got != n:
-            raise OSError(f"short read at {offset}: {got} of {n} bytes")
-        done = 0
-        while done < n:
-            done += os.pwrite(dfd, view[done:], offset + done)
+    def run() -> None:
+        view = memoryview(bytearray(CHUNK))
+        try:
+            while not failed:
+                with lock:
+                    request = next(work, None)
+                if request is None:
+                    return
+                offset, n = request
+                got = os.preadv(sfd, [view[:n]], offset)
+                if got != n:
+                    raise OSError(f"short read at {offset}: {got} of {n} bytes")
+                done = 0
+                while done < n:
+                    done += os.pwrite(dfd, view[done:n], offset + done)
+        except BaseException as err:
+            failed.append(err)
 
     try:
-        if threads == 1:
-            for offset, n in requests(regions):
-                one(offset, n)
-        else:
-            room = threading.BoundedSemaphore(threads * 2)  # requests queued or in flight
-            failed: list[BaseException] = []
-
-            def run(offset: int, n: int) -> None:
-                try:
-                    if not failed:
-                        one(offset, n)
-                except BaseException as err:
-                    failed.append(err)
-                finally:
-                    room.release()
-
-            with ThreadPoolExecutor(threads) as pool:
-                for offset, n in requests(regions):
-                    room.acquire()
-                    if failed:
-                        room.release()
-                        break
-                    pool.submit(run, offset, n)
-            if failed:
-                raise failed[0]
+        workers = [threading.Thread(target=run) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        if failed:
+            raise failed[0]
         os.fsync(dfd)
     finally:
         os.close(sfd)
