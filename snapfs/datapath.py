@@ -30,9 +30,10 @@ Errors: an NBD error chunk fails that job with the server's errno (a broken snap
 connection or a protocol violation fails every job in flight and every later one with
 :class:`~snapfs.nbd.wire.StreamLost`. Callers then read the libnbd way, which reports what happened.
 
-Threads: ``submit``/``read``/``close`` on the trio thread; everything else in the worker. Jobs
-cross over through a ``queue.SimpleQueue`` (and an eventfd that wakes a worker waiting on the
-socket); failures come back with ``TrioToken.run_sync_soon``.
+Threads: ``read``/``close`` on the trio thread; ``submit`` there or in the worker that reads
+the FUSE requests (a reader's ``intake``: its own READs and other disks'); everything else in
+the worker. Jobs cross over through a ``queue.SimpleQueue`` (and an eventfd that wakes a worker
+waiting in poll); failures come back with ``TrioToken.run_sync_soon``.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ from typing import Final, Protocol
 
 import trio
 
-from snapfs.errors import NBDError, SnapfsError
+from snapfs.errors import FuseError, NBDError, SnapfsError
 from snapfs.fuse.reply import ReadReply
+from snapfs.fuse.server import Intake
 from snapfs.fuse.splice import Pipe, ReplyPipe
 from snapfs.nbd import tuning
 from snapfs.nbd.wire import (
@@ -219,6 +221,13 @@ class DiskReader:
     ``confine`` > 0: every NBD request stays inside one aligned block of that size (QEMU's
     copy-before-write cluster; see ``snapfs.qmp.confine_reads``). ``tune``: widen QEMU's send
     buffer and make the warm-up read (snapfs.nbd.tuning).
+
+    ``intake``: the worker reads the FUSE requests as well (snapfs.fuse.server.Intake), from
+    ``run`` until it stops. The READs of its own disk then reach it without crossing threads,
+    and the trio thread is out of the path of every READ; those of other disks go to their
+    readers' queues. It reads requests also while ``MAX_JOBS`` READs of its disk are in
+    flight, so a ``stat`` or another disk's READ never waits for this disk's QEMU; READs
+    beyond that wait in its queue, as many as the kernel sends at once (its max_background).
     """
 
     def __init__(
@@ -231,8 +240,11 @@ class DiskReader:
         depth: SharedDepth | None = None,
         confine: int = 0,
         tune: bool = True,
+        intake: Intake | None = None,
     ) -> None:
         self.name = f"{socket_path}:{export}"
+        self._intake = intake
+        self._intake_open = False  # polled for requests (until the connection ends)
         self._socket_path = socket_path
         self._export = export
         self._reply_pipe = reply_pipe
@@ -277,6 +289,11 @@ class DiskReader:
         return self._alive
 
     @property
+    def reads_requests(self) -> bool:
+        """Whether the worker took over reading the FUSE requests (``intake``)."""
+        return self._intake is not None
+
+    @property
     def outstanding(self) -> int:
         """Fetches sent and not yet answered in full (any thread may ask)."""
         return len(self._fetches)
@@ -293,8 +310,19 @@ class DiskReader:
         except BaseException:
             os.close(self._wakeup)
             self._wakeup = -1
+            if self._intake is not None:
+                self._intake.stop()
             raise
         self._alive = True
+        if self._intake is not None:
+            try:
+                self._intake.start()
+            except FuseError as err:
+                log.warning("%s: not reading the FUSE requests: %s", self.name, err)
+                self._poll.unregister(self._intake.fileno)
+                self._intake.stop()
+                self._intake = None
+                self._intake_open = False
         task_status.started()
         try:
             with trio.CancelScope(shield=True):  # the thread ends only through close()
@@ -325,7 +353,11 @@ class DiskReader:
         gone. ``done`` may be called before ``submit`` returns.
         """
         if not self._alive:
-            done(StreamLost(f"{self.name}: the splice reader is not running"))
+            lost = StreamLost(f"{self.name}: the splice reader is not running")
+            if self._token is None:
+                done(lost)
+            else:  # perhaps called in another reader's worker (its intake): not here
+                self._token.run_sync_soon(done, lost)
             return
         self._jobs.put(_Job(reply, offset, length, ahead, done, tell_success))
         self._wake()
@@ -379,6 +411,9 @@ class DiskReader:
                 self._warm_up()
             self._poll.register(self._stream.fileno, select.POLLIN)
             self._poll.register(self._wakeup, select.POLLIN)
+            if self._intake is not None:
+                self._poll.register(self._intake.fileno, select.POLLIN)
+                self._intake_open = True
         except BaseException:
             self._release()
             raise
@@ -412,7 +447,7 @@ class DiskReader:
                 room = len(self._active) < MAX_JOBS
                 busy = bool(self._fetches)
                 job: _Job | None = None
-                if not busy:
+                if not busy and not self._intake_open:
                     job = self._jobs.get()  # idle: wait for work
                     if job is None:
                         return  # close()
@@ -436,7 +471,7 @@ class DiskReader:
                     continue
                 # Requests are on their way: take their replies, and new jobs while there is
                 # room for them.
-                if room and not self._wait():
+                if (room or self._intake_open) and not self._wait(room):
                     continue
                 try:
                     self._receive()
@@ -444,6 +479,9 @@ class DiskReader:
                     failure = self._failed(err)
                     self._fail_all(failure)
         finally:
+            if self._intake is not None:
+                self._intake_open = False
+                self._intake.stop()
             self._fail_all(failure or StreamLost(f"{self.name}: the splice reader stopped"))
             self._release()
             # Jobs queued after the end fail; close() put the None that ended the loop.
@@ -455,20 +493,27 @@ class DiskReader:
                 if job is not None:
                     self._finish(job, StreamLost(f"{self.name}: the splice reader stopped"))
 
-    def _wait(self) -> bool:
-        """Wait until the socket has a reply chunk (True) or a job was queued (False)."""
+    def _wait(self, room: bool) -> bool:
+        """Wait until the socket has a reply chunk (True), or a job was queued while there is
+        ``room`` for it, or FUSE requests were read (False)."""
         self._polling = True
         try:
-            if not self._jobs.empty():
+            if room and not self._jobs.empty():
                 return False
             events = self._poll.poll()
         finally:
             self._polling = False
         ready = False
+        intake = self._intake
         for fd, _ in events:
             if fd == self._wakeup:
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self._wakeup)
+            elif intake is not None and fd == intake.fileno:
+                if not intake.read_some(MAX_JOBS):
+                    # The connection is gone (the server was told): serve what is in flight.
+                    self._poll.unregister(fd)
+                    self._intake_open = False
             else:
                 ready = True
         return ready
@@ -485,6 +530,10 @@ class DiskReader:
     def _fail_all(self, failure: StreamLost, also: _Job | None = None) -> None:
         """The stream cannot go on: every job in flight fails, nothing more is received."""
         self._alive = False  # read by the trio thread: a plain bool store
+        if self._stream is not None and self._intake_open:
+            # The worker goes on reading requests: a dead socket must not wake it any more.
+            with contextlib.suppress(KeyError):
+                self._poll.unregister(self._stream.fileno)
         for job in [*self._active, *([also] if also is not None else [])]:
             self._finish(job, failure)
         self._inflight.clear()
@@ -812,7 +861,10 @@ class SpliceReads:
     READ that passed the tree's checks at its own time (punching only shrinks the readable set,
     and the snapshot's bytes never change). Failures: a lost stream sends the READ back to be
     read another way; an error of the server (the snapshot broke) becomes ``on_error``'s domain
-    error. Trio thread only.
+    error. On the thread that has the READ: the trio thread, or the worker that reads the FUSE
+    requests (one at a time: the READs of a disk come from one of them, except for a moment
+    while the worker takes over or gives back, when ``follow`` may guess wrong and read ahead
+    in vain).
     """
 
     def __init__(

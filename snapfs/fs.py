@@ -7,8 +7,10 @@ the splice data path, ``snapfs.datapath.SpliceReads``), which answer it from ano
 otherwise, or when they give up on it, it is read through the disk's source in a task of the
 server: one read path, no read-ahead of its own.
 
-Concurrency rule: everything here runs on the trio thread; reads and fallocate may be in flight
-several at a time, which the tree allows (see ``tree.py``).
+Concurrency rule: everything here runs on the trio thread, except ``read_now``, which the thread
+that reads the FUSE requests calls (snapfs.fuse.server.Intake) and which touches the tree only
+through its thread-safe read checks; reads and fallocate may be in flight several at a time,
+which the tree allows (see ``tree.py``).
 """
 
 from __future__ import annotations
@@ -129,26 +131,55 @@ class TreeOperations:
             with _errno():
                 reply.data(tree.read_text(ino, offset, size))
             return
+        checked = self._check(ino, offset, size, reply)
+        if checked is None:
+            return
+        disk, length = checked
+        if not self._direct(ino, disk, reply, offset, length):
+            disk.count_read(length)
+            reply.later(functools.partial(self._plain, disk, reply, offset, length))
+
+    def read_now(self, reply: ReadReply, ino: int, fh: int, offset: int, size: int) -> bool:
+        """A READ in the thread that reads the FUSE requests (snapfs.fuse.server.Intake): a
+        disk's, answered through its direct reads (True), or left to ``read`` (False)."""
+        if ino not in self.direct:
+            return False  # text files, and disks without direct reads
+        checked = self._check(ino, offset, size, reply)
+        if checked is None:
+            return True
+        disk, length = checked
+        return self._direct(ino, disk, reply, offset, length)
+
+    def _check(self, ino: int, offset: int, size: int, reply: ReadReply) -> tuple[Disk, int] | None:
+        """The tree's checks of a disk READ, at the time of the READ: a range punched after a
+        read-ahead of it was sent is refused here, before the read-ahead could be used. None
+        if there is nothing to read (answered)."""
         if size > MAX_READ:
             raise FuseErrno(errno.EINVAL, "read larger than the negotiated maximum")
         with _errno():
-            # The tree's checks, at the time of this read: a range punched after a read-ahead
-            # of it was sent is refused here, before the read-ahead could be used.
-            disk, length = tree.disk_read_length(ino, offset, size)
+            disk, length = self.tree.disk_read_length(ino, offset, size)
         if not length:
             reply.data(b"")
-            return
-        disk.bytes_read += length  # counted now: a read that goes well is not reported back
+            return None
+        return disk, length
+
+    def _direct(self, ino: int, disk: Disk, reply: ReadReply, offset: int, length: int) -> bool:
+        """Hand the READ to the disk's direct reads; False if they cannot take it now."""
         direct = self.direct.get(ino)
+        if direct is None:
+            return False
+        disk.count_read(length)  # counted now: a read that goes well is not reported back
         failed = functools.partial(self._direct_failed, disk, reply, offset, length)
-        if direct is None or not direct.read(reply, offset, length, failed):
-            reply.later(functools.partial(self._plain, disk, reply, offset, length))
+        if direct.read(reply, offset, length, failed):
+            return True
+        disk.count_read(-length)
+        return False
 
     def _direct_failed(
         self, disk: Disk, reply: ReadReply, offset: int, length: int, outcome: Exception
     ) -> None:
         if isinstance(outcome, TreeError):
-            disk.bytes_read -= length
+            disk.count_read(-length)
             reply.error(outcome.errno)
         else:
             # The data path cannot go on: the plain way, which tells what is wrong if anything.
@@ -160,7 +191,7 @@ class TreeOperations:
             with _errno():
                 await disk.source.read_into(buf, offset, length)
         except BaseException:
-            disk.bytes_read -= length
+            disk.count_read(-length)
             raise
         reply.data(buf)
 

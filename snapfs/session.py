@@ -58,7 +58,7 @@ from snapfs.errors import (
 )
 from snapfs.fs import TreeOperations
 from snapfs.fuse import kernel
-from snapfs.fuse.server import FuseServer
+from snapfs.fuse.server import FuseServer, Intake
 from snapfs.nbd.client import NBDClient
 from snapfs.options import MountOptions
 from snapfs.records import BitmapFacts, DiskFacts, Facts, FreezeFacts, Outcome, StateRecord
@@ -96,6 +96,7 @@ class Session:
         self._ops: TreeOperations | None = None
         self._readers: list[DiskReader] = []
         self._depth = SharedDepth()  # one per QEMU: every disk's reader shares it
+        self._intake: Intake | None = None  # the FUSE requests, as a reader reads them
         self._done = trio.Event()
         self.result = Outcome(ok=False, error="not torn down yet")
 
@@ -322,6 +323,13 @@ class Session:
                     # The readers' threads end only when told to, so the nursery can close.
                     for reader in self._readers:
                         reader.close()
+                    if self._intake is not None:
+                        log.info(
+                            "VM %s: the data path read %d FUSE requests and answered %d READs",
+                            g.vmid,
+                            self._intake.requests,
+                            self._intake.reads,
+                        )
 
     async def _start_reader(self, nursery: trio.Nursery, ds: qmp.DiskState, disk: Disk) -> None:
         """Start the splice data path of a disk; without it the disk is read through libnbd."""
@@ -329,6 +337,10 @@ class Session:
         assert isinstance(nbd_source, source.NBDSource)
         assert self._server is not None
         assert self.graph is not None
+        assert self._ops is not None
+        # The first reader also reads the FUSE requests (see DiskReader): its disk's READs
+        # then never cross a thread, and no disk's READs pass through the trio thread.
+        intake = None if self._intake else self._server.intake(self._ops.read_now)
         reader = DiskReader(
             str(self.graph.nbd_socket),
             ds.export,
@@ -336,6 +348,7 @@ class Session:
             depth=self._depth,
             confine=ds.confine,
             tune=self.opts.tune,
+            intake=intake,
         )
         try:
             await nursery.start(reader.run)
@@ -344,11 +357,12 @@ class Session:
                 "VM %s: %s is read without splice: %s", self.opts.vmid, nbd_source.name, err
             )
             return
-        assert self._ops is not None
+        if reader.reads_requests:
+            self._intake = intake
         assert self.tree is not None
         ino = self.tree.lookup(ROOT_INO, f"{disk.name}.raw").ino
         self._ops.direct[ino] = SpliceReads(
-            reader, disk.size, disk.readable.contains, nbd_source.read_failed
+            reader, disk.size, disk.can_read, nbd_source.read_failed
         )
         self._readers.append(reader)
         log.debug("VM %s: %s: splice data path ready", self.opts.vmid, nbd_source.name)

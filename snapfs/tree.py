@@ -12,9 +12,12 @@ Layout (stable inode numbers, so a long rsync never sees an inode change)::
     4 + 2*i           /<disk>.dirty    one "OFFSET LENGTH" line per region of ``dirty``
     EXTRA_BASE + j    extra read-only text files (guest configuration)
 
-Concurrency rule: all methods run on the trio thread. ``read`` and ``punch`` await the source;
-a punch first removes its range from ``readable`` and only then discards it, so a read that
-starts after the punch started is refused instead of reading a range being discarded.
+Concurrency rule: all methods run on the trio thread, except the checks of a disk read
+(``disk_read_length``, ``Disk.can_read``, ``Disk.count_read``), which the thread that reads the
+FUSE requests (snapfs.fuse.server.Intake) calls as well: a disk's ``lock`` guards its
+``readable`` set and its ``bytes_read`` against that thread. ``read`` and ``punch`` await the
+source; a punch first removes its range from ``readable`` and only then discards it, so a read
+that starts after the punch started is refused instead of reading a range being discarded.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import errno as errno_mod
 import json
 import operator
 import stat
+import threading
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
@@ -129,6 +133,9 @@ class Disk:
     hole only where the snapshot reads as zeros. Bytes that cannot be read (outside the
     backup, or punched) look like data, and reading them fails with ENODATA: a tool that does
     not know the sidecar fails loudly instead of storing zeros for them.
+
+    ``lock`` guards ``readable`` and ``bytes_read``: they change on the trio thread and are
+    read (and counted) by the thread that reads the FUSE requests as well.
     """
 
     name: str
@@ -140,10 +147,21 @@ class Disk:
     granularity: int = 65536
     discarded: int = 0
     bytes_read: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.readable.total and self.dirty.total:
             self.readable = self.dirty.copy()
+
+    def can_read(self, offset: int, length: int) -> bool:
+        """Whether the whole range is readable now (any thread)."""
+        with self.lock:
+            return self.readable.contains(offset, length)
+
+    def count_read(self, length: int) -> None:
+        """Add ``length`` (negative: take back) to ``bytes_read`` (any thread)."""
+        with self.lock:
+            self.bytes_read += length
 
     @property
     def allocated_bytes(self) -> int:
@@ -337,7 +355,7 @@ class Tree:
         if offset < 0:
             raise InvalidArgument("negative offset")
         length = max(0, min(size, disk.size - offset))
-        if length and not disk.readable.contains(offset, length):
+        if length and not disk.can_read(offset, length):
             raise Unreadable(f"{disk.name}: {offset}+{length} is outside the readable set")
         return disk, length
 
@@ -346,7 +364,7 @@ class Tree:
         disk, length = self.disk_read_length(ino, offset, size)
         if length:
             await disk.source.read_into(buf, offset, length)
-            disk.bytes_read += length
+            disk.count_read(length)
         return length
 
     def lseek(self, ino: int, offset: int, whence: int) -> int:
@@ -395,7 +413,8 @@ class Tree:
         if stop <= start:
             return 0
         removed_regions = [(s, n) for s, n in disk.readable if s < stop and s + n > start]
-        removed = disk.readable.remove(start, stop - start)
+        with disk.lock:
+            removed = disk.readable.remove(start, stop - start)
         # Discard only what was readable: the rest is not in the snapshot's access bitmap.
         for s, n in removed_regions:
             lo, hi = max(s, start), min(s + n, stop)

@@ -61,6 +61,9 @@ class FakeNBD:
     fail: list[tuple[int, int]] = field(default_factory=list)
     break_after: int | None = None
     seed: int = 1
+    #: While not set, requests are taken in and not answered (bounded: 30 s, then the
+    #: connection is dropped).
+    hold: threading.Event | None = None
     #: What was asked, as (offset, length), in order of arrival.
     reads: list[tuple[int, int]] = field(default_factory=list)
     structured: bool = field(default=False, init=False)
@@ -152,6 +155,8 @@ class FakeNBD:
             finally:
                 conn.setblocking(True)
             if any(r is None for r in batch):
+                return
+            if self.hold is not None and not self.hold.wait(30):
                 return
             replies = [self._reply(*request) for request in batch if request is not None]
             if self.shuffle:

@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import errno
 import functools
+import mmap
+import os
 import random
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import trio
 
-from snapfs.datapath import DiskReader
+from snapfs.datapath import MAX_JOBS, DiskReader
 from snapfs.errors import NBDError
 from snapfs.fuse.reply import ReadReply
 from snapfs.nbd.wire import StreamLost
 from tests.conftest import FakeDevice, read_back, with_reader
 from tests.fake_nbd import FakeNBD
+from tests.test_fuse_mount import DISK_SIZE, INO_DISK, mounted, wait_for
 
 KiB = 1024
 MiB = 1 << 20
@@ -179,3 +183,64 @@ def test_a_broken_protocol_fails_everything_in_flight(server: FakeNBD) -> None:
             await reader.read(ReadReply(500), 0, 4096, ())
 
     with_reader(str(server.path), "disk", body)
+
+
+@pytest.mark.mount
+def test_the_worker_reading_fuse_requests_answers_a_stat_while_its_reads_wait(
+    tmp_path: Path,
+) -> None:
+    """A reader that reads the FUSE requests itself (an intake, on a real mount) keeps
+    reading them while MAX_JOBS READs of its disk wait for the server: a ``stat`` and a
+    listing are answered meanwhile, and every READ gets its bytes once the server answers."""
+    hold = threading.Event()
+    with FakeNBD(tmp_path / "nbd.sock", content(), hold=hold) as fake, mounted(tmp_path) as m:
+        assert m.token is not None
+        assert m.nursery is not None
+        failures: list[NBDError] = []
+
+        def done(err: NBDError | None) -> None:
+            if err is not None:
+                failures.append(err)
+
+        def read(reply: ReadReply, ino: int, fh: int, offset: int, size: int) -> bool:
+            if ino != INO_DISK:
+                return False
+            reader.submit(reply, offset, size, (), done)
+            return True
+
+        intake = trio.from_thread.run_sync(m.server.intake, read, trio_token=m.token)
+        reader = DiskReader(str(fake.path), "disk", m.server.reply_pipe, tune=False, intake=intake)
+        trio.from_thread.run(m.nursery.start, reader.run, trio_token=m.token)
+        try:
+            assert reader.reads_requests
+            offsets = [i * 160 * KiB for i in range(MAX_JOBS + 8)]
+            with ThreadPoolExecutor(len(offsets) + 1) as pool:
+                try:
+                    results = pool.map(
+                        lambda o: _pread_direct(m.path / "disk.raw", 64 * KiB, o), offsets
+                    )
+                    wait_for(lambda: reader.jobs >= MAX_JOBS, "MAX_JOBS reads to be in flight")
+                    assert not hold.is_set()
+                    looked = pool.submit(lambda: (os.stat(m.path / "disk.raw"), os.listdir(m.path)))
+                    attr, names = looked.result(timeout=10)  # not behind the held reads
+                    assert attr.st_size == DISK_SIZE
+                    assert "disk.raw" in names
+                finally:
+                    hold.set()  # before the pool waits for its threads
+                for o, got in zip(offsets, results, strict=True):
+                    assert got == fake.data[o : o + 64 * KiB], o
+            assert not failures
+            assert intake.reads >= len(offsets)
+        finally:
+            hold.set()
+            trio.from_thread.run_sync(reader.close, trio_token=m.token)
+
+
+def _pread_direct(path: Path, size: int, offset: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        with mmap.mmap(-1, size) as buf:
+            n = os.preadv(fd, [buf], offset)
+            return buf[:n]
+    finally:
+        os.close(fd)

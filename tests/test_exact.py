@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -168,6 +169,7 @@ def test_every_change_is_in_the_next_incremental(
             want = vm.snapshot()
             for disk in vm.disks:
                 trigger_copies(vm, disk, at=128 * KiB)
+            preads = 0
             with GuestIO(vm, seed=4).storm():
                 for name in vm.disks:
                     regions = [
@@ -183,6 +185,7 @@ def test_every_change_is_in_the_next_incremental(
                     try:
                         for off, length in regions:
                             assert os.pread(fd, length, off) == want[name][off : off + length]
+                            preads += 1
                     finally:
                         os.close(fd)
                     assert not holes(mnt / f"{name}.raw")
@@ -190,6 +193,13 @@ def test_every_change_is_in_the_next_incremental(
         for name in vm.disks:
             assert (dest / f"{name}.raw").read_bytes() == want[name], name
         assert not vm.io_errors()
+    # The reads of both disks were taken off /dev/fuse by the first disk's data path.
+    answered = re.findall(
+        r"the data path read \d+ FUSE requests and answered (\d+) READs",
+        snapfs.log_file.read_text(),
+    )
+    assert len(answered) == 2
+    assert int(answered[-1]) >= preads > 0
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])

@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import mmap
 import os
+import select
 import signal
 import stat
 import subprocess
@@ -37,7 +39,7 @@ from snapfs.fuse.ops import (
     StatFs,
 )
 from snapfs.fuse.reply import ReadReply
-from snapfs.fuse.server import FuseServer
+from snapfs.fuse.server import FuseServer, Intake
 
 pytestmark = [
     pytest.mark.mount,
@@ -189,6 +191,7 @@ class Mount:
     errors: list[BaseException]
     token: trio.lowlevel.TrioToken | None = None
     cancel_scope: trio.CancelScope | None = None
+    nursery: trio.Nursery | None = None  # the server's, for tasks a test adds
 
     def wait_stopped(self) -> None:
         self.thread.join(POLL_TIMEOUT)
@@ -209,6 +212,7 @@ def mounted(tmp_path: Path, ops: MemOps | None = None) -> Iterator[Mount]:
         m.token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             m.cancel_scope = nursery.cancel_scope
+            m.nursery = nursery
             await nursery.start(server.serve)
             started.set()
 
@@ -426,3 +430,164 @@ def test_mount_errors(tmp_path: Path) -> None:
     (tmp_path / "file").touch()
     with pytest.raises(FuseError, match="not a directory"):
         trio.run(FuseServer(MemOps(), tmp_path / "file").serve)
+
+
+# --- an intake: another thread reads the requests ------------------------------------------------
+
+
+@dataclass
+class Reader:
+    """A thread of the test that reads a server's requests through an ``Intake``."""
+
+    intake: Intake
+    thread: threading.Thread
+    stop_fd: int
+    ended: threading.Event
+    thread_ids: set[int] = field(default_factory=set)
+
+    def stop(self) -> None:
+        os.eventfd_write(self.stop_fd, 1)
+        self.thread.join(POLL_TIMEOUT)
+        assert not self.thread.is_alive(), "the intake's thread did not stop"
+
+
+@contextmanager
+def reading(m: Mount, read: Callable[[ReadReply, int, int, int, int], bool]) -> Iterator[Reader]:
+    """Let a thread of the test read ``m``'s requests (answering READs with ``read``) until the
+    block ends, the connection ends, or ``Reader.stop``; the thread is always stopped after."""
+    intake = trio.from_thread.run_sync(m.server.intake, read, trio_token=m.token)
+    stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
+    ended = threading.Event()
+
+    def run() -> None:
+        poll = select.poll()
+        poll.register(intake.fileno, select.POLLIN)
+        poll.register(stop_fd, select.POLLIN)
+        try:
+            while True:
+                ready = {fd for fd, _ in poll.poll()}
+                if stop_fd in ready:
+                    return
+                r.thread_ids.add(threading.get_ident())
+                if not intake.read_some(16):
+                    ended.set()
+                    return
+        finally:
+            intake.stop()
+
+    r = Reader(intake, threading.Thread(target=run, name="intake", daemon=True), stop_fd, ended)
+    trio.from_thread.run_sync(intake.start, trio_token=m.token)
+    r.thread.start()
+    try:
+        yield r
+    finally:
+        if r.thread.is_alive():
+            r.stop()
+        os.close(stop_fd)
+
+
+def _disk_reads_here(ops: MemOps, seen: list[int]) -> Callable[..., bool]:
+    """READs of disk.raw answered in the intake's thread (a range past 3 MiB fails with
+    ENODATA there); every other READ is left to the trio thread."""
+
+    def read(reply: ReadReply, ino: int, fh: int, offset: int, size: int) -> bool:
+        if ino != INO_DISK:
+            return False
+        if offset + size > 3 * MiB and offset < 3 * MiB + 4096:
+            raise FuseErrno(errno.ENODATA)
+        seen.append(threading.get_ident())
+        reply.data(ops.disk[offset : offset + size])
+        return True
+
+    return read
+
+
+def _pread(path: Path, size: int, offset: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, size)
+        with buf:
+            n = os.preadv(fd, [buf], offset)
+            return buf[:n]
+    finally:
+        os.close(fd)
+
+
+def test_an_intake_answers_reads_in_its_thread_and_hands_on_the_rest(tmp_path: Path) -> None:
+    ops = MemOps()
+    seen: list[int] = []
+    with mounted(tmp_path, ops) as m, reading(m, _disk_reads_here(ops, seen)) as r:
+        disk = m.path / "disk.raw"
+        assert _pread(disk, MiB, MiB) == ops.disk[MiB : 2 * MiB]
+        assert seen
+        assert set(seen) == r.thread_ids  # answered in the intake's thread
+        # Handed to the trio thread: names, attributes, listings, READs the intake declines
+        # (answered at once, and in a task), async requests with the caller's uid.
+        assert sorted(os.listdir(m.path)) == ["boom", "disk.raw", "holey.raw", "slow"]
+        assert os.stat(disk).st_size == DISK_SIZE
+        with pytest.raises(OSError, match="No data available") as info:
+            _pread(m.path / "holey.raw", 4096, HOLE[0])
+        assert info.value.errno == errno.ENODATA
+        assert _pread(m.path / "holey.raw", 4096, 0) == bytes(4096)
+        # (No descriptor of the mount is open across the fork: the child would close it, and
+        # its FLUSH would wait for this process's server behind the fork.)
+        subprocess.run(["fallocate", "-p", "-o", "4096", "-l", "4096", str(disk)], check=True)
+        fd = os.open(disk, os.O_RDONLY)
+        try:
+            assert os.lseek(fd, 0, os.SEEK_DATA) == 0
+        finally:
+            os.close(fd)
+        assert ops.fallocates == [(INO_DISK, 4096, 4096, PUNCH_HOLE_KEEP_SIZE)]
+        # A FuseErrno raised in the intake's thread is answered with its errno.
+        with pytest.raises(OSError, match="No data available") as info:
+            _pread(disk, 8192, 3 * MiB - 4096)
+        assert info.value.errno == errno.ENODATA
+        assert r.intake.reads == len(seen)
+        # Given back: the trio thread reads again (the declined path serves disk.raw too).
+        r.stop()
+        before = len(seen)
+        assert _pread(disk, MiB, 0) == ops.disk[:MiB]
+        assert len(seen) == before
+        assert ops.answered >= 1
+
+
+def test_an_interrupt_read_by_the_intake_cancels_a_read_of_the_trio_thread(
+    tmp_path: Path,
+) -> None:
+    with mounted(tmp_path) as m, reading(m, _disk_reads_here(m.ops, [])):
+        code = f"import os; os.read(os.open({str(m.path / 'slow')!r}, os.O_RDONLY), 4096)"
+        proc = subprocess.Popen([sys.executable, "-c", code])
+        try:
+            wait_for(m.ops.slow_started.is_set, "the slow read to reach ops")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(POLL_TIMEOUT) == -signal.SIGTERM
+            wait_for(m.ops.slow_cancelled.is_set, "the slow read to be cancelled")
+        finally:
+            with suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+        assert os.stat(m.path / "disk.raw").st_size == DISK_SIZE
+
+
+def test_umount_while_an_intake_reads_ends_serve(tmp_path: Path) -> None:
+    with mounted(tmp_path) as m, reading(m, _disk_reads_here(m.ops, [])) as r:
+        assert _pread(m.path / "disk.raw", 4096, 0) == m.ops.disk[:4096]
+        subprocess.run(["umount", str(m.path)], check=True)
+        m.wait_stopped()
+        wait_for(lambda: not r.thread.is_alive(), "the intake's thread to end")
+        assert m.ops.destroyed.is_set()
+        assert not m.errors
+        assert not os.path.ismount(m.path)
+
+
+def test_a_server_takes_one_intake_at_a_time(tmp_path: Path) -> None:
+    with mounted(tmp_path) as m, reading(m, _disk_reads_here(m.ops, [])):
+        other = trio.from_thread.run_sync(
+            m.server.intake, _disk_reads_here(m.ops, []), trio_token=m.token
+        )
+        try:
+            with pytest.raises(FuseError, match="read elsewhere"):
+                trio.from_thread.run_sync(other.start, trio_token=m.token)
+        finally:
+            other.stop()
+        assert os.stat(m.path / "disk.raw").st_size == DISK_SIZE

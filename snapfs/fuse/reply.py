@@ -3,8 +3,9 @@
 As fuser's reply objects and go-fuse's ``ReadResult``: whoever has the handle answers the
 READ exactly once, in one of three ways, and never sees the request's id:
 
-- ``data(payload)``: with bytes, on the trio thread;
-- ``error(errno)``: with an error, on the trio thread;
+- ``data(payload)``: with bytes, on the thread that has the READ (the trio thread, or the
+  intake's thread that read it, snapfs.fuse.server.Intake);
+- ``error(errno)``: with an error, likewise;
 - ``header(length)``: the reply's header for a payload spliced behind it through a
   ``ReplyPipe``, from any thread (the splice data path's worker).
 
@@ -18,15 +19,24 @@ kernel gave up on (interrupted, unmounted) is still answered: the write is dropp
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 from snapfs.fuse import protocol as p
 
-if TYPE_CHECKING:
-    from snapfs.fuse.server import FuseServer
-
 _HEADER_SIZE = p.OUT_HEADER.size
+
+
+class Replies(Protocol):
+    """Where a READ's answer goes: the server (trio thread), or the intake that read it."""
+
+    def write_reply(self, iov: Sequence[bytes | bytearray | memoryview]) -> None: ...
+
+    def reply_err(self, unique: int, err: int) -> None: ...
+
+    def spawn_read(
+        self, unique: int, reply: ReadReply, work: Callable[[], Awaitable[None]]
+    ) -> None: ...
 
 
 class ReplyTwice(RuntimeError):
@@ -38,8 +48,8 @@ class ReadReply:
 
     __slots__ = ("_answered", "_server", "_unique", "spawned")
 
-    def __init__(self, unique: int, server: FuseServer | None = None) -> None:
-        # The server builds these; a server of None serves tests that only splice.
+    def __init__(self, unique: int, server: Replies | None = None) -> None:
+        # The server (or an intake) builds these; None serves tests that only splice.
         self._unique = unique
         self._server = server
         self._answered = False
@@ -56,7 +66,7 @@ class ReadReply:
         return self._answered
 
     def data(self, payload: bytes | bytearray | memoryview) -> None:
-        """Answer with these bytes (trio thread)."""
+        """Answer with these bytes (the thread that has the READ)."""
         self._claim()
         assert self._server is not None
         self._server.write_reply(
@@ -64,7 +74,7 @@ class ReadReply:
         )
 
     def error(self, errno: int) -> None:
-        """Answer with an error (trio thread)."""
+        """Answer with an error (the thread that has the READ)."""
         self._claim()
         assert self._server is not None
         self._server.reply_err(self._unique, errno)

@@ -12,6 +12,14 @@ bounds how many READs it sends at once, its own ``max_background`` for async rea
 blocked reader otherwise), or from a task of the server (``ReadReply.later``), which keeps the
 reader's slot when it is started while the READ is dispatched.
 
+An ``Intake`` (``FuseServer.intake``) lets a thread of the file system read the requests
+instead (the splice data path's worker, snapfs.datapath): it answers READs there, without the
+trio thread, and hands every other request (and READs it declines) to the trio thread, which
+dispatches them as if it had read them itself. While an intake reads, the trio thread does not:
+two readers of one /dev/fuse would both be woken for every request. Both may read for a moment
+while it takes over or gives back, which the kernel allows (each request goes to one reader,
+and its reply to the same descriptor).
+
 Every reply the server writes is ONE ``os.writev`` of the header and the payload (a write to
 /dev/fuse completes synchronously, and the kernel wants a whole reply per write). ENOENT from
 that write means the request was interrupted meanwhile and is ignored. Replies may reach the
@@ -28,10 +36,13 @@ The mount is unmounted only while its path still leads to it (``kernel.unmount``
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import math
 import os
 import stat
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -85,6 +96,10 @@ _ENODEV_LIKE = (errno.ENODEV, errno.ECONNABORTED)
 
 Handler = Callable[[int, int, memoryview], bool]
 
+ThreadRead = Callable[[ReadReply, int, int, int, int], bool]
+"""``read(reply, nodeid, fh, offset, size)`` in an intake's thread: answer the READ (True) or
+leave it to the trio thread (False). A FuseErrno it raises is answered with its errno."""
+
 
 def _attr_valid(a: Attr) -> tuple[int, int]:
     return FILE_ATTR_VALID if stat.S_ISREG(a.mode) else DIR_ATTR_VALID
@@ -131,6 +146,12 @@ class FuseServer:
         self._destroyed = False
         self._handlers: list[Handler] = self._build_handlers()
         self._dispatching: ReadReply | None = None  # the READ whose ops.read runs now
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._intake: Intake | None = None  # reading the requests instead of the trio thread
+        self._reading: trio.CancelScope | None = None  # the trio thread's wait for a request
+        self._turn = trio.Event()  # set when the trio thread should look at _intake again
+        self._ended = False  # the connection ended (unmounted, or DESTROY)
+        self._forward_send, self._forward_recv = trio.open_memory_channel[bytes](math.inf)
 
     @property
     def mounted(self) -> bool:
@@ -160,14 +181,17 @@ class FuseServer:
             # would make eight requests of every MiB).
             if self.mount is not None and not kernel.set_readahead(self.mount, MAX_WRITE):
                 log.debug("cannot raise the readahead of %s", self.mountpoint)
+            self._token = trio.lowlevel.current_trio_token()
             task_status.started()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._serve_forwarded)
                 await self._serve_requests()
                 # The connection is gone: replies of requests still running cannot be delivered.
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
+            self._forward_send.close()
             self._close(abort=self._mounted)
             if not self._destroyed:
                 self._destroyed = True
@@ -183,6 +207,13 @@ class FuseServer:
         if self._fd < 0:
             raise FuseError(f"the FUSE server for {self.mountpoint} is not mounted")
         return ReplyPipe(self._fd, size)
+
+    def intake(self, read: ThreadRead) -> Intake:
+        """An ``Intake`` for another thread to read this server's requests (see the module);
+        valid from ``task_status.started()`` on, until ``Intake.start`` it only exists."""
+        if self._fd < 0 or self._token is None:
+            raise FuseError(f"the FUSE server for {self.mountpoint} is not mounted")
+        return Intake(self, self._fd, self._token, read)
 
     async def unmount(self, *, lazy: bool = False) -> None:
         """Unmount from inside the program; ``serve()`` then returns. Raises FuseError ("busy")
@@ -312,37 +343,85 @@ class FuseServer:
         log.debug("FUSE INIT: kernel 7.%d, using 7.%d, flags %#x", init.minor, out.minor, out.flags)
 
     async def _serve_requests(self) -> None:
-        """Read and dispatch until the connection ends (ENODEV) or DESTROY."""
+        """Read and dispatch until the connection ends (ENODEV) or DESTROY. While an intake
+        reads the requests, wait until it gives them back or the connection ends."""
         slots = self._slots
         buf = self._buf
-        view = memoryview(buf)
-        handlers = self._handlers
-        n_handlers = len(handlers)
-        unpack_header = p.IN_HEADER.unpack_from
         read_request = self._read_request
-        while True:
+        while not self._ended:
+            if self._intake is not None:
+                await self._turn.wait()
+                self._turn = trio.Event()
+                continue
             # Also a checkpoint: lets the request tasks run between two reads.
             await slots.acquire()
-            n = await read_request()
+            n = -1
+            if self._intake is None:
+                with trio.CancelScope() as self._reading:
+                    n = await read_request()
+                self._reading = None
+            if n < 0:  # an intake took over meanwhile
+                slots.release()
+                continue
             if n == 0:
                 self._mounted = False  # unmounted, by us or anyone
                 slots.release()
                 return
-            _, opcode, unique, nodeid, self._uid, _, _, _, _ = unpack_header(buf)
-            body = view[_IN_HEADER_SIZE:n]
-            keep_slot = False
-            try:
-                if opcode == p.Opcode.DESTROY:
-                    self._mounted = False  # sent while the kernel unmounts
-                    self._reply(unique)
-                    return
-                handler = handlers[opcode] if opcode < n_handlers else self._op_enosys
-                keep_slot = handler(unique, nodeid, body)
-            except Exception as exc:
-                self._reply_failure(unique, opcode, exc)
-            finally:
-                if not keep_slot:
-                    slots.release()
+            if not self._dispatch(buf, n):
+                return
+
+    def _dispatch(self, buf: bytes | bytearray, n: int) -> bool:
+        """Dispatch the request in ``buf[:n]``, holding a slot; False after DESTROY."""
+        _, opcode, unique, nodeid, self._uid, _, _, _, _ = p.IN_HEADER.unpack_from(buf)
+        body = memoryview(buf)[_IN_HEADER_SIZE:n]
+        keep_slot = False
+        try:
+            if opcode == p.Opcode.DESTROY:
+                self._mounted = False  # sent while the kernel unmounts
+                self._ended = True
+                self._reply(unique)
+                return False
+            handlers = self._handlers
+            handler = handlers[opcode] if opcode < len(handlers) else self._op_enosys
+            keep_slot = handler(unique, nodeid, body)
+        except Exception as exc:
+            self._reply_failure(unique, opcode, exc)
+        finally:
+            if not keep_slot:
+                self._slots.release()
+        return True
+
+    async def _serve_forwarded(self) -> None:
+        """Dispatch the requests an intake handed over, in the order it read them."""
+        async with self._forward_recv:
+            async for request in self._forward_recv:
+                await self._slots.acquire()
+                if not self._dispatch(request, len(request)):
+                    self._end()
+
+    # --- intakes (any thread calls these through the trio token) ---------------------------------
+
+    def _forwarded(self, request: bytes) -> None:
+        with contextlib.suppress(trio.ClosedResourceError):  # serving ended: nobody to answer
+            self._forward_send.send_nowait(request)
+
+    def _intake_started(self, intake: Intake) -> None:
+        if self._intake is not None or self._ended:
+            raise FuseError(f"the requests of {self.mountpoint} are read elsewhere already")
+        self._intake = intake
+        if self._reading is not None:
+            self._reading.cancel()
+
+    def _intake_stopped(self, intake: Intake) -> None:
+        if self._intake is intake:
+            self._intake = None
+            self._turn.set()
+
+    def _end(self) -> None:
+        """The connection is gone (seen by an intake, or DESTROY forwarded)."""
+        self._mounted = False
+        self._ended = True
+        self._turn.set()
 
     # --- async requests --------------------------------------------------------------------------
 
@@ -643,3 +722,128 @@ class FuseServer:
 
 def _encode_nothing(_: object) -> bytes:
     return b""
+
+
+class Intake:
+    """Reads a server's requests in a thread other than the trio thread (see the module).
+
+    Lifecycle: ``FuseServer.intake`` makes it; ``start()`` (trio thread) makes the server stop
+    reading; the owning thread polls ``fileno`` and calls ``read_some`` when it is readable;
+    ``stop()`` (the reading thread, idempotent) gives the requests back to the server and closes the
+    descriptor. ``read_some`` returns False once the connection is gone; the server has been
+    told then, and the owner stops polling. One thread reads: the buffer is reused, and a READ
+    gets plain ints before the next request overwrites it.
+    """
+
+    def __init__(
+        self, server: FuseServer, fd: int, token: trio.lowlevel.TrioToken, read: ThreadRead
+    ) -> None:
+        self._server = server
+        self._token = token
+        self._read = read
+        # A descriptor of its own (the same open file: the kernel takes the replies of what it
+        # reads through any of them), so a number reused after the server closed its own can
+        # never be read here.
+        self.fileno = os.dup(fd)
+        self._buf = bytearray(MAX_PAGES * p.PAGE_SIZE + p.PAGE_SIZE)
+        self._started = False
+        self._stopped = False
+        self._thread = -1  # the thread that reads
+        #: Requests read, and READs answered in this thread (for tests and the log).
+        self.requests = 0
+        self.reads = 0
+
+    def start(self) -> None:
+        """Take over reading from the server (trio thread)."""
+        if self._stopped:
+            raise FuseError("a stopped intake cannot start again")
+        self._server._intake_started(self)
+        self._started = True
+
+    def stop(self) -> None:
+        """Give the requests back to the server and close (the thread that reads; idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        os.close(self.fileno)
+        self.fileno = -1
+        if self._started:
+            self._call(self._server._intake_stopped, self)
+
+    # ReadReply answers through these. In the intake's thread: on its own descriptor (which
+    # only that thread uses and closes). A READ whose answer comes later from the trio thread
+    # (a failure of the data path) is answered through the server, as if it had read it.
+
+    def write_reply(self, iov: Sequence[bytes | bytearray | memoryview]) -> None:
+        if threading.get_ident() != self._thread:
+            self._server.write_reply(iov)
+            return
+        try:
+            os.writev(self.fileno, iov)
+        except OSError as err:
+            if err.errno != errno.ENOENT and err.errno not in _ENODEV_LIKE:
+                log.error("writing a reply to /dev/fuse failed: %s", err)
+
+    def reply_err(self, unique: int, err: int) -> None:
+        if not 0 < err < 1000:
+            err = errno.EIO
+        self.write_reply((p.OUT_HEADER.pack(_OUT_HEADER_SIZE, -err, unique),))
+
+    def spawn_read(
+        self, unique: int, reply: ReadReply, work: Callable[[], Awaitable[None]]
+    ) -> None:
+        self._server.spawn_read(unique, reply, work)  # trio thread, like ReadReply.later
+
+    def _call(self, fn: Callable[..., object], *args: object) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(fn, *args)
+
+    def read_some(self, limit: int) -> bool:
+        """Read up to ``limit`` requests, without blocking; False once the connection is gone."""
+        fd = self.fileno
+        iov = [self._buf]
+        self._thread = threading.get_ident()
+        for _ in range(limit):
+            try:
+                n = os.readv(fd, iov)
+            except BlockingIOError:
+                return True
+            except InterruptedError:
+                continue
+            except OSError as err:
+                if err.errno == errno.ENOENT:  # interrupted before we read it
+                    continue
+                if err.errno not in _ENODEV_LIKE:
+                    log.error("reading /dev/fuse failed: %s", err.strerror)
+                self._call(self._server._end)
+                return False
+            if n == 0:
+                self._call(self._server._end)
+                return False
+            self.requests += 1
+            self._take(n)
+        return True
+
+    def _take(self, n: int) -> None:
+        buf = self._buf
+        _, opcode, unique, nodeid, _, _, _, _, _ = p.IN_HEADER.unpack_from(buf)
+        if opcode == p.Opcode.READ:
+            fh, offset, size, _, _, _, _ = p.READ_IN.unpack_from(buf, _IN_HEADER_SIZE)
+            reply = ReadReply(unique, self)
+            try:
+                if self._read(reply, nodeid, fh, offset, size):
+                    self.reads += 1
+                    return
+            except FuseErrno as err:
+                if not reply.answered:
+                    reply.error(err.errno)
+                return
+            except Exception as exc:
+                log.error("FUSE READ failed, answering EIO: %r", exc)
+                log.debug("FUSE READ failed", exc_info=exc)
+                if not reply.answered:
+                    reply.error(errno.EIO)
+                return
+            if reply.answered:
+                return
+        self._call(self._server._forwarded, bytes(buf[:n]))
