@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -372,8 +372,14 @@ def test_exception_in_ops_gives_eio_and_keeps_serving(
         assert any("a bug in ops.read" in r.getMessage() for r in caplog.records)
 
 
-def test_interrupt_cancels_read(tmp_path: Path) -> None:
-    with mounted(tmp_path) as m:
+@pytest.mark.parametrize("intake", [False, True], ids=["trio", "intake"])
+def test_interrupt_cancels_read(tmp_path: Path, intake: bool) -> None:
+    """Also when an intake reads the INTERRUPT and hands it to the trio thread, whose task
+    runs the READ."""
+    with ExitStack() as stack:
+        m = stack.enter_context(mounted(tmp_path))
+        if intake:
+            stack.enter_context(reading(m, _disk_reads_here(m.ops, [])))
         code = f"import os; os.read(os.open({str(m.path / 'slow')!r}, os.O_RDONLY), 4096)"
         proc = subprocess.Popen([sys.executable, "-c", code])
         try:
@@ -549,24 +555,6 @@ def test_an_intake_answers_reads_in_its_thread_and_hands_on_the_rest(tmp_path: P
         assert _pread(disk, MiB, 0) == ops.disk[:MiB]
         assert len(seen) == before
         assert ops.answered >= 1
-
-
-def test_an_interrupt_read_by_the_intake_cancels_a_read_of_the_trio_thread(
-    tmp_path: Path,
-) -> None:
-    with mounted(tmp_path) as m, reading(m, _disk_reads_here(m.ops, [])):
-        code = f"import os; os.read(os.open({str(m.path / 'slow')!r}, os.O_RDONLY), 4096)"
-        proc = subprocess.Popen([sys.executable, "-c", code])
-        try:
-            wait_for(m.ops.slow_started.is_set, "the slow read to reach ops")
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(POLL_TIMEOUT) == -signal.SIGTERM
-            wait_for(m.ops.slow_cancelled.is_set, "the slow read to be cancelled")
-        finally:
-            with suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
-        assert os.stat(m.path / "disk.raw").st_size == DISK_SIZE
 
 
 def test_umount_while_an_intake_reads_ends_serve(tmp_path: Path) -> None:
