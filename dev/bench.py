@@ -598,13 +598,20 @@ class Bench:
     def confinement(self) -> None:
         """(h): what confining every NBD request to one copy-before-write cluster costs (what
         QEMU before 8.0 needs, see snapfs.qmp.confine_reads): snapfs as it reads on this QEMU
-        against snapfs forced to confine (SNAPFS_CONFINE_READS=1), alternated, for (a) and (c).
-        On a QEMU before 8.0 both confine: run with --qemu-root to measure on a newer one."""
+        against snapfs forced to confine (SNAPFS_CONFINE_READS=1), and against snapfs with
+        1 MiB fleecing clusters (``--fleecing-cluster 1M``: where reads are confined, to
+        1 MiB), alternated, for (a) and (c). On a QEMU before 8.0 the first two confine to
+        64 KiB: run with --qemu-root to measure on a newer one."""
         first = self.names[0]
-        kinds = [(SNAPFS, None), (f"{SNAPFS}-confined", {"SNAPFS_CONFINE_READS": "1"})]
+        kinds: list[tuple[str, tuple[str, ...], dict[str, str] | None]] = [
+            (SNAPFS, (), None),
+            (f"{SNAPFS}-confined", (), {"SNAPFS_CONFINE_READS": "1"}),
+            (f"{SNAPFS}-1M", ("--fleecing-cluster", "1M"), None),
+        ]
         for rnd in range(self.args.rounds):
-            for tool, env in kinds[rnd % 2 :] + kinds[: rnd % 2]:
-                self.mount(env=env)
+            turn = rnd % len(kinds)
+            for tool, extra, env in kinds[turn:] + kinds[:turn]:
+                self.mount(*extra, env=env)
                 try:
                     self.measure("h-a", tool, rnd, [first], self.argv("a-dd", tool), self.size)
                     self.measure(
@@ -1104,6 +1111,14 @@ def headline(res: Results, summary: dict[str, Any]) -> list[Headline]:
                 "(h) reads confined to one cluster per request (QEMU before 8.0)",
                 "confined ÷ as this QEMU is read, (a), (c) (MiB/s)",
                 [r[f"{SNAPFS}-confined"]["mib_s"] / r[SNAPFS]["mib_s"] for r in h],
+            )
+        )
+    if all(SNAPFS in r and f"{SNAPFS}-1M" in r for r in h):
+        out.append(
+            Headline(
+                "",
+                "`--fleecing-cluster 1M` ÷ the default 64K, (a), (c) (MiB/s)",
+                [r[f"{SNAPFS}-1M"]["mib_s"] / r[SNAPFS]["mib_s"] for r in h],
             )
         )
     i = summary.get("i-throttled", {})

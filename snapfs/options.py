@@ -10,6 +10,7 @@ it again.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ class MountOptions:
     log_to: str = "stderr"
     # Tune QEMU's NBD server from the outside (snapfs.nbd.tuning); --no-tune turns it off.
     tune: bool = True
+    # The fleecing images' cluster size, copy-before-write's (--fleecing-cluster).
+    fleecing_cluster: int = qmp.CBW_CLUSTER
 
     @property
     def state_dir(self) -> Path:
@@ -56,6 +59,23 @@ def check_vmid(vmid: str) -> str:
         shown = vmid if len(vmid) <= 40 else vmid[:40] + "..."
         raise UsageError(f"invalid VMID {shown!r}: expected a number from 1 to 999999999")
     return vmid
+
+
+_SIZE_RE = re.compile(r"(\d{1,7})([KM]?)(?:i?B)?", re.IGNORECASE)
+
+
+def check_fleecing_cluster(text: str) -> int:
+    """``--fleecing-cluster``: a power of two from 64K to 2M (64K, 128K, ... 2M; or bytes)."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    size = 0
+    if match:
+        size = int(match[1]) << {"": 0, "K": 10, "M": 20}[match[2].upper()]
+    if not qmp.CBW_CLUSTER <= size <= qmp.MAX_CBW_CLUSTER or size & (size - 1):
+        shown = text if len(text) <= 20 else text[:20] + "..."
+        raise UsageError(
+            f"invalid --fleecing-cluster {shown!r}: expected 64K, 128K, 256K, 512K, 1M or 2M"
+        )
+    return size
 
 
 def _check_path(text: str, what: str) -> Path:

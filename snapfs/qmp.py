@@ -59,10 +59,12 @@ QEMU_IMG = shutil.which("qemu-img") or "/usr/bin/qemu-img"
 _MAX_NODE_NAME = 31
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 _INCREMENTAL_RE = re.compile(r"[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*")
-# copy-before-write's cluster: block-copy's default, as the fleecing images are created with
-# qcow2's default cluster size (larger clusters would make every first guest write after the
-# snapshot copy more old data).
+# copy-before-write's cluster: block-copy's default, and the fleecing images' cluster size
+# unless --fleecing-cluster says otherwise (copy-before-write copies whole clusters of its
+# target: larger ones make every first guest write after the snapshot copy more old data).
 CBW_CLUSTER = 65536
+# qcow2's largest cluster.
+MAX_CBW_CLUSTER = 2 << 20
 # Records the guest's writes since the snapshot point where QEMU needs it (see confine_reads):
 # "--" cannot occur in a bitmap of an incremental ID.
 WRITTEN_BITMAP = f"{PREFIX}-written"
@@ -455,6 +457,8 @@ class DiskState:
     # > 0: copy-before-write misreports reads and block status that span a copied and an
     # uncopied cluster of this size (QEMU before 8.0), so every request stays inside one.
     confine: int = 0
+    # Copy-before-write's cluster: the fleecing image's cluster size (never below 64 KiB).
+    cbw_cluster: int = CBW_CLUSTER
     # A bitmap of every guest write since the snapshot point, exported beside the snapshot
     # (QEMU before 8.0): block status may have reported those ranges from the live disk.
     written: str = ""
@@ -576,8 +580,9 @@ def check_incremental(incremental: str) -> str:
     return incremental
 
 
-def confine_reads(version: tuple[int, int]) -> int:
-    """The cluster that every snapshot read and block status must stay inside, or 0.
+def confine_reads(version: tuple[int, int], cluster: int = CBW_CLUSTER) -> int:
+    """The cluster that every snapshot read and block status must stay inside, or 0;
+    ``cluster``: copy-before-write's (the fleecing images').
 
     QEMU before 8.0 (fixed by commit a4d5224c2cb6, "hbitmap: fix hbitmap_status() return value
     for first dirty bit case") answers a read or block status of the snapshot that starts in a
@@ -587,7 +592,7 @@ def confine_reads(version: tuple[int, int]) -> int:
     on any QEMU (to measure what it costs).
     """
     if version < (8, 0) or os.environ.get("SNAPFS_CONFINE_READS") == "1":
-        return CBW_CLUSTER
+        return cluster
     return 0
 
 
@@ -831,8 +836,12 @@ async def setup(
     state_dir: Path | None = None,
     around_snapshot: AroundSnapshot | None = None,
     on_plan: OnPlan | None = None,
+    fleecing_cluster: int = CBW_CLUSTER,
 ) -> GraphState:
     """Build the snapshot graph for every disk not excluded and export it over NBD.
+
+    ``fleecing_cluster``: the fleecing images' cluster size, which is copy-before-write's
+    (a power of two from 64 KiB to 2 MiB; where reads are confined, it is their cluster).
 
     Validates everything before touching the VM; on any failure, undoes what was added and
     raises SetupError("<step> for <disk>: <message>"). ``on_step(step, disk)`` is called before
@@ -849,7 +858,13 @@ async def setup(
 
     # (1) Look, validate, touch nothing.
     version, version_number = await vm_facts(q)
-    confine = confine_reads(version_number)
+    if not CBW_CLUSTER <= fleecing_cluster <= MAX_CBW_CLUSTER or fleecing_cluster & (
+        fleecing_cluster - 1
+    ):
+        raise UsageError(
+            f"fleecing cluster size {fleecing_cluster}: not a power of two from 64K to 2M"
+        )
+    confine = confine_reads(version_number, fleecing_cluster)
     disks, skipped = await scan_devices(q)
     nodes: list[dict[str, Any]] = await q.execute("query-named-block-nodes", {"flat": True})
     exports: list[dict[str, Any]] = await q.execute("query-block-exports")
@@ -910,6 +925,7 @@ async def setup(
                 data_node=d.data_node,
                 throttle=d.throttle,
                 confine=confine,
+                cbw_cluster=fleecing_cluster,
                 written=written,
             )
         )
@@ -1191,7 +1207,9 @@ def _bitmap_prepare_actions(s: DiskState, nodes: list[dict[str, Any]]) -> list[d
                     "node": s.data_node,
                     "name": s.written,
                     "persistent": False,
-                    "granularity": CBW_CLUSTER,
+                    # No finer than copy-before-write's cluster: coarser only keeps fewer
+                    # holes (snapfs.source), never one that is not in the snapshot.
+                    "granularity": s.cbw_cluster,
                 },
             }
         )
@@ -1249,7 +1267,11 @@ async def _create_fleecing_files(
         undo.push(f"remove {path}", _file_remover(path))
         try:
             await trio.run_process(
-                [QEMU_IMG, "create", "-q", "-f", "qcow2", f"/proc/self/fd/{fd}", str(s.size)],
+                [
+                    *(QEMU_IMG, "create", "-q", "-f", "qcow2"),
+                    *("-o", f"cluster_size={s.cbw_cluster}"),
+                    *(f"/proc/self/fd/{fd}", str(s.size)),
+                ],
                 capture_stdout=True,
                 capture_stderr=True,
                 pass_fds=(fd,),

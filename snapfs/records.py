@@ -166,6 +166,7 @@ class DiskFacts(Record):
     bytes_read: int
     fleecing_bytes: int
     confined_reads: int = 0
+    fleecing_cluster: int = 65536  # copy-before-write's cluster (--fleecing-cluster)
 
 
 @dataclass

@@ -120,6 +120,7 @@ class Session:
                 bytes_read=d.bytes_read,
                 fleecing_bytes=_allocated(ds.fleecing_path),
                 confined_reads=ds.confine,
+                fleecing_cluster=ds.cbw_cluster,
             )
         return Facts(
             vmid=g.vmid,
@@ -173,6 +174,7 @@ class Session:
                         incremental=opts.incremental,
                         around_snapshot=self._around_snapshot,
                         on_plan=save_plan,
+                        fleecing_cluster=opts.fleecing_cluster,
                     )
                 except BaseException:
                     left = planned and q.broken is not None

@@ -55,7 +55,7 @@ async def disk(client: NBDClient, ds: qmp.DiskState, on_broken: Callable[[str], 
         source=NBDSource(client, ds.name, on_broken, ds.confine),
         dirty=dirty,
         zeros=zeros,
-        granularity=max(ds.granularity, qmp.CBW_CLUSTER),
+        granularity=max(ds.granularity, ds.cbw_cluster),
     )
 
 

@@ -92,7 +92,15 @@ def test_bench_runs_every_workload_and_cleans_up(short_tmp: Path) -> None:
         assert row["snapfs_ratio"] == pytest.approx(
             summary["a-dd"]["snapfs"]["mib_s"] / row["mib_s"]
         )
-    assert set(summary["h-a"]) == set(summary["h-c"]) == {"snapfs", "snapfs-confined"}
+    assert (
+        set(summary["h-a"])
+        == set(summary["h-c"])
+        == {
+            "snapfs",
+            "snapfs-confined",
+            "snapfs-1M",
+        }
+    )
     assert set(summary["i-throttled"]) == {"snapfs", "snapfs-throttled"}
     confined_runs = [r for r in data["runs"] if r["tool"] == "snapfs-confined"]
     assert len(confined_runs) == 2 * 2  # (a) and (c) in each of 2 rounds

@@ -62,12 +62,13 @@ def holes(path: Path) -> list[tuple[int, int]]:
     return found
 
 
-def trigger_copies(vm: TestVM, disk: str, at: int = 0) -> None:
+def trigger_copies(vm: TestVM, disk: str, at: int = 0, stride: int = MiB) -> None:
     """Guest writes after the snapshot point that make copy-before-write save some clusters
-    and not their neighbours, in every MiB (shifted by ``at``): zero writes (unaligned, and
-    whole clusters with unmap), discards, sub-4 KiB and data writes."""
+    and not their neighbours, in every ``stride`` bytes (shifted by ``at``; a 2 MiB stride
+    leaves every other 1 MiB cluster unsaved): zero writes (unaligned, and whole clusters
+    with unmap), discards, sub-4 KiB and data writes."""
     size = vm.disks[disk].size
-    for w in range(at, size, MiB):
+    for w in range(at, size, stride):
         for offset, length, op in (
             (1000, 100_000, "zero"),
             (512 * KiB, 64 * KiB, "unmap"),
@@ -236,3 +237,59 @@ def test_qemu_without_the_fix_needs_confined_reads(
         assert facts["disks"]["scsi0"]["confined_reads"] == (
             65536 if (major, minor) < (8, 0) else 0
         )
+
+
+@pytest.mark.parametrize(("fmt", "detect_zeroes"), [("qcow2", "unmap"), ("raw", "on")])
+def test_larger_fleecing_clusters_keep_the_view_exact(
+    fmt: str, detect_zeroes: str, shm_dir: Path, snapfs: Snapfs, tmp_path: Path
+) -> None:
+    """With --fleecing-cluster 1M copy-before-write saves whole 1 MiB clusters (before QEMU
+    8.0 every read stays inside one): full and incremental views stay exact where saved and
+    unsaved clusters meet, under zero writes, discards and a guest I/O storm."""
+    spec = DiskSpec("scsi0", fmt, "scsi", size=SIZE, detect_zeroes=detect_zeroes)  # type: ignore[arg-type]
+    vm = TestVM(shm_dir, [spec], contents={"scsi0": disk_content(11)})
+    fleecing = vm.workdir / "fleecing" / f"snapfs-{vm.vmid}-scsi0.qcow2"
+    big = ("--fleecing-cluster", "1M", "--incremental", "x")
+    with vm:
+        with snapfs.mounted(vm, tmp_path / "m0", *big, commit=True) as mnt:
+            facts = json.loads((mnt / "snapfs.json").read_text())
+            major, minor = (int(x) for x in facts["qemu_version"].split(".")[:2])
+            assert facts["disks"]["scsi0"]["fleecing_cluster"] == MiB
+            assert facts["disks"]["scsi0"]["confined_reads"] == (
+                MiB if (major, minor) < (8, 0) else 0
+            )
+            info = subprocess.run(
+                ["qemu-img", "info", "--force-share", "--output=json", str(fleecing)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            assert json.loads(info.stdout)["cluster-size"] == MiB
+            want = vm.snapshot()["scsi0"]
+            raw = mnt / "scsi0.raw"
+            trigger_copies(vm, "scsi0", stride=2 * MiB)
+            check_view(raw, want)
+            with GuestIO(vm, seed=5).storm():
+                check_view(raw, want)
+                snapfs("copy", str(mnt), str(tmp_path / "copy"))
+            assert (tmp_path / "copy/scsi0.raw").read_bytes() == want
+        for w in range(0, SIZE, 2 * MiB):
+            vm.guest_write("scsi0", w + 960 * KiB, 128 * KiB, 0x5A)  # across two clusters
+            vm.guest_zero("scsi0", w + 1500 * KiB, 8 * KiB)
+        with snapfs.mounted(vm, tmp_path / "m1", *big) as mnt:
+            want = vm.snapshot()["scsi0"]
+            trigger_copies(vm, "scsi0", at=MiB, stride=2 * MiB)
+            regions = [
+                tuple(map(int, line.split()))
+                for line in (mnt / "scsi0.dirty").read_text().splitlines()
+            ]
+            assert regions
+            with GuestIO(vm, seed=6).storm():
+                fd = os.open(mnt / "scsi0.raw", os.O_RDONLY)
+                try:
+                    for off, length in regions:
+                        assert os.pread(fd, length, off) == want[off : off + length], off
+                finally:
+                    os.close(fd)
+        assert not vm.io_errors()
+    assert vm.image_content("scsi0") == vm.expected["scsi0"]

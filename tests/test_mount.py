@@ -196,6 +196,13 @@ def test_bad_input_is_refused(vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> Non
     assert_refused(snapfs, vm, ["mount", "abc/def", str(mnt), *qmp], "invalid VMID")
     assert_refused(snapfs, vm, ["mount", vmid(vm), "relative", *qmp], "relative does not exist")
     assert_refused(snapfs, vm, ["mount", vmid(vm), str(mnt), *qmp, "--exclude", "sda"], "sda")
+    for size in ("32K", "3M", "96K", "4M", "1G", "-1M", "1.5M", "x" * 80):
+        assert_refused(
+            snapfs,
+            vm,
+            ["mount", vmid(vm), str(mnt), *qmp, f"--fleecing-cluster={size}"],
+            "invalid --fleecing-cluster",
+        )
     assert_refused(snapfs, vm, ["umount", "4242"], "no snapfs session")
 
 
