@@ -20,6 +20,10 @@ Invariants:
 - Every wait on QEMU is bounded (qmp.command_timeout); so is every wait of the CLI on the
   serving process (snapfs.control).
 - Without an explicit commit, teardown aborts: the next incremental still sees every change.
+- While it serves, the state directory is kept in place: removed by hand or by a cleaner of
+  /run, it is put back within STATE_CHECK seconds (with a new control socket), so `snapfs
+  umount` and `snapfs status` still find the session. QEMU's NBD socket there cannot be
+  put back; `snapfs copy` then reads through the view.
 
 Paths (see snapfs.paths): the mountpoint, the fleecing directory, the state directory and the
 QMP and agent sockets are resolved against the working directory in ``options.validate`` (before the
@@ -66,6 +70,9 @@ from snapfs.tree import ROOT_INO, Disk, Tree
 
 log = logging.getLogger(__name__)
 
+#: How often the serving process checks that its state directory is still there (seconds).
+STATE_CHECK = 1.0
+
 
 class FreezeRequired(SetupError):
     """--freeze=required, and the guest could not be frozen."""
@@ -98,6 +105,7 @@ class Session:
         self._depth = SharedDepth()  # one per QEMU: every disk's reader shares it
         self._intake: Intake | None = None  # the FUSE requests, as a reader reads them
         self._done = trio.Event()
+        self._tearing_down = False  # from the first step of the teardown on
         self.result = Outcome(ok=False, error="not torn down yet")
 
     # -- facts ------------------------------------------------------------------------------------
@@ -198,6 +206,7 @@ class Session:
             await control.start(
                 functools.partial(serve_control, self.opts.state_dir / "control.sock", self)
             )
+            control.start_soon(self._keep_state_dir, control)
             try:
                 await self._serve_graph(task_status)
             except SnapfsError as err:
@@ -266,6 +275,52 @@ class Session:
                 mount_id=server.mount.id if server and server.mount else None,
             ),
         )
+
+    async def _keep_state_dir(self, control: trio.Nursery) -> None:
+        """Put the state directory back while the session serves (see the module). A new
+        control socket is served beside the old one, whose path is gone: a request the old
+        one is answering (an umount) is never cut off."""
+        sdir = self.opts.state_dir
+        sock = sdir / "control.sock"
+        served = _identity(sock)
+        failing = False  # said once, not every STATE_CHECK
+        while True:
+            await trio.sleep(STATE_CHECK)
+            if self._tearing_down:
+                return
+            pid_there = _identity(sdir / "pid") is not None
+            state_there = _identity(sdir / "state.json") is not None
+            if served == _identity(sock) and pid_there and state_there:
+                continue
+            if not failing:
+                log.warning(
+                    "VM %s: the session's state in %s was removed; putting it back",
+                    self.opts.vmid,
+                    sdir,
+                )
+            try:
+                with (
+                    paths.open_dir(sdir.parent, "session state directory", create=0o700) as d,
+                    contextlib.suppress(FileExistsError),
+                ):
+                    d.mkdir(sdir.name, 0o700)
+                with paths.open_dir(sdir, "session state directory") as d:
+                    if served != _identity(sock):
+                        d.unlink(sock.name)
+                state.write_private(sdir / "pid", f"{os.getpid()}\n")
+                self._save_state()
+                if served != _identity(sock):
+                    await control.start(functools.partial(serve_control, sock, self))
+                    served = _identity(sock)
+                failing = False
+            except (OSError, SnapfsError) as err:
+                if not failing:
+                    log.error(
+                        "VM %s: cannot put the session's state back (trying again): %s",
+                        self.opts.vmid,
+                        err,
+                    )
+                failing = True
 
     def _remove_state_dir(self, sdir: Path) -> None:
         state.remove_dir(sdir)
@@ -423,6 +478,7 @@ class Session:
 
     async def _teardown(self) -> None:
         """Tear down with commit or abort; record the outcome in ``self.result``."""
+        self._tearing_down = True
         g = self.graph
         assert g is not None
         ours = self._server.mount if self._server else None
@@ -479,3 +535,12 @@ class Session:
         else:
             self._remove_state_dir(self.opts.state_dir)
         self._done.set()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` is now (device, inode), or None if there is none."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dev.devvm import DiskSpec, Monitor, TestVM, file_sha256, sha256
+from dev.devvm import DiskSpec, Monitor, TestVM, file_sha256, poll, sha256
 from tests.conftest import Snapfs, vmid, wait_gone
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]
@@ -81,6 +83,58 @@ def test_umount_restores_the_block_graph(vm: TestVM, snapfs: Snapfs, tmp_path: P
         assert vm.graph() == graph
         assert list(fleecing.iterdir()) == []
         assert not (snapfs.run_dir / ".state" / vmid(vm)).exists()
+
+
+def test_a_removed_state_directory_is_put_back(vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
+    """A cleaner of /run that removes the session's state while it serves: the serving
+    process puts it back, so `snapfs status` and `snapfs umount --commit` still find it, and
+    the teardown restores the graph and commits."""
+    graph = vm.graph()
+    sdir = snapfs.run_dir / ".state" / vmid(vm)
+    mnt = snapfs.mount(vm, tmp_path / "mnt", "--incremental", "x")
+    pid = int((sdir / "pid").read_text())
+    try:
+        want = (mnt / "virtio0.raw").read_bytes()[:MiB]
+        for removed in (sdir, sdir / "control.sock", sdir / "state.json"):
+            before = os.stat(sdir / "control.sock").st_ino
+            if removed == sdir:
+                shutil.rmtree(sdir)
+            else:
+                removed.unlink()
+            poll(
+                lambda: (
+                    (sdir / "state.json").exists()
+                    and (sdir / "control.sock").exists()
+                    and (sdir / "pid").read_text().strip() == str(pid)
+                ),
+                what=f"{removed.name} back",
+            )
+            assert (os.stat(sdir / "control.sock").st_ino != before) == (
+                removed != sdir / "state.json"
+            )
+            status = json.loads(snapfs("status", vmid(vm), "--json").stdout)
+            assert status[0]["state"] == "active", status
+            assert (mnt / "virtio0.raw").read_bytes()[:MiB] == want
+        # QEMU's NBD socket went with the directory: snapfs copy reads through the view.
+        snapfs("copy", str(mnt), str(tmp_path / "copy"))
+        assert (tmp_path / "copy" / "virtio0.raw").read_bytes()[:MiB] == want
+        out = snapfs("umount", str(mnt), "--commit").stdout + snapfs.log_file.read_text()
+        assert "committed" in out
+    finally:
+        if os.path.ismount(mnt):
+            os.kill(pid, signal.SIGTERM)
+    assert not os.path.ismount(mnt)
+    after = vm.graph()
+    # The commit left the incremental's bitmaps, and nothing else.
+    assert {name for _, name, _ in after.pop("bitmaps")} == {"snapfs-x"}
+    graph.pop("bitmaps")
+    assert after == graph
+    assert not sdir.exists()
+    assert "was removed; putting it back" in snapfs.log_file.read_text()
+    # The next incremental of the same ID reuses the committed bitmap.
+    with snapfs.mounted(vm, tmp_path / "mnt2", "--incremental", "x") as mnt2:
+        facts = json.loads((mnt2 / "snapfs.json").read_text())
+        assert facts["disks"]["virtio0"]["bitmap"]["mode"] == "reuse"
 
 
 def test_plain_umount_tears_down(vm: TestVM, snapfs: Snapfs, tmp_path: Path) -> None:
