@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from snapfs import __version__, lazy_module, paths
 from snapfs.errors import SnapfsError, StateError, UsageError, VerifyError
-from snapfs.records import Outcome
+from snapfs.records import DEFAULT_FLEECING_CLUSTER, Outcome
 
 if TYPE_CHECKING:
     from snapfs import agent, control, options, points, provider, runner, session, state
@@ -721,6 +721,7 @@ def session_status(vmid: str) -> dict[str, Any]:
             name: {
                 "size": d.get("size"),
                 "bitmap_mode": d.get("bitmap", {}).get("mode"),
+                "fleecing_cluster": d.get("cbw_cluster", DEFAULT_FLEECING_CLUSTER),
                 **_fleecing_usage(d["fleecing_path"]),
             }
             for name, d in graph_disks.items()
@@ -746,6 +747,7 @@ def session_status(vmid: str) -> dict[str, Any]:
             "readable_bytes": d.readable_bytes,
             "bytes_read": d.bytes_read,
             "discarded_bytes": d.discarded_bytes,
+            "fleecing_cluster": d.fleecing_cluster,
             **_fleecing_usage(graph_disks.get(name, {}).get("fleecing_path", "")),
         }
         for name, d in facts.disks.items()
@@ -811,6 +813,8 @@ def _status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                     f"discarded {_size(d['discarded_bytes'])}"
                 )
             line += f", fleecing {_size(d['fleecing_bytes'])}"
+            if d["fleecing_cluster"] != DEFAULT_FLEECING_CLUSTER:
+                line += f" ({_size(d['fleecing_cluster'])} clusters)"
             print(line, file=out)
     return 0
 

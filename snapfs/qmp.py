@@ -50,6 +50,7 @@ from snapfs.errors import (
     UsageError,
     VMGoneError,
 )
+from snapfs.records import DEFAULT_FLEECING_CLUSTER
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ _INCREMENTAL_RE = re.compile(r"[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*")
 # copy-before-write's cluster: block-copy's default, and the fleecing images' cluster size
 # unless --fleecing-cluster says otherwise (copy-before-write copies whole clusters of its
 # target: larger ones make every first guest write after the snapshot copy more old data).
-CBW_CLUSTER = 65536
+CBW_CLUSTER = DEFAULT_FLEECING_CLUSTER
 # qcow2's largest cluster.
 MAX_CBW_CLUSTER = 2 << 20
 # Records the guest's writes since the snapshot point where QEMU needs it (see confine_reads):

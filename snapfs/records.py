@@ -22,6 +22,10 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+#: The fleecing images' cluster size (copy-before-write's) unless --fleecing-cluster says
+#: otherwise: qcow2's default.
+DEFAULT_FLEECING_CLUSTER = 65536
+
 SCHEMA = 1
 
 R = TypeVar("R", bound="Record")
@@ -166,7 +170,7 @@ class DiskFacts(Record):
     bytes_read: int
     fleecing_bytes: int
     confined_reads: int = 0
-    fleecing_cluster: int = 65536  # copy-before-write's cluster (--fleecing-cluster)
+    fleecing_cluster: int = DEFAULT_FLEECING_CLUSTER  # copy-before-write's (--fleecing-cluster)
 
 
 @dataclass

@@ -265,6 +265,9 @@ def test_larger_fleecing_clusters_keep_the_view_exact(
                 text=True,
             )
             assert json.loads(info.stdout)["cluster-size"] == MiB
+            st = json.loads(snapfs("status", vm.vmid, "--json").stdout)
+            assert st[0]["disks"]["scsi0"]["fleecing_cluster"] == MiB
+            assert "(1.0 MiB clusters)" in snapfs("status", vm.vmid).stdout
             want = vm.snapshot()["scsi0"]
             raw = mnt / "scsi0.raw"
             trigger_copies(vm, "scsi0", stride=2 * MiB)

@@ -66,6 +66,7 @@ def test_status_json_reports_every_field(vm: TestVM, snapfs: Snapfs, tmp_path: P
         assert Path(d["fleecing_path"]).parent == vm.workdir / "fleecing"
         assert d["fleecing_bytes"] > 0
         assert d["fleecing_apparent_bytes"] > 0
+        assert d["fleecing_cluster"] == 65536
     # A full view goes through the page cache: the kernel may read ahead of the 64 KiB asked.
     assert 65536 <= st["disks"]["scsi0"]["bytes_read"] <= 8 * MiB
     assert st["disks"]["virtio0"]["bytes_read"] == 0
@@ -73,6 +74,7 @@ def test_status_json_reports_every_field(vm: TestVM, snapfs: Snapfs, tmp_path: P
     assert st["disks"]["scsi0"]["discarded_bytes"] == 0
     assert st["disks"]["virtio0"]["fleecing_bytes"] >= before + 4 * MiB
     assert f"VM {vmid(vm)}: active, at {mnt}" in human
+    assert "clusters" not in human  # said only when not the default
     assert "virtio0: 32.0 MiB, bitmap new" in human
     assert "discarded 1.0 MiB" in human
     # Gone with the session.
