@@ -95,6 +95,10 @@ def test_a_removed_state_directory_is_put_back(vm: TestVM, snapfs: Snapfs, tmp_p
     pid = int((sdir / "pid").read_text())
     try:
         want = (mnt / "virtio0.raw").read_bytes()[:MiB]
+        # The guest zeroes and discards what the view shows, and the view stays the snapshot.
+        vm.guest_zero("virtio0", 4096, 60_000)
+        vm.guest_zero("virtio0", 256 * 1024, 64 * 1024, unmap=True)
+        vm.guest_discard("virtio0", 512 * 1024, 128 * 1024)
         for removed in (sdir, sdir / "control.sock", sdir / "state.json"):
             before = os.stat(sdir / "control.sock").st_ino
             if removed == sdir:
