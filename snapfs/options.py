@@ -70,7 +70,7 @@ def check_fleecing_cluster(text: str) -> int:
     size = 0
     if match:
         size = int(match[1]) << {"": 0, "K": 10, "M": 20}[match[2].upper()]
-    if not qmp.CBW_CLUSTER <= size <= qmp.MAX_CBW_CLUSTER or size & (size - 1):
+    if not qmp.cbw_cluster_ok(size):
         shown = text if len(text) <= 20 else text[:20] + "..."
         raise UsageError(
             f"invalid --fleecing-cluster {shown!r}: expected 64K, 128K, 256K, 512K, 1M or 2M"

@@ -581,6 +581,11 @@ def check_incremental(incremental: str) -> str:
     return incremental
 
 
+def cbw_cluster_ok(size: int) -> bool:
+    """Whether ``size`` can be the fleecing images' cluster: a power of two, 64 KiB to 2 MiB."""
+    return CBW_CLUSTER <= size <= MAX_CBW_CLUSTER and not size & (size - 1)
+
+
 def confine_reads(version: tuple[int, int], cluster: int = CBW_CLUSTER) -> int:
     """The cluster that every snapshot read and block status must stay inside, or 0;
     ``cluster``: copy-before-write's (the fleecing images').
@@ -859,9 +864,7 @@ async def setup(
 
     # (1) Look, validate, touch nothing.
     version, version_number = await vm_facts(q)
-    if not CBW_CLUSTER <= fleecing_cluster <= MAX_CBW_CLUSTER or fleecing_cluster & (
-        fleecing_cluster - 1
-    ):
+    if not cbw_cluster_ok(fleecing_cluster):
         raise UsageError(
             f"fleecing cluster size {fleecing_cluster}: not a power of two from 64K to 2M"
         )
