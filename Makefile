@@ -52,6 +52,7 @@ qemu10: $(QEMU10_ROOT)/.stamp
 $(QEMU10_ROOT)/.stamp:
 	@command -v debootstrap >/dev/null || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
+	mkdir -p $(dir $(QEMU10_ROOT))
 	rm -rf $(QEMU10_ROOT).tmp
 	debootstrap --variant=minbase --include=qemu-system-x86,qemu-utils trixie \
 	  $(QEMU10_ROOT).tmp $(DEBIAN_MIRROR) >$(QEMU10_ROOT).log 2>&1 || \
