@@ -20,7 +20,6 @@ import dataclasses
 import io
 import json
 import logging
-import logging.handlers
 import os
 import signal
 import socket
@@ -382,9 +381,10 @@ def setup_logging(
         handler = JournalHandler()
         where = "journal"
     elif background and os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
-        )
+        # Only here: logging.handlers pulls in socket, pickle and queue.
+        from logging.handlers import SysLogHandler
+
+        handler = SysLogHandler(address="/dev/log", facility=SysLogHandler.LOG_DAEMON)
         handler.setFormatter(logging.Formatter("snapfs[%(process)d]: %(message)s"))
         where = "syslog"
     elif background and vmid is not None:

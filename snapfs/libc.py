@@ -5,11 +5,12 @@ with the errno (callers put it in words)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from typing import Final
 
-_libc: Final = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The interpreter's own symbols, libc among them: ctypes.util.find_library would run ldconfig
+# (and import a dozen modules) on every start of the CLI.
+_libc: Final = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_char_p]  # fmt: skip
 _libc.mount.restype = ctypes.c_int
