@@ -24,7 +24,6 @@ view. ``SNAPFS_COPY_DIRECT=0`` (or no access to the session) reads through the v
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import logging
@@ -162,6 +161,43 @@ class FileTarget:
 DataHook = Callable[[int, int, "memoryview | None"], None]
 
 
+class _Slot:
+    """A chunk's buffer and the libnbd views of it its requests read into.
+
+    The buffer is as long as the longest chunk it held (zeroing CHUNK bytes for every 64 KiB
+    region in flight costs more than the copy of it); the views are kept per chunk shape, so
+    a copy of many equal regions makes them once.
+    """
+
+    __slots__ = ("_shapes", "_view", "buf", "left", "n", "pos")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self._view = memoryview(self.buf)
+        self._shapes: dict[tuple[int, int], list[tuple[nbd.Buffer, int]]] = {}
+        self.pos = self.n = self.left = 0
+
+    def requests(self, pos: int, n: int, confine: int) -> list[tuple[nbd.Buffer, int]]:
+        """(buffer, offset) of each request for [pos, pos + n): one, or one per ``confine``
+        block (see snapfs.qmp.confine_reads)."""
+        phase = pos % confine if confine else 0
+        shape = self._shapes.get((phase, n))
+        if shape is None:
+            if n > len(self.buf) or len(self._shapes) >= 64:  # bounded, whatever the shapes
+                self._shapes.clear()
+                if n > len(self.buf):
+                    self.buf = bytearray(n)
+                    self._view = memoryview(self.buf)
+            shape = []
+            p, end = phase, phase + n
+            while p < end:
+                k = min(end, (p // confine + 1) * confine) - p if confine else end - p
+                shape.append((nbd.Buffer.from_buffer(self._view[p - phase : p - phase + k]), p))
+                p += k
+            self._shapes[phase, n] = shape
+        return [(piece, pos - phase + p) for piece, p in shape]
+
+
 class DiskCopy:
     """Copies one disk file's readable regions into a target.
 
@@ -279,47 +315,47 @@ class DiskCopy:
 
     def _copy_direct(self, chunks: Iterator[tuple[int, int]], direct: DirectReads) -> None:
         """Copy the chunks from QEMU's export in this thread, with up to WINDOW requests and
-        WINDOW_BYTES in flight on one connection. The chunks are written in order, each as soon
-        as its requests are answered (QEMU may answer them in any order); the requests of the
-        later chunks stay in flight meanwhile.
+        WINDOW_BYTES in flight on one connection. A chunk is written as soon as its requests
+        are answered, in whatever order QEMU answers them (the chunks are disjoint); the other
+        requests stay in flight meanwhile.
 
         One thread, and buffers reused: a second thread for the writes made both threads wait
         for the GIL at every libnbd call and every write, which cost more than the overlap won.
         """
         confine = direct.confine
-        window: collections.deque[tuple[int, int, bytearray, list[int]]] = collections.deque()
-        spare: list[bytearray] = []  # buffers of chunks written, CHUNK bytes each
-        in_flight = window_bytes = 0
+        pending: dict[int, _Slot] = {}  # cookie -> the chunk its request reads into
+        spare: list[_Slot] = []  # slots of chunks written
+        window_bytes = 0
+        more = True
         with direct.pool.connection() as h:
             try:
                 while True:
-                    while in_flight < WINDOW and window_bytes < WINDOW_BYTES:
+                    while more and len(pending) < WINDOW and window_bytes < WINDOW_BYTES:
                         nxt = next(chunks, None)
                         if nxt is None:
+                            more = False
                             break
-                        pos, n = nxt
-                        buf = spare.pop() if spare else bytearray(CHUNK)
-                        view = memoryview(buf)
-                        cookies = []
-                        p, end = pos, pos + n
-                        while p < end:
-                            k = min(end, (p // confine + 1) * confine) - p if confine else end - p
-                            piece = nbd.Buffer.from_buffer(view[p - pos : p - pos + k])
-                            cookies.append(h.aio_pread(piece, p))
-                            p += k
-                        window.append((pos, n, buf, cookies))
-                        in_flight += len(cookies)
+                        slot = spare.pop() if spare else _Slot()
+                        pos, n = slot.pos, slot.n = nxt
+                        pieces = slot.requests(pos, n, confine)
+                        slot.left = len(pieces)
+                        for piece, offset in pieces:
+                            pending[h.aio_pread(piece, offset)] = slot
                         window_bytes += n
-                    if not window:
+                    if not pending:
                         return
-                    pos, n, buf, cookies = window.popleft()
-                    for cookie in cookies:
-                        while not h.aio_command_completed(cookie):  # raises if it failed
-                            h.poll(-1)
-                    in_flight -= len(cookies)
-                    window_bytes -= n
-                    self._chunk(pos, n, buf)
-                    spare.append(buf)
+                    cookie = h.aio_peek_command_completed()
+                    if cookie <= 0:
+                        h.poll(-1)
+                        continue
+                    h.aio_command_completed(cookie)  # raises if the read failed
+                    slot = pending.pop(cookie)
+                    slot.left -= 1
+                    if slot.left:
+                        continue
+                    window_bytes -= slot.n
+                    self._chunk(slot.pos, slot.n, slot.buf)
+                    spare.append(slot)
             except nbd.Error as err:
                 raise CopyError(f"reading {direct.pool.what}: {err}") from err
 
