@@ -166,3 +166,28 @@ def test_a_server_that_never_answers_the_handshake_is_an_error(
 def _no_leftovers(tmp_path: Path) -> Iterator[None]:
     yield
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["out"], ["out", "s"], ["s"])
+
+
+def test_a_slot_tiles_its_chunk_and_keeps_few_views() -> None:
+    """A chunk buffer's requests cover the chunk exactly, in order, none crossing a ``confine``
+    block, each a view of the buffer where its bytes belong; the buffer grows for a longer
+    chunk, and the slot keeps at most 64 shapes of views."""
+    rng = random.Random(9)
+    slot = provider._Slot()
+    for _ in range(500):
+        confine = rng.choice([0, CLUSTER, MiB])
+        n = rng.choice([1, 4095, CLUSTER, CLUSTER + 1, 300_000, MiB, rng.randrange(1, MiB)])
+        pos = rng.randrange(0, SIZE - n)
+        pieces = slot.requests(pos, n, confine)
+        slot.buf[:n] = rng.randbytes(n)
+        at = pos
+        for piece, offset in pieces:
+            assert offset == at
+            assert piece.to_bytearray() == slot.buf[at - pos : at - pos + piece.size()]
+            at += piece.size()
+            if confine:
+                assert offset // confine == (at - 1) // confine
+        assert at == pos + n
+        assert len(pieces) == (1 if not confine else (pos + n - 1) // confine - pos // confine + 1)
+        assert len(slot.buf) >= n
+        assert len(slot._shapes) <= 64
