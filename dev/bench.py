@@ -78,6 +78,10 @@ CP_SYNC = "cp+sync"
 REFERENCE = {"d-incr": CEILING, "j-small": DD_1M, "k-full": CP_SYNC}
 
 
+#: Every workload's letter (see the module's docstring).
+WORKLOADS = "abcdefghijkl"
+
+
 def parse_size(text: str) -> int:
     """``2G``, ``512M``, ``64K`` or bytes."""
     units = {"K": 1024, "M": MiB, "G": GiB}
@@ -1301,6 +1305,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-drop-caches", action="store_true", help="do not drop the page cache before every run"
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument(
+        "--only",
+        default=WORKLOADS,
+        metavar="LETTERS",
+        help="run only these workloads, e.g. 'd' or 'dk' ((a), (b), (c), (e) and (f) run "
+        "together; default: all)",
+    )
     return p
 
 
@@ -1313,6 +1324,9 @@ def run(args: argparse.Namespace) -> Results:
         raise SystemExit("--rounds and --disks must be at least 1")
     if not 0 <= args.scale_extents <= SCALE_SIZE // SCALE_STEP:
         raise SystemExit(f"--scale-extents must be between 0 and {SCALE_SIZE // SCALE_STEP}")
+    only = set(args.only)
+    if not only or not only <= set(WORKLOADS):
+        raise SystemExit(f"--only takes letters of {WORKLOADS}, not {args.only!r}")
     images = args.size_bytes * args.disks
     args.images_in_memory = images_in_memory(args.images, images)
     # (d)'s copies (a full image of one disk, and the readers' regions) go to memory too when
@@ -1331,16 +1345,19 @@ def run(args: argparse.Namespace) -> Results:
     bench = Bench(args, workdir, image_dir, dest_dir)
     try:
         bench.setup()
-        bench.rounds()
-        if args.dirty_regions:
-            bench.incremental()
-        bench.small_reads()
-        bench.full_copy()
-        bench.confinement()
-        bench.pause()
-        bench.throttled()
-        if args.scale_extents:
-            bench.scale()
+        phases: list[tuple[str, Callable[[], None]]] = [
+            ("abcef", bench.rounds),
+            ("d" if args.dirty_regions else "", bench.incremental),
+            ("j", bench.small_reads),
+            ("k", bench.full_copy),
+            ("h", bench.confinement),
+            ("g", bench.pause),
+            ("i", bench.throttled),
+            ("l" if args.scale_extents else "", bench.scale),
+        ]
+        for letters, phase in phases:
+            if only & set(letters):
+                phase()
     finally:
         bench.close()
         for tmp in (image_dir, dest_dir):

@@ -187,3 +187,22 @@ def test_scale_sidecar_check() -> None:
         bench._check_extents(good[: good.rindex(b"2097152")], 3)
     with pytest.raises(RuntimeError, match="line 2"):
         bench._check_extents(good.replace(b"1048576 65536", b"1048576 131072"), 3)
+
+
+def test_only_runs_the_workloads_asked_for(short_tmp: Path) -> None:
+    """``--only dk``: (d) and (k) and nothing else, in the data and in the headline; letters
+    that name no workload are refused before a VM starts."""
+    out = short_tmp / "bench.json"
+    common = ["--size", "4M", "--disks", "1", "--rounds", "1", "--dirty-regions", "4"]
+    common += ["--workdir", str(short_tmp), "--no-drop-caches", "--images", "memory"]
+    assert bench.main([*common, "--only", "dk", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {r["workload"] for r in data["runs"]} == {"d-incr", "k-full"}
+    workloads = [h["workload"][:3] for h in data["summary"]["headline"] if h["workload"]]
+    assert workloads == ["(d)", "(k)"]
+    assert data["mount_s"] == []
+    assert data["pause_ms"] == {}
+    for bad in ["dz", ""]:
+        with pytest.raises(SystemExit, match="--only takes letters of abcdefghijkl"):
+            bench.main([*common, "--only", bad])
+    assert [p for p in short_tmp.iterdir() if p.name.startswith("snapfs-bench-")] == []
