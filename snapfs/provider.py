@@ -344,10 +344,8 @@ class DiskCopy:
                         window_bytes += n
                     if not pending:
                         return
-                    cookie = h.aio_peek_command_completed()
-                    if cookie <= 0:
-                        h.poll(-1)
-                        continue
+                    while (cookie := h.aio_peek_command_completed()) <= 0:
+                        h.poll(-1)  # until some reply is in
                     h.aio_command_completed(cookie)  # raises if the read failed
                     slot = pending.pop(cookie)
                     slot.left -= 1
