@@ -251,8 +251,10 @@ class _Session:
             if "event" in msg or "QMP" in msg:
                 self.send_client(msg)
             elif not self.negotiated:  # the qmp_capabilities reply
-                self.send_client(msg)
+                # Negotiated before the client can see the reply: its next command may arrive
+                # (on the other thread) as soon as the reply is sent, and must meet the rules.
                 self.negotiated = True
+                self.send_client(msg)
             else:
                 self.deliver(msg)
         with contextlib.suppress(OSError):
