@@ -58,6 +58,8 @@ SCALE_STEP = MiB
 #: The checkout this file belongs to: every Python process the bench starts imports snapfs and
 #: dev from it (PYTHONPATH), whatever the working directory or an installed snapfs.
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
+#: The checkout's packages whose code the bench's Python processes run.
+PACKAGES = ("snapfs", "dev")
 
 SNAPFS = "snapfs"
 NBDFUSE = "nbdfuse"
@@ -287,6 +289,9 @@ class Bench:
             SNAPFS_LOG_FILE=str(workdir / "snapfs.log"),
             PYTHONPATH=str(SOURCE_ROOT) + (f":{path}" if path else ""),
         )
+        # Run from byte code, as an installed copy does (pip compiles at install): setup
+        # compiles the checkout first, into its __pycache__ directories (ignored by git).
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         self.vm = BenchVM(
             workdir,
             [DiskSpec(n, args.format, "virtio", size=self.size) for n in self.names],
@@ -542,6 +547,13 @@ class Bench:
             flush=True,
         )
         self.vm.start()
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", *(str(SOURCE_ROOT / d) for d in PACKAGES)],
+            env=self.env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=300,
+        )
         schema = self.vm.qmp("query-qmp-schema")
         self.has_qemu_fuse = any(
             e.get("meta-type") == "enum"
