@@ -42,7 +42,7 @@ import nbd
 from snapfs import paths
 from snapfs.errors import CopyError, UsageError
 from snapfs.libc import punch_hole
-from snapfs.nbd.pool import Pool
+from snapfs.nbd.pool import WAIT_TIMEOUT, Pool
 from snapfs.records import BackupRecord, DiskFacts, Facts
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ WINDOW = 32
 WINDOW_BYTES = 8 * CHUNK
 #: Chunks read and written at once: enough to keep QEMU's NBD server busy on scattered regions.
 WORKERS = 8
+#: How long reading QEMU's export directly may wait for any reply at all.
+REPLY_TIMEOUT = WAIT_TIMEOUT
 RECORD = "snapfs-backup.json"
 
 
@@ -345,7 +347,12 @@ class DiskCopy:
                     if not pending:
                         return
                     while (cookie := h.aio_peek_command_completed()) <= 0:
-                        h.poll(-1)  # until some reply is in
+                        # Until some reply is in; a server that stops answering must not hold
+                        # a backup forever.
+                        if h.poll(int(REPLY_TIMEOUT * 1000)) == 0:
+                            raise CopyError(
+                                f"{direct.pool.what} did not answer in {REPLY_TIMEOUT:g} s"
+                            )
                     h.aio_command_completed(cookie)  # raises if the read failed
                     slot = pending.pop(cookie)
                     slot.left -= 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,3 +192,32 @@ def test_a_slot_tiles_its_chunk_and_keeps_few_views() -> None:
         assert len(pieces) == (1 if not confine else (pos + n - 1) // confine - pos // confine + 1)
         assert len(slot.buf) >= n
         assert len(slot._shapes) <= 64
+
+
+def test_a_server_that_stops_answering_fails_the_copy(
+    tmp_path: Path, data: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server takes the requests in and answers none: the copy gives up after
+    REPLY_TIMEOUT with one line naming the export, and cuts the connection instead of waiting
+    for the replies (the fake holds them for 30 s, then hangs up)."""
+    monkeypatch.setattr(provider, "REPLY_TIMEOUT", 1.0)
+    hold = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            copy(tmp_path / "s", tmp_path / "out", 0, regions())
+        except BaseException as err:
+            errors.append(err)
+
+    with FakeNBD(tmp_path / "s", data, hold=hold):
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join(20)
+        ended_while_held = not worker.is_alive()
+        hold.set()
+        worker.join()
+    assert ended_while_held, "the copy waited for replies the server withheld"
+    assert len(errors) == 1
+    assert isinstance(errors[0], CopyError)
+    assert str(errors[0]) == "the fake export did not answer in 1 s"

@@ -9,6 +9,8 @@ flight as threads use the pool. Errors become the caller's error class, one line
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -109,11 +111,25 @@ class Pool:
                     self._all.append(h)
             try:
                 yield h
-            finally:
-                with self._lock:
-                    self._free.append(h)
+            except BaseException:
+                self._abort(h)
+                raise
+            with self._lock:
+                self._free.append(h)
         finally:
             self._slots.release()
+
+    def _abort(self, h: nbd.NBD) -> None:
+        """Drop a connection whose request failed, cutting its socket: requests may still be
+        in flight (a server that stopped answering), and a disconnect in ``close`` would wait
+        for their replies. libnbd closes the socket when it frees the handle."""
+        with self._lock:
+            self._all.remove(h)
+        with (
+            contextlib.suppress(OSError, nbd.Error),
+            socket.socket(fileno=os.dup(h.aio_get_fd())) as sock,
+        ):
+            sock.shutdown(socket.SHUT_RDWR)
 
     def size(self) -> int:
         with self.connection() as h:
