@@ -163,6 +163,18 @@ class FileTarget:
 DataHook = Callable[[int, int, "memoryview | None"], None]
 
 
+def pieces(offset: int, length: int, confine: int) -> list[tuple[int, int]]:
+    """[offset, offset + length) as (offset, length) requests: one, or one per aligned block
+    of ``confine`` bytes it touches (see snapfs.qmp.confine_reads)."""
+    out = []
+    pos, end = offset, offset + length
+    while pos < end:
+        n = min(end, (pos // confine + 1) * confine) - pos if confine else end - pos
+        out.append((pos, n))
+        pos += n
+    return out
+
+
 class _Slot:
     """A chunk's buffer and the libnbd views of it its requests read into.
 
@@ -190,12 +202,10 @@ class _Slot:
                 if n > len(self.buf):
                     self.buf = bytearray(n)
                     self._view = memoryview(self.buf)
-            shape = []
-            p, end = phase, phase + n
-            while p < end:
-                k = min(end, (p // confine + 1) * confine) - p if confine else end - p
-                shape.append((nbd.Buffer.from_buffer(self._view[p - phase : p - phase + k]), p))
-                p += k
+            shape = [
+                (nbd.Buffer.from_buffer(self._view[p - phase : p - phase + k]), p)
+                for p, k in pieces(phase, n, confine)
+            ]
             self._shapes[phase, n] = shape
         return [(piece, pos - phase + p) for piece, p in shape]
 

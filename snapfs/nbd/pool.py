@@ -135,21 +135,12 @@ class Pool:
         with self.connection() as h:
             return int(h.get_size())
 
-    def pread(self, length: int, offset: int, confine: int = 0) -> bytearray:
-        """``length`` bytes at ``offset``; with ``confine``, one request per aligned block of
-        that size (see snapfs.qmp.confine_reads)."""
+    def pread(self, length: int, offset: int) -> bytearray:
+        """``length`` bytes at ``offset``."""
         try:
             with self.connection() as h:
-                if not confine or offset // confine == (offset + length - 1) // confine:
-                    data: bytearray = h.pread(length, offset)
-                    return data
-                out = bytearray()
-                pos, end = offset, offset + length
-                while pos < end:
-                    n = min(end, (pos // confine + 1) * confine) - pos
-                    out += h.pread(n, pos)
-                    pos += n
-                return out
+                data: bytearray = h.pread(length, offset)
+                return data
         except nbd.Error as err:
             raise self.error(f"reading {self.what} at {offset}: {err}") from err
 
