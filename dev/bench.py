@@ -24,7 +24,8 @@ of the serving process (snapfs or nbdfuse: /proc/PID/stat deltas), and QEMU's CP
 separately (QEMU is the NBD server of every tool and the FUSE server of its own export).
 
 Invariant: whatever fails, every mount, nbdfuse and QEMU process started here is gone when
-``main`` returns (``Bench.close`` in ``finally``), and the number of runs is bounded.
+``main`` returns (``Bench.close`` in ``finally``), and the number of runs is bounded. SIGTERM and
+SIGHUP stop the bench as Ctrl-C does, through the same cleanup.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,6 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from dev.devvm import QEMU_IO, QEMU_ROOT_ENV, DiskSpec, MiB, TestVM, poll
@@ -1327,6 +1330,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP: unwinds like KeyboardInterrupt, through every cleanup."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, _frame: FrameType | None) -> None:
+    # Once: a second signal must not cut the cleanup short (its waits are bounded).
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 def run(args: argparse.Namespace) -> Results:
     """Run the whole benchmark; cleans up everything it started, even on failure."""
     args.size_bytes = parse_size(args.size)
@@ -1371,6 +1392,9 @@ def run(args: argparse.Namespace) -> Results:
             if only & set(letters):
                 phase()
     finally:
+        for sig in STOP_SIGNALS:  # too late to stop: let the cleanup finish (its waits are bounded)
+            if signal.getsignal(sig) is _stop:
+                signal.signal(sig, signal.SIG_IGN)
         bench.close()
         for tmp in (image_dir, dest_dir):
             if tmp is not None:
@@ -1382,7 +1406,12 @@ def run(args: argparse.Namespace) -> Results:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    res = run(args)
+    try:
+        res = run(args)
+    except (Stopped, KeyboardInterrupt) as err:
+        what = err.args[0] if isinstance(err, Stopped) else "SIGINT"
+        print(f"bench: stopped by {what}; what it started is gone", file=sys.stderr)
+        return 128 + (err.signum if isinstance(err, Stopped) else signal.SIGINT)
     summary = summarize(res)
     table = markdown(res, summary)
     print()
@@ -1411,4 +1440,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    for _sig in STOP_SIGNALS:
+        signal.signal(_sig, _stop)
     sys.exit(main())

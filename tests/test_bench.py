@@ -6,8 +6,13 @@ proves that every workload runs against the same snapshot and nothing is left be
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from dev import bench
-from tests.conftest import mounts_below
+from dev.devvm import poll
+from tests.conftest import lazy_umount, mounts_below
 
 pytestmark = [
     pytest.mark.qemu,
@@ -206,3 +212,59 @@ def test_only_runs_the_workloads_asked_for(short_tmp: Path) -> None:
         with pytest.raises(SystemExit, match="--only takes letters of abcdefghijkl"):
             bench.main([*common, "--only", bad])
     assert [p for p in short_tmp.iterdir() if p.name.startswith("snapfs-bench-")] == []
+
+
+def _mentioning(path: Path) -> list[int]:
+    """The processes whose command line names something below ``path``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if str(path).encode() in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue  # gone meanwhile
+    return pids
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stopped_bench_leaves_nothing(short_tmp: Path, signum: int) -> None:
+    """SIGTERM or SIGHUP in the middle of (d), with snapfs mounted and nbdfuse serving, stops
+    the bench as Ctrl-C does: its VM, mounts, nbdfuse processes and directories are gone."""
+    argv = [sys.executable, "-m", "dev.bench", "--only", "d", "--size", "4M", "--disks", "1"]
+    argv += ["--rounds", "1000", "--dirty-regions", "4", "--no-drop-caches", "--images"]
+    argv += ["memory", "--workdir", str(short_tmp), "--json", str(short_tmp / "bench.json")]
+    shm_before = set(Path("/dev/shm").glob("snapfs-bench-*"))
+    log = short_tmp / "bench.log"  # a file: a pipe would stay open in whatever it left behind
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, cwd=bench.SOURCE_ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        poll(lambda: b"round 0 d-incr" in log.read_bytes() or proc.poll() is not None, 300)
+        assert proc.poll() is None, log.read_text()
+        assert mounts_below(short_tmp) != []  # snapfs's view and nbdfuse's mounts
+        assert _mentioning(short_tmp) != []  # QEMU and nbdfuse
+        proc.send_signal(signum)
+        assert proc.wait(timeout=120) == 128 + signum
+        text = log.read_text()
+        assert f"bench: stopped by {signal.Signals(signum).name}" in text
+        assert "Traceback" not in text
+        assert mounts_below(short_tmp) == []
+        assert _mentioning(short_tmp) == []
+        assert [p for p in short_tmp.iterdir() if p.name.startswith("snapfs-bench-")] == []
+        assert set(Path("/dev/shm").glob("snapfs-bench-*")) == shm_before
+        assert not (short_tmp / "bench.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # its own cleanup first
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for pid in _mentioning(short_tmp):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for mp in reversed(mounts_below(short_tmp)):
+            lazy_umount(mp)
+        for leftover in set(Path("/dev/shm").glob("snapfs-bench-*")) - shm_before:
+            shutil.rmtree(leftover, ignore_errors=True)
