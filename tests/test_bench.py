@@ -227,10 +227,10 @@ def _mentioning(path: Path) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_stopped_bench_leaves_nothing(short_tmp: Path, signum: int) -> None:
-    """SIGTERM or SIGHUP in the middle of (d), with snapfs mounted and nbdfuse serving, stops
-    the bench as Ctrl-C does: its VM, mounts, nbdfuse processes and directories are gone."""
+    """Ctrl-C, SIGTERM or SIGHUP in the middle of (d), with snapfs mounted and nbdfuse serving,
+    stops the bench with one line: its VM, mounts, nbdfuse processes and directories are gone."""
     argv = [sys.executable, "-m", "dev.bench", "--only", "d", "--size", "4M", "--disks", "1"]
     argv += ["--rounds", "1000", "--dirty-regions", "4", "--no-drop-caches", "--images"]
     argv += ["memory", "--workdir", str(short_tmp), "--json", str(short_tmp / "bench.json")]
