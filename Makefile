@@ -10,7 +10,7 @@ APT_PKGS := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin fuse3 python3-v
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: all deps apt venv demo test test-qemu10 qemu10 guest lint bench install clean
+.PHONY: all deps apt venv demo test test-qemu10 qemu10 test-qemu9 qemu9 guest lint bench install clean
 
 all: deps
 
@@ -61,6 +61,30 @@ $(QEMU10_ROOT)/.stamp:
 	chroot $(QEMU10_ROOT) qemu-system-x86_64 --version | head -1
 	touch $@
 
+# The same against QEMU 9.2 (what Proxmox VE 8.4 ships), from Ubuntu 25.04. Its Release file is
+# checked against Ubuntu's archive key kept in dev/keys (fingerprint F6EC B376 2474 EDA9 D21B
+# 7022 8719 20D1 991B C93C). Ubuntu moves a release to old-releases some months after its end
+# of life, so both archives are tried.
+QEMU9_ROOT ?= /var/cache/snapfs-dev/qemu-9.2
+UBUNTU_MIRRORS ?= http://archive.ubuntu.com/ubuntu http://old-releases.ubuntu.com/ubuntu
+qemu9: $(QEMU9_ROOT)/.stamp
+
+$(QEMU9_ROOT)/.stamp:
+	@command -v debootstrap >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
+	mkdir -p $(dir $(QEMU9_ROOT))
+	@for mirror in $(UBUNTU_MIRRORS); do \
+	  rm -rf $(QEMU9_ROOT).tmp; \
+	  echo "debootstrap plucky from $$mirror"; \
+	  debootstrap --variant=minbase --keyring=$(CURDIR)/dev/keys/ubuntu-archive-2018.gpg \
+	    --include=qemu-system-x86,qemu-utils plucky $(QEMU9_ROOT).tmp $$mirror \
+	    /usr/share/debootstrap/scripts/gutsy >$(QEMU9_ROOT).log 2>&1 && break; \
+	  tail -5 $(QEMU9_ROOT).log; rm -rf $(QEMU9_ROOT).tmp; \
+	done; test -d $(QEMU9_ROOT).tmp
+	rm -rf $(QEMU9_ROOT) && mv $(QEMU9_ROOT).tmp $(QEMU9_ROOT)
+	chroot $(QEMU9_ROOT) qemu-system-x86_64 --version | head -1
+	touch $@
+
 # The real Linux guest with Debian's qemu-guest-agent that tests/test_guest.py boots: kernel and
 # initramfs from Debian 12 packages (apt-get download, nothing installed), built once and kept in
 # GUEST_CACHE. The tests build it themselves when missing; this only does it ahead of time.
@@ -70,6 +94,9 @@ guest: deps
 
 test-qemu10: deps qemu10
 	SNAPFS_TEST_QEMU_ROOT=$(QEMU10_ROOT) $(VPY) -m pytest -m qemu $(PYTEST_ARGS)
+
+test-qemu9: deps qemu9
+	SNAPFS_TEST_QEMU_ROOT=$(QEMU9_ROOT) $(VPY) -m pytest -m qemu $(PYTEST_ARGS)
 
 lint: deps
 	$(VENV)/bin/ruff check snapfs dev tests
