@@ -49,6 +49,21 @@ def mounts_below(path: Path) -> list[str]:
     return out
 
 
+def processes_naming(path: Path) -> dict[int, str]:
+    """Running processes (but this one) whose command line names something below ``path``:
+    pid -> command line."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue  # gone meanwhile
+            if str(path) in cmd:
+                out[int(proc.name)] = cmd
+    return out
+
+
 def lazy_umount(path: str) -> None:
     with contextlib.suppress(FuseError):
         kernel.unmount(path, lazy=True)

@@ -21,7 +21,7 @@ import pytest
 
 from dev import bench
 from dev.devvm import poll
-from tests.conftest import lazy_umount, mounts_below
+from tests.conftest import lazy_umount, mounts_below, processes_naming
 
 pytestmark = [
     pytest.mark.qemu,
@@ -214,19 +214,6 @@ def test_only_runs_the_workloads_asked_for(short_tmp: Path) -> None:
     assert [p for p in short_tmp.iterdir() if p.name.startswith("snapfs-bench-")] == []
 
 
-def _mentioning(path: Path) -> list[int]:
-    """The processes whose command line names something below ``path``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if str(path).encode() in (proc / "cmdline").read_bytes():
-                    pids.append(int(proc.name))
-            except OSError:
-                continue  # gone meanwhile
-    return pids
-
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_stopped_bench_leaves_nothing(short_tmp: Path, signum: int) -> None:
     """Ctrl-C, SIGTERM or SIGHUP in the middle of (d), with snapfs mounted and nbdfuse serving,
@@ -242,14 +229,14 @@ def test_a_stopped_bench_leaves_nothing(short_tmp: Path, signum: int) -> None:
         poll(lambda: b"round 0 d-incr" in log.read_bytes() or proc.poll() is not None, 300)
         assert proc.poll() is None, log.read_text()
         assert mounts_below(short_tmp) != []  # snapfs's view and nbdfuse's mounts
-        assert _mentioning(short_tmp) != []  # QEMU and nbdfuse
+        assert processes_naming(short_tmp) != {}  # QEMU and nbdfuse
         proc.send_signal(signum)
         assert proc.wait(timeout=120) == 128 + signum
         text = log.read_text()
         assert f"bench: stopped by {signal.Signals(signum).name}" in text
         assert "Traceback" not in text
         assert mounts_below(short_tmp) == []
-        assert _mentioning(short_tmp) == []
+        assert processes_naming(short_tmp) == {}
         assert [p for p in short_tmp.iterdir() if p.name.startswith("snapfs-bench-")] == []
         assert set(Path("/dev/shm").glob("snapfs-bench-*")) == shm_before
         assert not (short_tmp / "bench.json").exists()
@@ -261,7 +248,7 @@ def test_a_stopped_bench_leaves_nothing(short_tmp: Path, signum: int) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for pid in _mentioning(short_tmp):
+        for pid in processes_naming(short_tmp):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for mp in reversed(mounts_below(short_tmp)):

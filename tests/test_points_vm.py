@@ -19,7 +19,7 @@ import pytest
 
 from dev.devvm import DiskSpec, GuestIO, MiB, TestVM, poll
 from snapfs import points
-from tests.conftest import Snapfs, disk_content
+from tests.conftest import Snapfs, disk_content, processes_naming
 
 pytestmark = [pytest.mark.qemu, pytest.mark.mount]
 
@@ -188,14 +188,5 @@ def test_restore_points_reproduce_every_kept_snapshot(
 
 
 def helpers_of(dest: Path) -> list[str]:
-    """Command lines of running processes that name ``dest``."""
-    out = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if str(dest) in cmd and "qemu-nbd" in cmd:
-                out.append(cmd)
-    return out
+    """Command lines of running qemu-nbd processes that name ``dest``."""
+    return [cmd for cmd in processes_naming(dest).values() if "qemu-nbd" in cmd]
