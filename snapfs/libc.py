@@ -56,7 +56,10 @@ def pidfd_getfd(pidfd: int, fd: int) -> int:
     return _check(int(_libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)))
 
 
-def die_with_parent(signum: int) -> None:
+def die_with_parent(signum: int, parent: int) -> None:
     """In a child between fork and exec: get ``signum`` when the parent (thread) dies, so a
-    helper process never outlives a killed snapfs."""
+    helper process never outlives a killed snapfs. ``parent`` is the pid that forked: if it
+    died before the prctl, the signal will never come, and the child takes it now."""
     _check(_libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0))
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signum)

@@ -11,8 +11,10 @@ qemu-nbd must listen within ``START_TIMEOUT`` seconds and exit within ``STOP_TIM
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -36,8 +38,8 @@ STOP_TIMEOUT = 30.0
 META_TIMEOUT = 120.0
 
 
-def _die_with_parent() -> None:
-    libc.die_with_parent(signal.SIGTERM)
+def _die_with_parent(parent: int) -> None:
+    libc.die_with_parent(signal.SIGTERM, parent)
 
 
 def _tool(name: str) -> str:
@@ -170,7 +172,7 @@ class Server:
                 stderr=log_file,
                 # A qemu-nbd left behind by a killed snapfs would keep its images locked,
                 # and the next prune could not merge them.
-                preexec_fn=_die_with_parent,
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()),
             )
         try:
             self._wait_listening()

@@ -4,10 +4,12 @@ a terminal, the Proxmox config reader, and contrib/snapfs-rsync-remote on hand-m
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import pty
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -330,3 +332,19 @@ def test_rsync_remote_usage(tmp_path: Path) -> None:
     proc = provider(tmp_path, str(tmp_path / "d"))
     assert proc.returncode == 2
     assert "not a snapfs view" in proc.stderr
+
+
+def test_a_helper_whose_parent_is_already_gone_dies_at_once() -> None:
+    """libc.die_with_parent in a child: when the pid that forked it is no longer its parent (it
+    died before the prctl, so the death signal will never come), the child takes the signal
+    itself; with its parent alive it goes on."""
+    from snapfs import libc
+
+    for parent, status in [(os.getpid(), 0), (1, -signal.SIGTERM)]:
+        proc = subprocess.run(
+            [sys.executable, "-c", "pass"],
+            preexec_fn=functools.partial(libc.die_with_parent, signal.SIGTERM, parent),
+            check=False,
+            timeout=60,
+        )
+        assert proc.returncode == status
