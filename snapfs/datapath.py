@@ -258,24 +258,31 @@ class DiskReader:
         #: Set once ``run`` has ended (the worker thread is gone).
         self.stopped = trio.Event()
         self._stream: NBDStream | None = None
-        self._poll = select.poll()
+        # epoll, not poll: its waits stay registered between calls, where poll(2) adds and
+        # removes one on each descriptor's wait queue every time, /dev/fuse's among them,
+        # whose lock every reader's request takes as well. The worker's (see _setup).
+        self._poll: select.epoll | None = None
         self._alive = False
         self._closed = False
         # Worker state.
         self._handle = 0
         self._inflight: dict[int, _Part] = {}  # by NBD handle
-        self._fetches: set[_Fetch] = set()  # sent and not complete
+        self._fetches: set[_Fetch] = set()  # sent (or about to be) and not complete
+        # Requests made since the worker last waited, sent together before it waits again:
+        # READs that arrive together cost QEMU one wakeup, not one each.
+        self._unsent: list[tuple[int, int, int]] = []
         self._active: list[_Job] = []  # started and not answered
         self._aheads: deque[_Fetch] = deque()  # in the order a sequential reader wants them
         self._pipes: list[Pipe] = []  # all of them, to close
         self._free: list[Pipe] = []
         self._reply: ReplyPipe | None = None
         #: Counters for tests and the log: read-aheads used, replies sent by copying, NBD
-        #: requests sent, ranges fetched (READs and read-aheads), READs started, and the most
-        #: READs that were in flight at once.
+        #: requests sent and the sends that carried them, ranges fetched (READs and
+        #: read-aheads), READs started, and the most READs that were in flight at once.
         self.hits = 0
         self.copied = 0
         self.requests = 0
+        self.sends = 0
         self.fetches = 0
         self.jobs = 0
         self.most_jobs = 0
@@ -319,6 +326,7 @@ class DiskReader:
                 self._intake.start()
             except FuseError as err:
                 log.warning("%s: not reading the FUSE requests: %s", self.name, err)
+                assert self._poll is not None
                 self._poll.unregister(self._intake.fileno)
                 self._intake.stop()
                 self._intake = None
@@ -409,10 +417,11 @@ class DiskReader:
             # Readers start one after the other: no race.
             if self._tune and not self._depth.warmed_up:
                 self._warm_up()
-            self._poll.register(self._stream.fileno, select.POLLIN)
-            self._poll.register(self._wakeup, select.POLLIN)
+            self._poll = select.epoll()
+            self._poll.register(self._stream.fileno, select.EPOLLIN)
+            self._poll.register(self._wakeup, select.EPOLLIN)
             if self._intake is not None:
-                self._poll.register(self._intake.fileno, select.POLLIN)
+                self._poll.register(self._intake.fileno, select.EPOLLIN)
                 self._intake_open = True
         except BaseException:
             self._release()
@@ -437,8 +446,11 @@ class DiskReader:
         self._inflight.clear()
         self._fetches.clear()
         self._aheads.clear()
+        self._unsent.clear()
         if self._stream is not None:
             self._stream.close()
+        if self._poll is not None:
+            self._poll.close()
 
     def _serve(self) -> None:
         failure: StreamLost | None = None
@@ -471,6 +483,12 @@ class DiskReader:
                     continue
                 # Requests are on their way: take their replies, and new jobs while there is
                 # room for them.
+                try:
+                    self._flush()
+                except (OSError, SnapfsError) as err:
+                    failure = self._failed(err)
+                    self._fail_all(failure)
+                    continue
                 if (room or self._intake_open) and not self._wait(room):
                     continue
                 try:
@@ -496,11 +514,13 @@ class DiskReader:
     def _wait(self, room: bool) -> bool:
         """Wait until the socket has a reply chunk (True), or a job was queued while there is
         ``room`` for it, or FUSE requests were read (False)."""
+        poll = self._poll
+        assert poll is not None
         self._polling = True
         try:
             if room and not self._jobs.empty():
                 return False
-            events = self._poll.poll()
+            events = poll.poll()
         finally:
             self._polling = False
         ready = False
@@ -512,7 +532,7 @@ class DiskReader:
             elif intake is not None and fd == intake.fileno:
                 if not intake.read_some(MAX_JOBS):
                     # The connection is gone (the server was told): serve what is in flight.
-                    self._poll.unregister(fd)
+                    poll.unregister(fd)
                     self._intake_open = False
             else:
                 ready = True
@@ -530,15 +550,16 @@ class DiskReader:
     def _fail_all(self, failure: StreamLost, also: _Job | None = None) -> None:
         """The stream cannot go on: every job in flight fails, nothing more is received."""
         self._alive = False  # read by the trio thread: a plain bool store
-        if self._stream is not None and self._intake_open:
+        if self._stream is not None and self._poll is not None and self._intake_open:
             # The worker goes on reading requests: a dead socket must not wake it any more.
-            with contextlib.suppress(KeyError):
+            with contextlib.suppress(OSError):
                 self._poll.unregister(self._stream.fileno)
         for job in [*self._active, *([also] if also is not None else [])]:
             self._finish(job, failure)
         self._inflight.clear()
         self._fetches.clear()
         self._aheads.clear()
+        self._unsent.clear()
 
     def _failed(self, err: BaseException) -> StreamLost:
         """What ends the data path, as StreamLost; anything but a lost stream is a bug."""
@@ -582,8 +603,16 @@ class DiskReader:
         self._fetches.add(fetch)
         self.fetches += 1
         self.requests += len(requests)
-        self._stream.send_reads(requests)
+        self._unsent += requests
         return fetch
+
+    def _flush(self) -> None:
+        """Send the requests made since the last wait, in one send."""
+        if self._unsent:
+            assert self._stream is not None
+            requests, self._unsent = self._unsent, []
+            self.sends += 1
+            self._stream.send_reads(requests)
 
     def _start(self, job: _Job) -> None:
         """Start answering a job: with a read-ahead that matches it, or a fetch of its own."""

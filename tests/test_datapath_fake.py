@@ -7,6 +7,7 @@ made to do at will. ``test_datapath.py`` runs the same reader against QEMU's own
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import mmap
@@ -115,6 +116,8 @@ def test_concurrent_reads_out_of_order(server: FakeNBD, confine: int) -> None:
 
     reader = with_reader(str(server.path), "disk", body, confine=confine)
     assert reader.most_jobs > 1
+    # READs queued together went out together: fewer sends than requests.
+    assert reader.sends < reader.requests, (reader.sends, reader.requests)
     if confine:
         # Every request stays inside one 64 KiB block.
         assert all(o // confine == (o + n - 1) // confine for o, n in server.reads[1:])
@@ -244,3 +247,78 @@ def _pread_direct(path: Path, size: int, offset: int) -> bytes:
             return buf[:n]
     finally:
         os.close(fd)
+
+
+def _epoll_targets() -> set[int]:
+    """Every descriptor that some epoll instance of this process watches."""
+    targets = set()
+    for info in Path("/proc/self/fdinfo").iterdir():
+        with contextlib.suppress(OSError):
+            for line in info.read_text().splitlines():
+                if line.startswith("tfd:"):
+                    targets.add(int(line.split()[1]))
+    return targets
+
+
+def _wakeups(tid: int) -> int:
+    """How often the thread ``tid`` of this process went to sleep and was woken."""
+    for line in Path(f"/proc/self/task/{tid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no voluntary_ctxt_switches for thread {tid}")
+
+
+@pytest.mark.mount
+def test_the_trio_thread_sleeps_while_the_worker_reads_the_fuse_requests(
+    tmp_path: Path,
+) -> None:
+    """While a reader's worker reads the FUSE requests (an intake), the server's trio thread
+    no longer watches /dev/fuse at all: a silenced epoll registration still wakes it for
+    every request the kernel queues. Once the worker stops, the trio thread reads again."""
+    reads = 300
+    with FakeNBD(tmp_path / "nbd.sock", content()) as fake, mounted(tmp_path) as m:
+        assert m.token is not None
+        assert m.nursery is not None
+        failures: list[NBDError] = []
+
+        def done(err: NBDError | None) -> None:
+            if err is not None:
+                failures.append(err)
+
+        def read(reply: ReadReply, ino: int, fh: int, offset: int, size: int) -> bool:
+            if ino != INO_DISK:
+                return False
+            reader.submit(reply, offset, size, (), done)
+            return True
+
+        fuse_fd = m.server._fd
+        assert fuse_fd in _epoll_targets()  # the trio thread waited on it for every request
+        trio_tid = trio.from_thread.run_sync(threading.get_native_id, trio_token=m.token)
+        intake = trio.from_thread.run_sync(m.server.intake, read, trio_token=m.token)
+        reader = DiskReader(str(fake.path), "disk", m.server.reply_pipe, tune=False, intake=intake)
+        trio.from_thread.run(m.nursery.start, reader.run, trio_token=m.token)
+        try:
+            assert reader.reads_requests
+            assert _pread_direct(m.path / "disk.raw", 4096, 0) == fake.data[:4096]
+            assert fuse_fd not in _epoll_targets()
+            before = _wakeups(trio_tid)
+            # One descriptor: an open or a close is a request for the trio thread.
+            fd = os.open(m.path / "disk.raw", os.O_RDONLY | os.O_DIRECT)
+            try:
+                with mmap.mmap(-1, 4096) as buf:
+                    for i in range(reads):  # one at a time: the trio thread sleeps meanwhile
+                        o = i * 16 * KiB
+                        assert os.preadv(fd, [buf], o) == 4096
+                        assert buf[:] == fake.data[o : o + 4096], o
+                    woken = _wakeups(trio_tid) - before
+            finally:
+                os.close(fd)
+            assert intake.reads >= reads
+            assert woken < reads // 10, f"the trio thread woke {woken} times for {reads} READs"
+            assert not failures
+        finally:
+            trio.from_thread.run_sync(reader.close, trio_token=m.token)
+        trio.from_thread.run(reader.stopped.wait, trio_token=m.token)
+        assert not reader.reads_requests or intake.fileno == -1
+        assert os.stat(m.path / "disk.raw").st_size == DISK_SIZE  # served by the trio thread
+        assert fuse_fd in _epoll_targets()

@@ -350,6 +350,11 @@ class FuseServer:
         read_request = self._read_request
         while not self._ended:
             if self._intake is not None:
+                # Out of trio's epoll set, not just silenced: trio leaves a cancelled wait
+                # registered for EPOLLERR|EPOLLHUP, and the kernel queues every request with a
+                # wakeup that carries no event mask, so each one would wake this thread for
+                # nothing while the intake reads them. No task waits on the descriptor here.
+                trio.lowlevel.notify_closing(self._fd)
                 await self._turn.wait()
                 self._turn = trio.Event()
                 continue

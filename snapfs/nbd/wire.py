@@ -245,20 +245,26 @@ class NBDStream:
         """Move up to ``length`` bytes into the pipe ``pipe_w`` without copying them; return
         how many were moved: fewer only if the pipe is full (the rest stays in the socket)."""
         moved = 0
-        wait = self._poll.poll
+        ready = False  # the socket is known to have data (nobody else takes it)
         while moved < length:
-            # Block for data here, not in splice: a non-blocking splice is the only way to
-            # learn that the pipe is full, and it makes the socket side non-blocking too.
-            wait()
+            # A non-blocking splice is the only way to learn that the pipe is full, and it
+            # makes the socket side non-blocking too: EAGAIN means a full pipe only once the
+            # socket is known to have data. Waiting only after an EAGAIN spares a poll(2) per
+            # chunk, whose bytes are usually there already.
             try:
                 n = os.splice(self._fd, pipe_w, length - moved, flags=_SPLICE_F_NONBLOCK)
             except BlockingIOError:
-                return moved  # the socket has data, so the pipe is full
+                if ready:
+                    return moved  # the socket has data, so the pipe is full
+                self._poll.poll()
+                ready = True
+                continue
             except OSError as err:
                 raise StreamLost(f"{self.name}: receiving failed: {err.strerror}") from err
             if n == 0:
                 raise StreamLost(f"{self.name}: the NBD server went away")
             moved += n
+            ready = False
         return moved
 
     def recv_into(self, view: memoryview) -> None:
