@@ -292,7 +292,8 @@ def test_the_trio_thread_sleeps_while_the_worker_reads_the_fuse_requests(
             return True
 
         fuse_fd = m.server._fd
-        assert fuse_fd in _epoll_targets()  # the trio thread waited on it for every request
+        # The trio thread waits on it for every request.
+        wait_for(lambda: fuse_fd in _epoll_targets(), "the trio thread to wait on /dev/fuse")
         trio_tid = trio.from_thread.run_sync(threading.get_native_id, trio_token=m.token)
         intake = trio.from_thread.run_sync(m.server.intake, read, trio_token=m.token)
         reader = DiskReader(str(fake.path), "disk", m.server.reply_pipe, tune=False, intake=intake)
@@ -300,7 +301,7 @@ def test_the_trio_thread_sleeps_while_the_worker_reads_the_fuse_requests(
         try:
             assert reader.reads_requests
             assert _pread_direct(m.path / "disk.raw", 4096, 0) == fake.data[:4096]
-            assert fuse_fd not in _epoll_targets()
+            wait_for(lambda: fuse_fd not in _epoll_targets(), "the trio thread to let go")
             before = _wakeups(trio_tid)
             # One descriptor: an open or a close is a request for the trio thread.
             fd = os.open(m.path / "disk.raw", os.O_RDONLY | os.O_DIRECT)
@@ -321,4 +322,4 @@ def test_the_trio_thread_sleeps_while_the_worker_reads_the_fuse_requests(
         trio.from_thread.run(reader.stopped.wait, trio_token=m.token)
         assert not reader.reads_requests or intake.fileno == -1
         assert os.stat(m.path / "disk.raw").st_size == DISK_SIZE  # served by the trio thread
-        assert fuse_fd in _epoll_targets()
+        wait_for(lambda: fuse_fd in _epoll_targets(), "the trio thread to wait on /dev/fuse again")
