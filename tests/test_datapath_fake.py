@@ -24,10 +24,11 @@ import trio
 from snapfs.datapath import MAX_JOBS, DiskReader
 from snapfs.errors import NBDError
 from snapfs.fuse.reply import ReadReply
+from snapfs.fuse.server import Intake
 from snapfs.nbd.wire import StreamLost
 from tests.conftest import FakeDevice, read_back, with_reader
 from tests.fake_nbd import FakeNBD
-from tests.test_fuse_mount import DISK_SIZE, INO_DISK, mounted, wait_for
+from tests.test_fuse_mount import DISK_SIZE, INO_DISK, Mount, mounted, wait_for
 
 KiB = 1024
 MiB = 1 << 20
@@ -196,24 +197,11 @@ def test_the_worker_reading_fuse_requests_answers_a_stat_while_its_reads_wait(
     reading them while MAX_JOBS READs of its disk wait for the server: a ``stat`` and a
     listing are answered meanwhile, and every READ gets its bytes once the server answers."""
     hold = threading.Event()
-    with FakeNBD(tmp_path / "nbd.sock", content(), hold=hold) as fake, mounted(tmp_path) as m:
-        assert m.token is not None
-        assert m.nursery is not None
-        failures: list[NBDError] = []
-
-        def done(err: NBDError | None) -> None:
-            if err is not None:
-                failures.append(err)
-
-        def read(reply: ReadReply, ino: int, fh: int, offset: int, size: int) -> bool:
-            if ino != INO_DISK:
-                return False
-            reader.submit(reply, offset, size, (), done)
-            return True
-
-        intake = trio.from_thread.run_sync(m.server.intake, read, trio_token=m.token)
-        reader = DiskReader(str(fake.path), "disk", m.server.reply_pipe, tune=False, intake=intake)
-        trio.from_thread.run(m.nursery.start, reader.run, trio_token=m.token)
+    with (
+        FakeNBD(tmp_path / "nbd.sock", content(), hold=hold) as fake,
+        mounted(tmp_path) as m,
+        _reading_requests(fake, m) as (reader, intake, failures),
+    ):
         try:
             assert reader.reads_requests
             offsets = [i * 160 * KiB for i in range(MAX_JOBS + 8)]
@@ -236,7 +224,37 @@ def test_the_worker_reading_fuse_requests_answers_a_stat_while_its_reads_wait(
             assert intake.reads >= len(offsets)
         finally:
             hold.set()
-            trio.from_thread.run_sync(reader.close, trio_token=m.token)
+
+
+@contextlib.contextmanager
+def _reading_requests(
+    fake: FakeNBD, m: Mount
+) -> Iterator[tuple[DiskReader, Intake, list[NBDError]]]:
+    """A running DiskReader of ``fake``'s export whose worker reads the FUSE requests of the
+    mount ``m`` (its READs of the disk; the rest goes to the server); the failures it reported.
+    Closed, and its worker gone, at the end."""
+    assert m.token is not None
+    assert m.nursery is not None
+    failures: list[NBDError] = []
+
+    def done(err: NBDError | None) -> None:
+        if err is not None:
+            failures.append(err)
+
+    def read(reply: ReadReply, ino: int, fh: int, offset: int, size: int) -> bool:
+        if ino != INO_DISK:
+            return False
+        reader.submit(reply, offset, size, (), done)
+        return True
+
+    intake = trio.from_thread.run_sync(m.server.intake, read, trio_token=m.token)
+    reader = DiskReader(str(fake.path), "disk", m.server.reply_pipe, tune=False, intake=intake)
+    trio.from_thread.run(m.nursery.start, reader.run, trio_token=m.token)
+    try:
+        yield reader, intake, failures
+    finally:
+        trio.from_thread.run_sync(reader.close, trio_token=m.token)
+        trio.from_thread.run(reader.stopped.wait, trio_token=m.token)
 
 
 def _pread_direct(path: Path, size: int, offset: int) -> bytes:
@@ -278,27 +296,11 @@ def test_the_trio_thread_sleeps_while_the_worker_reads_the_fuse_requests(
     reads = 300
     with FakeNBD(tmp_path / "nbd.sock", content()) as fake, mounted(tmp_path) as m:
         assert m.token is not None
-        assert m.nursery is not None
-        failures: list[NBDError] = []
-
-        def done(err: NBDError | None) -> None:
-            if err is not None:
-                failures.append(err)
-
-        def read(reply: ReadReply, ino: int, fh: int, offset: int, size: int) -> bool:
-            if ino != INO_DISK:
-                return False
-            reader.submit(reply, offset, size, (), done)
-            return True
-
         fuse_fd = m.server._fd
         # The trio thread waits on it for every request.
         wait_for(lambda: fuse_fd in _epoll_targets(), "the trio thread to wait on /dev/fuse")
         trio_tid = trio.from_thread.run_sync(threading.get_native_id, trio_token=m.token)
-        intake = trio.from_thread.run_sync(m.server.intake, read, trio_token=m.token)
-        reader = DiskReader(str(fake.path), "disk", m.server.reply_pipe, tune=False, intake=intake)
-        trio.from_thread.run(m.nursery.start, reader.run, trio_token=m.token)
-        try:
+        with _reading_requests(fake, m) as (reader, intake, failures):
             assert reader.reads_requests
             assert _pread_direct(m.path / "disk.raw", 4096, 0) == fake.data[:4096]
             wait_for(lambda: fuse_fd not in _epoll_targets(), "the trio thread to let go")
@@ -317,9 +319,6 @@ def test_the_trio_thread_sleeps_while_the_worker_reads_the_fuse_requests(
             assert intake.reads >= reads
             assert woken < reads // 10, f"the trio thread woke {woken} times for {reads} READs"
             assert not failures
-        finally:
-            trio.from_thread.run_sync(reader.close, trio_token=m.token)
-        trio.from_thread.run(reader.stopped.wait, trio_token=m.token)
         assert not reader.reads_requests or intake.fileno == -1
         assert os.stat(m.path / "disk.raw").st_size == DISK_SIZE  # served by the trio thread
         wait_for(lambda: fuse_fd in _epoll_targets(), "the trio thread to wait on /dev/fuse again")
