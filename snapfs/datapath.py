@@ -451,6 +451,7 @@ class DiskReader:
             self._stream.close()
         if self._poll is not None:
             self._poll.close()
+            self._poll = None
 
     def _serve(self) -> None:
         failure: StreamLost | None = None
