@@ -70,9 +70,9 @@ log = logging.getLogger(__name__)
 PIPE_SIZE: Final = 1 << 20
 #: READs of one disk in flight at once; later ones wait in the queue.
 MAX_JOBS: Final = 16
-#: Payload pipes at most: one per READ in flight, its read-aheads (two, see
-#: fs.DIRECT_READ_AHEAD), and two read-aheads dropped while still in flight. Beyond that,
-#: payloads go into buffers. An idle pipe costs no payload memory.
+#: Payload pipes at most: one per READ in flight, its read-aheads (two, see READ_AHEAD), and
+#: two read-aheads dropped while still in flight. Beyond that, payloads go into buffers. An
+#: idle pipe costs no payload memory.
 PAYLOAD_PIPES: Final = MAX_JOBS + 4
 _ZEROS: Final = bytes(1 << 16)
 
@@ -464,14 +464,10 @@ class DiskReader:
                     job = self._jobs.get()  # idle: wait for work
                     if job is None:
                         return  # close()
-                elif room:
-                    try:
-                        job = self._jobs.get_nowait()
-                    except queue.Empty:
-                        pass
-                    else:
-                        if job is None:
-                            return
+                elif room and not self._jobs.empty():  # raising queue.Empty costs more
+                    job = self._jobs.get_nowait()  # only this thread takes jobs
+                    if job is None:
+                        return
                 if job is not None:
                     if failure is not None:
                         self._finish(job, failure)
@@ -617,19 +613,21 @@ class DiskReader:
 
     def _start(self, job: _Job) -> None:
         """Start answering a job: with a read-ahead that matches it, or a fetch of its own."""
-        aheads, self._aheads = self._aheads, deque()
         used = None
-        if aheads and (aheads[0].offset, aheads[0].length) == (job.offset, job.length):
-            used = aheads.popleft()
-        # Read-aheads this job still wants stay, in order; the rest are dropped.
-        wanted = list(job.ahead)
-        while aheads:
-            fetch = aheads.popleft()
-            if wanted and (fetch.offset, fetch.length) == wanted[0] and not fetch.error:
-                self._aheads.append(fetch)
-                del wanted[0]
-            else:
-                self._drop(fetch)
+        wanted: list[tuple[int, int]] = []
+        if self._aheads or job.ahead:  # a sequential reader (scattered READs skip all this)
+            aheads, self._aheads = self._aheads, deque()
+            if aheads and (aheads[0].offset, aheads[0].length) == (job.offset, job.length):
+                used = aheads.popleft()
+            # Read-aheads this job still wants stay, in order; the rest are dropped.
+            wanted = list(job.ahead)
+            while aheads:
+                fetch = aheads.popleft()
+                if wanted and (fetch.offset, fetch.length) == wanted[0] and not fetch.error:
+                    self._aheads.append(fetch)
+                    del wanted[0]
+                else:
+                    self._drop(fetch)
         if used is not None and used.error:
             self._drop(used)  # failed after all (punched meanwhile?): read it the plain way
             used = None

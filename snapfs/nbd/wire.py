@@ -89,6 +89,13 @@ class NBDStream:
         self._fd = sock.fileno()
         self._poll = select.poll()
         self._poll.register(self._fd, select.POLLIN)
+        # Reply headers and the small fields behind them are received into this, once per
+        # chunk: no buffer or bytes object per field.
+        self._head = bytearray(_STRUCTURED.size)
+        head = memoryview(self._head)
+        self._simple_head = head[: _SIMPLE.size]
+        self._offset_field = head[: _OFFSET.size]
+        self._structured_head = head
         self.name = name
         self.size = size
         #: The send buffer of the server's end, if connect() could widen it; else 0.
@@ -182,10 +189,16 @@ class NBDStream:
 
     def send_reads(self, requests: Sequence[tuple[int, int, int]]) -> None:
         """Ask for several ``(handle, offset, length)`` reads with one send."""
-        data = b"".join(
-            _REQUEST.pack(_REQUEST_MAGIC, 0, _CMD_READ, handle, offset, length)
-            for handle, offset, length in requests
-        )
+        if len(requests) == 1:
+            handle, offset, length = requests[0]
+            data = _REQUEST.pack(_REQUEST_MAGIC, 0, _CMD_READ, handle, offset, length)
+        else:
+            data = b"".join(
+                [
+                    _REQUEST.pack(_REQUEST_MAGIC, 0, _CMD_READ, handle, offset, length)
+                    for handle, offset, length in requests
+                ]
+            )
         try:
             self._sock.sendall(data)
         except OSError as err:
@@ -198,11 +211,13 @@ class NBDStream:
         CHUNK_SIMPLE with CHUNK_FLAG_DONE whose ``length`` is the server's error (0: the whole
         payload the request asked for follows; otherwise none does)."""
         if not self.structured:
-            magic, error, handle = _SIMPLE.unpack(self.read_exact(_SIMPLE.size))
+            self.recv_into(self._simple_head)
+            magic, error, handle = _SIMPLE.unpack_from(self._head)
             if magic != _SIMPLE_REPLY_MAGIC:
                 raise StreamLost(f"{self.name}: bad reply magic {magic:#x}")
             return handle, CHUNK_SIMPLE, CHUNK_FLAG_DONE, error
-        magic, flags, ctype, handle, length = _STRUCTURED.unpack(self.read_exact(_STRUCTURED.size))
+        self.recv_into(self._structured_head)
+        magic, flags, ctype, handle, length = _STRUCTURED.unpack_from(self._head)
         if magic != _STRUCTURED_REPLY_MAGIC:
             # Simple replies to reads are not allowed once structured replies are agreed.
             raise StreamLost(f"{self.name}: bad reply magic {magic:#x}")
@@ -210,7 +225,8 @@ class NBDStream:
 
     def recv_offset(self, length: int) -> tuple[int, int]:
         """The start of a data chunk of ``length`` bytes: ``(offset, data bytes that follow)``."""
-        (offset,) = _OFFSET.unpack(self.read_exact(_OFFSET.size))
+        self.recv_into(self._offset_field)
+        (offset,) = _OFFSET.unpack_from(self._head)
         return int(offset), length - _OFFSET.size
 
     def recv_hole(self) -> tuple[int, int]:
@@ -270,9 +286,10 @@ class NBDStream:
     def recv_into(self, view: memoryview) -> None:
         """Receive exactly ``len(view)`` bytes into ``view`` (the copying way)."""
         got = 0
-        while got < len(view):
+        want = len(view)
+        while got < want:
             try:
-                n = self._sock.recv_into(view[got:])
+                n = self._sock.recv_into(view[got:] if got else view)
             except TimeoutError as err:  # only the handshake has a timeout
                 raise StreamLost(f"{self.name}: the NBD server did not answer in time") from err
             except OSError as err:
