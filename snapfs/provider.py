@@ -339,7 +339,13 @@ class DiskCopy:
         spare: list[_Slot] = []  # slots of chunks written
         window_bytes = 0
         more = True
+        timeout = int(REPLY_TIMEOUT * 1000)
         with direct.pool.connection() as h:
+            # Bound once: these run for every request of the copy.
+            aio_pread = h.aio_pread
+            peek = h.aio_peek_command_completed
+            completed = h.aio_command_completed
+            chunk = self._chunk
             try:
                 while True:
                     while more and len(pending) < WINDOW and window_bytes < WINDOW_BYTES:
@@ -352,24 +358,24 @@ class DiskCopy:
                         pieces = slot.requests(pos, n, confine)
                         slot.left = len(pieces)
                         for piece, offset in pieces:
-                            pending[h.aio_pread(piece, offset)] = slot
+                            pending[aio_pread(piece, offset)] = slot
                         window_bytes += n
                     if not pending:
                         return
-                    while (cookie := h.aio_peek_command_completed()) <= 0:
+                    while (cookie := peek()) <= 0:
                         # Until some reply is in; a server that stops answering must not hold
                         # a backup forever.
-                        if h.poll(int(REPLY_TIMEOUT * 1000)) == 0:
+                        if h.poll(timeout) == 0:
                             raise CopyError(
                                 f"{direct.pool.what} did not answer in {REPLY_TIMEOUT:g} s"
                             )
-                    h.aio_command_completed(cookie)  # raises if the read failed
+                    completed(cookie)  # raises if the read failed
                     slot = pending.pop(cookie)
                     slot.left -= 1
                     if slot.left:
                         continue
                     window_bytes -= slot.n
-                    self._chunk(slot.pos, slot.n, slot.buf)
+                    chunk(slot.pos, slot.n, slot.buf)
                     spare.append(slot)
             except nbd.Error as err:
                 raise CopyError(f"reading {direct.pool.what}: {err}") from err
