@@ -189,16 +189,13 @@ class NBDStream:
 
     def send_reads(self, requests: Sequence[tuple[int, int, int]]) -> None:
         """Ask for several ``(handle, offset, length)`` reads with one send."""
-        if len(requests) == 1:
-            handle, offset, length = requests[0]
-            data = _REQUEST.pack(_REQUEST_MAGIC, 0, _CMD_READ, handle, offset, length)
-        else:
-            data = b"".join(
-                [
-                    _REQUEST.pack(_REQUEST_MAGIC, 0, _CMD_READ, handle, offset, length)
-                    for handle, offset, length in requests
-                ]
-            )
+        # A list, not a generator; join returns a single request's bytes as they are.
+        data = b"".join(
+            [
+                _REQUEST.pack(_REQUEST_MAGIC, 0, _CMD_READ, handle, offset, length)
+                for handle, offset, length in requests
+            ]
+        )
         try:
             self._sock.sendall(data)
         except OSError as err:
