@@ -1,8 +1,9 @@
 """Fixtures for integration tests: a real QEMU VM, the real snapfs CLI, real mounts.
 
 Every test gets its own run directory (SNAPFS_RUN_DIR) so sessions never collide; the
-``leftovers`` fixture kills serving processes and lazily unmounts whatever a failing test left
-mounted below its tmp_path, so nothing outlives a test.
+``snapfs`` fixture kills serving processes and lazily unmounts whatever a failing test left
+mounted below its tmp_path, so nothing outlives a test. SIGTERM and SIGHUP unwind the test in
+progress like Ctrl-C and stop the run (tests/stopsignals.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ from snapfs.fuse import kernel
 from snapfs.fuse.ops import FuseErrno
 from snapfs.fuse.reply import ReadReply
 from snapfs.fuse.splice import ReplyPipe
+
+# The hooks of tests/stopsignals.py, found here by their names.
+from tests.stopsignals import pytest_configure as pytest_configure
+from tests.stopsignals import pytest_runtest_protocol as pytest_runtest_protocol
 
 
 def mounts_below(path: Path) -> list[str]:
