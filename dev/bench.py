@@ -49,6 +49,7 @@ from types import FrameType
 from typing import Any
 
 from dev.devvm import QEMU_IO, QEMU_ROOT_ENV, DiskSpec, MiB, TestVM, poll
+from dev.readers import prefill
 
 GiB = 1024 * MiB
 TiB = 1024 * GiB
@@ -757,6 +758,7 @@ class Bench:
             shutil.copyfile(self.mnt / f"{first}.dirty", regions)
             self.start_nbdfuse([first])
             ref = self.dest_dir / "ref.raw"
+            prefill(str(regions), str(ref))
             readers = [sys.executable, "-m", "dev.readers"]
 
             def pread(tool: str, threads: int) -> Callable[[str], list[str]]:

@@ -39,6 +39,19 @@ def requests(path: str) -> Iterator[tuple[int, int]]:
                 length -= n
 
 
+def prefill(regions: str, dest: str) -> None:
+    """Write zeros into the regions of ``dest`` (made if missing), so that the pread readers
+    that copy into it later find its pages there: whichever runs first would otherwise also
+    pay for the destination's new pages (on tmpfs more than the copy itself)."""
+    zeros = bytes(CHUNK)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for offset, n in requests(regions):
+            os.pwrite(fd, memoryview(zeros)[:n], offset)
+    finally:
+        os.close(fd)
+
+
 def pread_copy(src: str, regions: str, dest: str, threads: int) -> None:
     """Copy the regions of ``src`` into ``dest`` with ``threads`` pread/pwrite threads.
 
