@@ -7,21 +7,32 @@ VPY      := $(VENV)/bin/python
 # borgbackup, restic: restore points are tested under both (tests/test_points.py).
 APT_PKGS := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin fuse3 python3-venv rsync util-linux \
             e2fsprogs borgbackup restic
+# gcc, libc6-dev: the bench builds its prototype of a compiled worker (dev/cworker.c), and
+# tests/test_bench.py runs the bench. Not needed by snapfs itself.
+DEV_APT_PKGS := gcc libc6-dev
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: all deps apt venv demo test test-qemu10 qemu10 test-qemu9 qemu9 guest lint bench install clean
+.PHONY: all deps apt dev-apt venv demo test test-fast test-qemu10 qemu10 test-qemu9 qemu9 guest lint \
+        bench install clean
 
 all: deps
 
 deps: apt venv
 
 # Debian packages: only when one is missing, so repeated runs do not touch apt.
+define apt_install
+@if ! dpkg -s $(1) >/dev/null 2>&1; then \
+  echo "installing Debian packages: $(1)"; \
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null; \
+fi
+endef
+
 apt:
-	@if ! dpkg -s $(APT_PKGS) >/dev/null 2>&1; then \
-	  echo "installing Debian packages: $(APT_PKGS)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; \
-	fi
+	$(call apt_install,$(APT_PKGS))
+
+dev-apt:
+	$(call apt_install,$(DEV_APT_PKGS))
 
 # The venv sees Debian's python3-libnbd (not on PyPI) through --system-site-packages; the
 # floors in pyproject.toml keep Debian's older trio (pulled in by borgbackup) out of it.
@@ -36,11 +47,11 @@ venv: apt $(VENV)/.stamp
 demo: deps
 	$(VPY) -m dev.demo
 
-test: lint
+test: lint dev-apt
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # The same without the slow scale tests (CI runs them: make test).
-test-fast: lint
+test-fast: lint dev-apt
 	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The real-QEMU tests again, against Debian 13's QEMU 10.0 (what Proxmox VE 9 users run), in a
@@ -92,10 +103,10 @@ GUEST_CACHE ?= /var/cache/snapfs-dev/guest
 guest: deps
 	SNAPFS_GUEST_CACHE=$(GUEST_CACHE) $(VPY) -m dev.devguest
 
-test-qemu10: deps qemu10
+test-qemu10: deps dev-apt qemu10
 	SNAPFS_TEST_QEMU_ROOT=$(QEMU10_ROOT) $(VPY) -m pytest -m qemu $(PYTEST_ARGS)
 
-test-qemu9: deps qemu9
+test-qemu9: deps dev-apt qemu9
 	SNAPFS_TEST_QEMU_ROOT=$(QEMU9_ROOT) $(VPY) -m pytest -m qemu $(PYTEST_ARGS)
 
 lint: deps
@@ -103,7 +114,7 @@ lint: deps
 	$(VENV)/bin/ruff format --check snapfs dev tests
 	$(VENV)/bin/mypy
 
-bench: deps
+bench: deps dev-apt
 	$(VPY) -m dev.bench $(BENCH_ARGS)
 
 # make install [PREFIX=/usr/local]: snapfs in its own venv ($(PREFIX)/lib/snapfs, seeing Debian's

@@ -15,7 +15,8 @@ every tool alike, and drowned the differences between the readers, which are wha
 
 Workloads (docs/performance.md describes each): (a)-(c) sequential reads of full views, (d) an
 incremental view's scattered 64 KiB regions (also read by libnbd straight from snapfs's export,
-the ceiling), (e) mount and umount, (f) peak RSS, (g) the guest's pause, (h) confined reads,
+the ceiling, and, where a C compiler is installed, through the prototype of a compiled worker in
+dev/cworker.c), (e) mount and umount, (f) peak RSS, (g) the guest's pause, (h) confined reads,
 (i) a throttled disk, (j) small reads of a full view, (k) ``snapfs copy`` of a full view against
 ``cp`` + ``sync``, (l) a 1 TiB disk with a million dirty extents.
 
@@ -23,9 +24,9 @@ Figures per run: wall time, bytes, CPU seconds of the reader (dd, cp, nbdcopy: f
 of the serving process (snapfs or nbdfuse: /proc/PID/stat deltas), and QEMU's CPU seconds
 separately (QEMU is the NBD server of every tool and the FUSE server of its own export).
 
-Invariant: whatever fails, every mount, nbdfuse and QEMU process started here is gone when
-``main`` returns (``Bench.close`` in ``finally``), and the number of runs is bounded. SIGTERM and
-SIGHUP stop the bench as Ctrl-C does, through the same cleanup.
+Invariant: whatever fails, every mount, nbdfuse, prototype worker and QEMU process started here
+is gone when ``main`` returns (``Bench.close`` in ``finally``), and the number of runs is
+bounded. SIGTERM and SIGHUP stop the bench as Ctrl-C does, through the same cleanup.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ SNAPFS = "snapfs"
 NBDFUSE = "nbdfuse"
 QEMU_FUSE = "qemu-fuse"
 NBDCOPY = "nbdcopy"
+#: (d)'s prototype of a compiled worker (dev/cworker.c): not a product, see that file.
+CWORKER = "cworker"
+CWORKER_SOURCE = SOURCE_ROOT / "dev" / "cworker.c"
+#: Regions of (d) the prototype's bytes are compared with the view's before it is measured.
+CWORKER_CHECKED = 64
 #: (d)'s ceiling: libnbd straight on the export, 16 requests in flight, buffers reused.
 CEILING_REQUESTS = 16
 CEILING = f"libnbd-{CEILING_REQUESTS}"
@@ -83,6 +89,11 @@ CP_SYNC = "cp+sync"
 #: The tool each row of a workload is divided by in the ``ref_ratio`` column (MiB/s ÷ MiB/s).
 REFERENCE = {"d-incr": CEILING, "j-small": DD_1M, "k-full": CP_SYNC}
 
+
+#: This machine's CPUs (steal is summed over them), and how often a run is measured again when the
+#: hypervisor took more than ``--steal-limit`` of their time during it.
+CPUS = os.cpu_count() or 1
+STEAL_RETRIES = 2
 
 #: Every workload's letter (see the module's docstring).
 WORKLOADS = "abcdefghijkl"
@@ -110,6 +121,13 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a live process (0 if it is gone)."""
     fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / CLK_TCK if fields else 0.0
+
+
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave other guests, summed over this machine's CPUs (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / CLK_TCK if len(fields) > 8 else 0.0
 
 
 def minor_faults(pid: int) -> int:
@@ -157,6 +175,8 @@ class Run:
     cpu_qemu: float
     #: QEMU's minor page faults: it faults its read buffers in when its allocator maps them anew.
     qemu_faults: int = 0
+    #: CPU seconds the hypervisor took from this machine during the run (all CPUs).
+    steal: float = 0.0
 
     @property
     def mib_s(self) -> float:
@@ -175,6 +195,8 @@ class Run:
 class Results:
     args: dict[str, Any]
     runs: list[Run] = field(default_factory=list)
+    #: Runs measured again because the hypervisor took too much of the CPUs (not in the medians).
+    repeated: list[Run] = field(default_factory=list)
     mount_s: list[float] = field(default_factory=list)
     umount_s: list[float] = field(default_factory=list)
     rss: dict[str, list[int]] = field(default_factory=dict)
@@ -308,6 +330,7 @@ class Bench:
         self.nbdfuse: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
         self.qemu_fuse: dict[str, Path] = {}
         self.has_qemu_fuse = False
+        self.cworker: tuple[subprocess.Popen[bytes], Path] | None = None
 
     # -- processes -------------------------------------------------------------------------------
 
@@ -433,8 +456,61 @@ class Bench:
                 "QEMU's FUSE exports to go away",
             )
 
+    def start_cworker(self, name: str, regions: Path) -> bool:
+        """Build and mount (d)'s prototype of a compiled worker on ``name``'s export; False (and
+        why, in the results) if there is no C compiler. Its bytes must be the view's: the first
+        CWORKER_CHECKED regions are compared before it is measured."""
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            self.results.unavailable[CWORKER] = "no C compiler"
+            return False
+        binary = self.workdir / "cworker"
+        subprocess.run(
+            [cc, "-O2", "-o", str(binary), str(CWORKER_SOURCE)],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            timeout=120,
+        )
+        mnt = self.workdir / "cworker-mnt"
+        mnt.mkdir(exist_ok=True)
+        sock = self.state["graph"]["nbd_socket"]
+        proc = subprocess.Popen(
+            [str(binary), str(mnt), sock, self.disk_state(name)["export_name"]],
+            stdin=subprocess.DEVNULL,
+        )
+        self.cworker = (proc, mnt)
+        poll(lambda: os.path.ismount(mnt) or proc.poll() is not None, 30, "cworker to mount")
+        if proc.poll() is not None:
+            raise RuntimeError(f"cworker exited with status {proc.returncode}")
+        with (
+            open(mnt / "f", "rb", buffering=0) as ours,
+            open(self.mnt / f"{name}.raw", "rb", buffering=0) as view,
+            open(regions) as lines,
+        ):
+            for _, line in zip(range(CWORKER_CHECKED), lines, strict=False):
+                offset, length = (int(x) for x in line.split())
+                if os.pread(ours.fileno(), length, offset) != os.pread(
+                    view.fileno(), length, offset
+                ):
+                    raise RuntimeError(f"cworker read other bytes than the view at {offset}")
+        return True
+
+    def stop_cworker(self) -> None:
+        if self.cworker is None:
+            return
+        proc, mnt = self.cworker
+        self.cworker = None
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
     def close(self) -> None:
         """Undo everything, whatever state it is in. Never raises."""
+        with contextlib.suppress(Exception):
+            self.stop_cworker()
         with contextlib.suppress(Exception):
             self.stop_qemu_fuse()
         with contextlib.suppress(Exception):
@@ -460,6 +536,8 @@ class Bench:
             return str(self.nbdfuse[name][1] / "disk")
         if tool == QEMU_FUSE:
             return str(self.qemu_fuse[name])
+        if tool == CWORKER and self.cworker is not None:
+            return str(self.cworker[1] / "f")
         return self.uri(name)
 
     def server_pids(self, tool: str, names: Sequence[str]) -> list[int]:
@@ -468,6 +546,8 @@ class Bench:
             return [self.snapfs_pid]
         if tool == NBDFUSE:
             return [self.nbdfuse[n][0].pid for n in names]
+        if tool == CWORKER and self.cworker is not None:
+            return [self.cworker[0].pid]
         return []  # QEMU's FUSE export and nbdcopy: QEMU is the server, counted apart
 
     def reader(self, workload: str, tool: str, name: str) -> list[str]:
@@ -491,16 +571,52 @@ class Bench:
         nbytes: int,
         *,
         servers: Sequence[int] | None = None,
+        before: Callable[[], None] | None = None,
     ) -> Run:
         """Run one reader per disk in ``names`` at once and account for it. ``servers``: the
-        serving processes whose CPU counts (by default those of ``tool``)."""
-        if not self.args.no_drop_caches:
-            drop_caches()
+        serving processes whose CPU counts (by default those of ``tool``). ``before`` runs before
+        every attempt: a run the hypervisor took more than ``--steal-limit`` of the CPUs from is
+        measured again, STEAL_RETRIES times at most, and kept apart."""
         if servers is None:
             servers = self.server_pids(tool, names)
+        for attempt in range(STEAL_RETRIES + 1):
+            if before is not None:
+                before()
+            run = self._measure_once(workload, tool, rnd, names, argv, nbytes, servers)
+            share = run.steal / (run.wall * CPUS)
+            if share <= self.args.steal_limit or attempt == STEAL_RETRIES:
+                break
+            self.results.repeated.append(run)
+            print(
+                f"  round {rnd} {workload:10} {tool:13} {run.mib_s:8.0f} MiB/s  measured again: "
+                f"the hypervisor took {share:.0%} of the CPUs",
+                flush=True,
+            )
+        self.results.runs.append(run)
+        print(
+            f"  round {rnd} {workload:10} {tool:13} {run.mib_s:8.0f} MiB/s  "
+            f"cpu {run.cpu_per_gib:5.2f} s/GiB  qemu {run.qemu_per_gib:5.2f} s/GiB  "
+            f"steal {run.steal:4.2f} s",
+            flush=True,
+        )
+        return run
+
+    def _measure_once(
+        self,
+        workload: str,
+        tool: str,
+        rnd: int,
+        names: Sequence[str],
+        argv: Callable[[str], list[str]],
+        nbytes: int,
+        servers: Sequence[int],
+    ) -> Run:
+        if not self.args.no_drop_caches:
+            drop_caches()
         s0 = sum(cpu_seconds(p) for p in servers)
         q0 = cpu_seconds(self.vm.pid)
         f0 = minor_faults(self.vm.pid)
+        st0 = steal_seconds()
         t0 = time.perf_counter()
         procs = [
             subprocess.Popen(
@@ -522,7 +638,7 @@ class Bench:
                 if proc.stderr:
                     proc.stderr.close()
         wall = time.perf_counter() - t0
-        run = Run(
+        return Run(
             workload,
             tool,
             rnd,
@@ -532,14 +648,8 @@ class Bench:
             sum(cpu_seconds(p) for p in servers) - s0,
             cpu_seconds(self.vm.pid) - q0,
             minor_faults(self.vm.pid) - f0,
+            steal_seconds() - st0,
         )
-        self.results.runs.append(run)
-        print(
-            f"  round {rnd} {workload:10} {tool:13} {run.mib_s:8.0f} MiB/s  "
-            f"cpu {run.cpu_per_gib:5.2f} s/GiB  qemu {run.qemu_per_gib:5.2f} s/GiB",
-            flush=True,
-        )
-        return run
 
     # -- the phases ------------------------------------------------------------------------------
 
@@ -759,6 +869,7 @@ class Bench:
             self.start_nbdfuse([first])
             ref = self.dest_dir / "ref.raw"
             prefill(str(regions), str(ref))
+            has_cworker = self.start_cworker(first, regions)
             readers = [sys.executable, "-m", "dev.readers"]
 
             def pread(tool: str, threads: int) -> Callable[[str], list[str]]:
@@ -793,10 +904,13 @@ class Bench:
                 ("nbdfuse-pread", pread(NBDFUSE, 1)),
                 (f"nbdfuse-pread{PREAD_THREADS}", pread(NBDFUSE, PREAD_THREADS)),
             ]
+            if has_cworker:
+                runs.append((f"{CWORKER}-pread{PREAD_THREADS}", pread(CWORKER, PREAD_THREADS)))
             for rnd in range(self.args.rounds):
                 for label, argv in runs[rnd % len(runs) :] + runs[: rnd % len(runs)]:
                     self.measure("d-incr", label, rnd, [first], argv, nbytes)
         finally:
+            self.stop_cworker()
             self.stop_nbdfuse()
             shutil.rmtree(dest, ignore_errors=True)
             ref.unlink(missing_ok=True)
@@ -860,10 +974,13 @@ class Bench:
                     ],
                 ),
             ]
+
+            def empty() -> None:
+                shutil.rmtree(dest, ignore_errors=True)
+                dest.mkdir()
+
             for rnd in range(self.args.rounds):
                 for tool, argv in tools[rnd % 2 :] + tools[: rnd % 2]:
-                    shutil.rmtree(dest, ignore_errors=True)
-                    dest.mkdir()
                     self.measure(
                         "k-full",
                         tool,
@@ -872,6 +989,7 @@ class Bench:
                         _fixed(argv),
                         self.size,
                         servers=[self.snapfs_pid],
+                        before=empty,
                     )
         finally:
             shutil.rmtree(dest, ignore_errors=True)
@@ -1087,9 +1205,18 @@ def headline(res: Results, summary: dict[str, Any]) -> list[Headline]:
         title = (
             f"(d) incremental view, {res.dirty_regions:,} regions of 64 KiB, copied into {where}"
         )
-        for tool, what in (
-            ("snapfs-copy", "`snapfs copy`"),
-            (f"snapfs-pread{PREAD_THREADS}", f"{PREAD_THREADS} pread threads through snapfs"),
+        for tool, what, goal in (
+            ("snapfs-copy", "`snapfs copy`", "≥ 0.8"),
+            (
+                f"snapfs-pread{PREAD_THREADS}",
+                f"{PREAD_THREADS} pread threads through snapfs",
+                "≥ 0.8",
+            ),
+            (
+                f"{CWORKER}-pread{PREAD_THREADS}",
+                f"the same through a prototype of a compiled worker (`dev/{CWORKER_SOURCE.name}`)",
+                "",
+            ),
         ):
             if tool in d:
                 out.append(
@@ -1097,7 +1224,7 @@ def headline(res: Results, summary: dict[str, Any]) -> list[Headline]:
                         title,
                         f"{what} ÷ libnbd, {CEILING_REQUESTS} requests in flight (MiB/s)",
                         [d[tool]["ref_ratio"]],
-                        goal="≥ 0.8",
+                        goal=goal,
                     )
                 )
                 title = ""
@@ -1211,6 +1338,12 @@ WORKLOAD_TITLES = {
 }
 
 
+def steal_share(runs: Sequence[Run]) -> float:
+    """The share of the CPUs' time the hypervisor took during ``runs`` (0 to 1)."""
+    wall = sum(r.wall for r in runs) * CPUS
+    return sum(r.steal for r in runs) / wall if wall else 0.0
+
+
 def caption(res: Results) -> str:
     """What the run was: the line above the report's tables."""
     a = res.args
@@ -1218,7 +1351,10 @@ def caption(res: Results) -> str:
         f"{a['disks']} disk(s) x {a['size']} of random data ({a['format']}), "
         f"{a['rounds']} alternated rounds, medians; images in "
         f"{'memory' if a.get('images_in_memory') else 'files on disk'}; page cache dropped "
-        "before every run" + (" (not)" if a["no_drop_caches"] else "") + f"; QEMU {res.qemu}."
+        "before every run" + (" (not)" if a["no_drop_caches"] else "") + f"; QEMU {res.qemu}; "
+        f"{CPUS} CPUs, {steal_share(res.runs):.0%} of their time taken by the hypervisor during "
+        f"the runs kept (steal); {len(res.repeated)} run(s) measured again because it took more "
+        f"than {a['steal_limit']:.0%}."
     )
 
 
@@ -1323,6 +1459,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument(
+        "--steal-limit",
+        type=float,
+        default=0.1,
+        metavar="SHARE",
+        help="repeat a run (twice at most) when the hypervisor took more than this share of the "
+        "CPUs' time during it (default 0.1; 1 never repeats)",
+    )
+    p.add_argument(
         "--only",
         default=WORKLOADS,
         metavar="LETTERS",
@@ -1357,6 +1501,8 @@ def run(args: argparse.Namespace) -> Results:
         raise SystemExit("--size must be a positive multiple of 64 KiB")
     if args.rounds < 1 or args.disks < 1:
         raise SystemExit("--rounds and --disks must be at least 1")
+    if not 0 <= args.steal_limit <= 1:
+        raise SystemExit("--steal-limit must be between 0 and 1")
     if not 0 <= args.scale_extents <= SCALE_SIZE // SCALE_STEP:
         raise SystemExit(f"--scale-extents must be between 0 and {SCALE_SIZE // SCALE_STEP}")
     only = set(args.only)
@@ -1426,6 +1572,7 @@ def main(argv: list[str] | None = None) -> int:
         "umount_s": res.umount_s,
         "peak_rss": res.rss,
         "unavailable": res.unavailable,
+        "repeated": [asdict(r) for r in res.repeated],
         "dirty_regions": res.dirty_regions,
         "pause_ms": res.pause_ms,
         "scale": {
