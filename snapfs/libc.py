@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 from typing import Final
 
 # The interpreter's own symbols, libc among them: ctypes.util.find_library would run ldconfig
@@ -60,6 +61,10 @@ def die_with_parent(signum: int, parent: int) -> None:
     """In a child between fork and exec: get ``signum`` when the parent (thread) dies, so a
     helper process never outlives a killed snapfs. ``parent`` is the pid that forked: if it
     died before the prctl, the signal will never come, and the child takes it now."""
+    # The child inherits the parent's Python handler for signum (snapfs relays or catches
+    # SIGTERM). Until exec, that handler would take the death signal, or the one sent below,
+    # and the child would go on to exec and outlive its parent. The default action ends it.
+    signal.signal(signum, signal.SIG_DFL)
     _check(_libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0))
     if os.getppid() != parent:
         os.kill(os.getpid(), signum)
