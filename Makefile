@@ -5,15 +5,14 @@ VENV     ?= .venv
 VPY      := $(VENV)/bin/python
 # e2fsprogs: the real-guest tests make and check the guest's ext4 (tests/test_guest.py).
 # borgbackup, restic: restore points are tested under both (tests/test_points.py).
+# gcc, libc6-dev, python3-dev: snapfs's compiled READ path (snapfs/_fastpath.c; without them
+# snapfs still works, every READ served from Python), and the bench's prototypes in dev/.
 APT_PKGS := qemu-system-x86 qemu-utils python3-libnbd libnbd-bin fuse3 python3-venv rsync util-linux \
-            e2fsprogs borgbackup restic
-# gcc, libc6-dev: the bench builds its prototype of a compiled worker (dev/cworker.c), and
-# tests/test_bench.py runs the bench. Not needed by snapfs itself.
-DEV_APT_PKGS := gcc libc6-dev
+            e2fsprogs borgbackup restic gcc libc6-dev python3-dev
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: all deps apt dev-apt venv demo test test-fast test-qemu10 qemu10 test-qemu9 qemu9 guest lint \
+.PHONY: all deps apt venv demo test test-fast test-qemu10 qemu10 test-qemu9 qemu9 guest lint \
         bench install clean
 
 all: deps
@@ -31,12 +30,10 @@ endef
 apt:
 	$(call apt_install,$(APT_PKGS))
 
-dev-apt:
-	$(call apt_install,$(DEV_APT_PKGS))
-
 # The venv sees Debian's python3-libnbd (not on PyPI) through --system-site-packages; the
 # floors in pyproject.toml keep Debian's older trio (pulled in by borgbackup) out of it.
-$(VENV)/.stamp: pyproject.toml
+# setup.py and the C source: a change rebuilds the compiled READ path in place.
+$(VENV)/.stamp: pyproject.toml setup.py snapfs/_fastpath.c
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test]'
@@ -47,11 +44,11 @@ venv: apt $(VENV)/.stamp
 demo: deps
 	$(VPY) -m dev.demo
 
-test: lint dev-apt
+test: lint
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # The same without the slow scale tests (CI runs them: make test).
-test-fast: lint dev-apt
+test-fast: lint
 	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The real-QEMU tests again, against Debian 13's QEMU 10.0 (what Proxmox VE 9 users run), in a
@@ -103,10 +100,10 @@ GUEST_CACHE ?= /var/cache/snapfs-dev/guest
 guest: deps
 	SNAPFS_GUEST_CACHE=$(GUEST_CACHE) $(VPY) -m dev.devguest
 
-test-qemu10: deps dev-apt qemu10
+test-qemu10: deps qemu10
 	SNAPFS_TEST_QEMU_ROOT=$(QEMU10_ROOT) $(VPY) -m pytest -m qemu $(PYTEST_ARGS)
 
-test-qemu9: deps dev-apt qemu9
+test-qemu9: deps qemu9
 	SNAPFS_TEST_QEMU_ROOT=$(QEMU9_ROOT) $(VPY) -m pytest -m qemu $(PYTEST_ARGS)
 
 lint: deps
@@ -114,7 +111,7 @@ lint: deps
 	$(VENV)/bin/ruff format --check snapfs dev tests
 	$(VENV)/bin/mypy
 
-bench: deps dev-apt
+bench: deps
 	$(VPY) -m dev.bench $(BENCH_ARGS)
 
 # make install [PREFIX=/usr/local]: snapfs in its own venv ($(PREFIX)/lib/snapfs, seeing Debian's
@@ -130,7 +127,7 @@ install: deps
 	$(VPY) -m dev.manpage --check contrib
 	$(PYTHON) -m venv --system-site-packages $(APPDIR)
 	@# Built from a copy: a build leaves build/ and *.egg-info behind, not in the work tree.
-	src=$$(mktemp -d) && cp -r pyproject.toml README.md snapfs $$src/ && \
+	src=$$(mktemp -d) && cp -r pyproject.toml setup.py README.md snapfs $$src/ && \
 	  $(APPDIR)/bin/pip install -q --no-build-isolation $$src; rc=$$?; rm -rf $$src; exit $$rc
 	install -d $(BINDIR) $(MANDIR) $(COMPDIR) $(UNITDIR) $(DOCDIR)
 	ln -sf $(APPDIR)/bin/snapfs $(BINDIR)/snapfs
@@ -144,4 +141,4 @@ install: deps
 	@echo "installed into $(PREFIX); copy $(DOCDIR)/snapfs.default to /etc/default/snapfs to configure the timer"
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache snapfs/*.so

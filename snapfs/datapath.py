@@ -423,6 +423,9 @@ class DiskReader:
             if self._intake is not None:
                 self._poll.register(self._intake.fileno, select.EPOLLIN)
                 self._intake_open = True
+                # What the compiled part must not keep waiting: replies to this worker's
+                # fetches, and jobs queued by other threads.
+                self._intake.wake = (self._stream.fileno, self._wakeup)
         except BaseException:
             self._release()
             raise
@@ -864,6 +867,12 @@ READ_AHEAD_MIN: Final = 128 * 1024
 READ_AHEAD: Final = 2
 
 
+class Cursor(Protocol):
+    """Where the last READ of a disk ended (-1: none), kept by the compiled READ path."""
+
+    next: int
+
+
 class Submits(Protocol):
     """What SpliceReads needs of a DiskReader."""
 
@@ -888,11 +897,11 @@ class SpliceReads:
     read ahead, only while they are readable now (``readable``); the reader uses one only for a
     READ that passed the tree's checks at its own time (punching only shrinks the readable set,
     and the snapshot's bytes never change). Failures: a lost stream sends the READ back to be
-    read another way; an error of the server (the snapshot broke) becomes ``on_error``'s domain
-    error. On the thread that has the READ: the trio thread, or the worker that reads the FUSE
-    requests (one at a time: the READs of a disk come from one of them, except for a moment
-    while the worker takes over or gives back, when ``follow`` may guess wrong and read ahead
-    in vain).
+    read another way; an error of the server becomes ``on_error``'s domain error (given the
+    range: punched meanwhile, or the snapshot broke). On the thread that has the READ: the
+    trio thread, or the worker that reads the FUSE requests (one at a time: the READs of a
+    disk come from one of them, except for a moment while the worker takes over or gives
+    back, when ``follow`` may guess wrong and read ahead in vain).
     """
 
     def __init__(
@@ -900,18 +909,26 @@ class SpliceReads:
         reader: Submits,
         size: int,
         readable: Callable[[int, int], bool],
-        on_error: Callable[[NBDError], Exception],
+        on_error: Callable[[NBDError, int, int], Exception],
     ) -> None:
         self.reader = reader
         self.size = size
         self.readable = readable
         self.on_error = on_error
         self._next = -1  # where the last read ended
+        #: Where READs of this disk are also answered in compiled code (snapfs.fastpath),
+        #: which notes where each ended there: read ahead of what continues those too.
+        self.cursor: Cursor | None = None
 
     def follow(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Note a read; return the ranges to read ahead of it (see the class)."""
-        sequential = self._next == offset
-        self._next = offset + length
+        cursor = self.cursor
+        if cursor is None:
+            sequential = self._next == offset
+            self._next = offset + length
+        else:
+            sequential = cursor.next == offset
+            cursor.next = offset + length
         ranges: list[tuple[int, int]] = []
         if not sequential or length < READ_AHEAD_MIN:
             return ranges
@@ -932,7 +949,7 @@ class SpliceReads:
 
         def done(err: NBDError | None) -> None:
             if err is not None:
-                failed(err if isinstance(err, StreamLost) else self.on_error(err))
+                failed(err if isinstance(err, StreamLost) else self.on_error(err, offset, length))
 
         self.reader.submit(reply, offset, length, self.follow(offset, length), done)
         return True

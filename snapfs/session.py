@@ -48,9 +48,9 @@ from typing import Any
 
 import trio
 
-from snapfs import agent, paths, pve, qmp, source, state
+from snapfs import agent, fastpath, paths, pve, qmp, source, state
 from snapfs.control import serve as serve_control
-from snapfs.datapath import DiskReader, SharedDepth, SpliceReads
+from snapfs.datapath import READ_AHEAD_MIN, DiskReader, SharedDepth, SpliceReads
 from snapfs.errors import (
     FuseError,
     NBDError,
@@ -104,6 +104,8 @@ class Session:
         self._readers: list[DiskReader] = []
         self._depth = SharedDepth()  # one per QEMU: every disk's reader shares it
         self._intake: Intake | None = None  # the FUSE requests, as a reader reads them
+        self._compiled: fastpath.CompiledIntake | None = None  # what reads them first
+        self._fast: list[fastpath.FastDisk] = []
         self._done = trio.Event()
         self._tearing_down = False  # from the first step of the teardown on
         self.result = Outcome(ok=False, error="not torn down yet")
@@ -125,7 +127,7 @@ class Session:
                 dirty_regions=len(d.dirty),
                 readable_bytes=d.readable.total,
                 discarded_bytes=d.discarded,
-                bytes_read=d.bytes_read,
+                bytes_read=d.total_read,
                 fleecing_bytes=_allocated(ds.fleecing_path),
                 confined_reads=ds.confine,
                 fleecing_cluster=ds.cbw_cluster,
@@ -378,6 +380,21 @@ class Session:
                     nursery.cancel_scope.cancel()
                 finally:
                     # The readers' threads end only when told to, so the nursery can close.
+                    # The compiled path first: the intake's thread may wait for its replies.
+                    for fast in self._fast:
+                        fast.close()
+                        c = fast.compiled.counters
+                        log.info(
+                            "VM %s: %s: compiled code answered %d READs (%d bytes), handed back "
+                            "%d, copied %d, QEMU refused %d",
+                            g.vmid,
+                            fast.name,
+                            c["reads"],
+                            c["bytes"],
+                            c["declined"],
+                            c["copied"],
+                            c["errors"],
+                        )
                     for reader in self._readers:
                         reader.close()
                     if self._intake is not None:
@@ -397,7 +414,7 @@ class Session:
         assert self._ops is not None
         # The first reader also reads the FUSE requests (see DiskReader): its disk's READs
         # then never cross a thread, and no disk's READs pass through the trio thread.
-        intake = None if self._intake else self._server.intake(self._ops.read_now)
+        intake = None if self._intake else self._server.intake(self._ops.read_now, self._taker)
         reader = DiskReader(
             str(self.graph.nbd_socket),
             ds.export,
@@ -418,11 +435,44 @@ class Session:
             self._intake = intake
         assert self.tree is not None
         ino = self.tree.lookup(ROOT_INO, f"{disk.name}.raw").ino
-        self._ops.direct[ino] = SpliceReads(
-            reader, disk.size, disk.can_read, nbd_source.read_failed
-        )
+        splice = SpliceReads(reader, disk.size, disk.can_read, nbd_source.read_failed)
+        self._ops.direct[ino] = splice
         self._readers.append(reader)
         log.debug("VM %s: %s: splice data path ready", self.opts.vmid, nbd_source.name)
+        await self._start_compiled(ds, disk, ino, splice)
+
+    def _taker(self, fuse_fd: int) -> fastpath.CompiledIntake | None:
+        """The compiled READ path's intake for the intake on ``fuse_fd``, if it is built."""
+        self._compiled = fastpath.intake(fuse_fd)
+        return self._compiled
+
+    async def _start_compiled(
+        self, ds: qmp.DiskState, disk: Disk, ino: int, splice: SpliceReads
+    ) -> None:
+        """Answer the disk's READs in compiled code too, where it is built (snapfs.fastpath)."""
+        compiled = self._compiled
+        if compiled is None or self._intake is None:
+            return
+        assert self.graph is not None
+        try:
+            fast = await fastpath.FastDisk.open(
+                str(self.graph.nbd_socket),
+                ds.export,
+                disk,
+                ino,
+                confine=ds.confine,
+                tune=self.opts.tune,
+                ahead=READ_AHEAD_MIN,
+            )
+        except NBDError as err:
+            log.warning(
+                "VM %s: %s is read without compiled code: %s", self.opts.vmid, disk.name, err
+            )
+            return
+        self._fast.append(fast)
+        if compiled.add(fast.compiled):
+            splice.cursor = fast.compiled
+            log.debug("VM %s: %s: compiled READ path ready", self.opts.vmid, disk.name)
 
     def _mark_broken(self, why: str) -> None:
         """Remember why the snapshot can no longer be read; a broken backup never commits."""

@@ -14,7 +14,7 @@ from snapfs import qmp
 from snapfs.errors import NBDError
 from snapfs.nbd.client import Extents, NBDClient
 from snapfs.regions import Regions
-from snapfs.tree import Disk, SourceError
+from snapfs.tree import Disk, SourceError, TreeError, Unreadable
 
 # NBD base:allocation flags (NBD protocol): a block with ZERO set reads as zeros.
 NBD_STATE_ZERO = 2
@@ -49,23 +49,28 @@ async def disk(client: NBDClient, ds: qmp.DiskState, on_broken: Callable[[str], 
             zeros = await _zeros(client, f"qemu:dirty-bitmap:{ds.written}" if ds.written else None)
     # Punches are aligned to what copy-before-write can drop: its cluster, which is never
     # below 64 KiB, nor below the bitmap's granularity.
-    return Disk(
+    source = NBDSource(client, ds.name, on_broken, ds.confine)
+    made = Disk(
         name=ds.name,
         size=client.size,
-        source=NBDSource(client, ds.name, on_broken, ds.confine),
+        source=source,
         dirty=dirty,
         zeros=zeros,
         granularity=max(ds.granularity, ds.cbw_cluster),
     )
+    source.readable = made.can_read
+    return made
 
 
 class NBDSource:
     """A disk's bytes from its NBD export; NBD failures become the tree's SourceError (EIO).
 
-    The tree never asks for bytes outside the access bitmap, so any error QEMU answers means
-    the snapshot itself broke (copy-before-write could not save old data, e.g. the fleecing
-    storage is full; QEMU then refuses every snapshot read, with EINVAL over NBD):
-    ``on_broken`` is told.
+    The tree never asks for bytes outside the access bitmap, so an error QEMU answers to a read
+    means the snapshot itself broke (copy-before-write could not save old data, e.g. the
+    fleecing storage is full; QEMU then refuses every snapshot read, with EINVAL over NBD):
+    ``on_broken`` is told. Except where the range was punched after the tree's check and
+    before QEMU read it: QEMU refuses it as it refuses anything discarded, and the read is
+    refused as a read of a punched range is (``readable`` says which, asked after the error).
 
     The splice data path (snapfs.datapath.SpliceReads) reads most of a disk's bytes through a
     connection of its own; what it cannot read comes here, and its errors are put in words by
@@ -79,6 +84,8 @@ class NBDSource:
         self.name = name
         self.on_broken = on_broken
         self.confine = confine  # see qmp.confine_reads
+        #: Whether a range is readable now (the tree's Disk.can_read, once the Disk exists).
+        self.readable: Callable[[int, int], bool] = _always
 
     def _failed(self, what: str, err: NBDError) -> SourceError:
         if not self.client.alive:
@@ -90,21 +97,28 @@ class NBDSource:
             )
         return SourceError(f"{self.name}: {err}", errno.EIO)
 
-    def read_failed(self, err: NBDError) -> SourceError:
-        """What an error of QEMU's to a read means (the snapshot broke, or the VM is gone)."""
+    def read_failed(self, err: NBDError, offset: int, length: int) -> TreeError:
+        """What an error of QEMU's to a read of ``[offset, offset + length)`` means: the range
+        was punched meanwhile (Unreadable), the snapshot broke, or the VM is gone."""
+        if self.client.alive and not self.readable(offset, length):
+            return Unreadable(f"{self.name}: {offset}+{length} was punched while it was read")
         return self._failed("reads", err)
 
     async def read_into(self, buf: bytearray, offset: int, length: int) -> None:
         try:
             await self.client.pread_into(buf, offset, length, confine=self.confine)
         except NBDError as err:
-            raise self._failed("reads", err) from err
+            raise self.read_failed(err, offset, length) from err
 
     async def discard(self, offset: int, length: int) -> None:
         try:
             await self.client.trim(offset, length)
         except NBDError as err:
             raise self._failed("discards", err) from err
+
+
+def _always(offset: int, length: int) -> bool:
+    return True
 
 
 def _clipped(starts: list[int], lengths: list[int], end: int) -> tuple[list[int], list[int]]:

@@ -122,6 +122,15 @@ class DiskSource(Protocol):
     async def discard(self, offset: int, length: int) -> None: ...
 
 
+class ReadableMirror(Protocol):
+    """A copy of a disk's readable set kept elsewhere (see ``Disk``)."""
+
+    def remove(self, offset: int, length: int, /) -> None: ...
+
+    @property
+    def bytes(self) -> int: ...
+
+
 @dataclass
 class Disk:
     """One guest disk as the tree serves it.
@@ -136,6 +145,10 @@ class Disk:
 
     ``lock`` guards ``readable`` and ``bytes_read``: they change on the trio thread and are
     read (and counted) by the thread that reads the FUSE requests as well.
+
+    ``mirrors``: copies of ``readable`` kept elsewhere (the compiled READ path's,
+    snapfs.fastpath). A punch takes its range out of each under ``lock``, together with
+    ``readable``; each counts the bytes it answered itself.
     """
 
     name: str
@@ -148,6 +161,7 @@ class Disk:
     discarded: int = 0
     bytes_read: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    mirrors: list[ReadableMirror] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.readable.total and self.dirty.total:
@@ -162,6 +176,11 @@ class Disk:
         """Add ``length`` (negative: take back) to ``bytes_read`` (any thread)."""
         with self.lock:
             self.bytes_read += length
+
+    @property
+    def total_read(self) -> int:
+        """Bytes answered so far, here and by the mirrors."""
+        return self.bytes_read + sum(m.bytes for m in self.mirrors)
 
     @property
     def allocated_bytes(self) -> int:
@@ -415,6 +434,8 @@ class Tree:
         removed_regions = [(s, n) for s, n in disk.readable if s < stop and s + n > start]
         with disk.lock:
             removed = disk.readable.remove(start, stop - start)
+            for mirror in disk.mirrors:
+                mirror.remove(start, stop - start)
         # Discard only what was readable: the rest is not in the snapshot's access bitmap.
         for s, n in removed_regions:
             lo, hi = max(s, start), min(s + n, stop)

@@ -66,7 +66,6 @@ class FakeNBD:
     hold: threading.Event | None = None
     #: What was asked, as (offset, length), in order of arrival.
     reads: list[tuple[int, int]] = field(default_factory=list)
-    structured: bool = field(default=False, init=False)
     _server: socket.socket | None = field(default=None, init=False)
     _threads: list[threading.Thread] = field(default_factory=list, init=False)
     _replies: int = field(default=0, init=False)
@@ -110,12 +109,15 @@ class FakeNBD:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             try:
-                if self._handshake(conn):
-                    self._transmission(conn)
+                structured = self._handshake(conn)
+                if structured is not None:
+                    self._transmission(conn, structured)
             except (OSError, EOFError):
                 return
 
-    def _handshake(self, conn: socket.socket) -> bool:
+    def _handshake(self, conn: socket.socket) -> bool | None:
+        """Whether the connection uses structured replies (None: it ended)."""
+        structured = False
         conn.sendall(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3))
         _recv(conn, 4)  # client flags
         while True:
@@ -123,7 +125,7 @@ class FakeNBD:
             assert magic == IHAVEOPT
             payload = _recv(conn, length)
             if opt == OPT_STRUCTURED_REPLY:
-                self.structured = True
+                structured = True
                 conn.sendall(struct.pack(">QIII", OPT_REPLY_MAGIC, opt, REP_ACK, 0))
             elif opt == OPT_GO:
                 (n,) = struct.unpack_from(">I", payload)
@@ -136,11 +138,11 @@ class FakeNBD:
                 info = struct.pack(">HQH", 0, len(self.data), 1)
                 conn.sendall(struct.pack(">QIII", OPT_REPLY_MAGIC, opt, REP_INFO, len(info)) + info)
                 conn.sendall(struct.pack(">QIII", OPT_REPLY_MAGIC, opt, REP_ACK, 0))
-                return True
+                return structured
             else:
                 conn.sendall(struct.pack(">QIII", OPT_REPLY_MAGIC, opt, REP_ERR_UNSUP, 0))
 
-    def _transmission(self, conn: socket.socket) -> None:
+    def _transmission(self, conn: socket.socket, structured: bool) -> None:
         rng = random.Random(self.seed)
         conn.setblocking(True)
         while True:
@@ -158,10 +160,14 @@ class FakeNBD:
                 return
             if self.hold is not None and not self.hold.wait(30):
                 return
-            replies = [self._reply(*request) for request in batch if request is not None]
+            replies = [
+                self._reply(*request, structured=structured)
+                for request in batch
+                if request is not None
+            ]
             if self.shuffle:
                 rng.shuffle(replies)
-            if self.structured and self.shuffle:
+            if structured and self.shuffle:
                 # Interleave the chunks of the replies, keeping each reply's order.
                 queues = [list(r) for r in replies]
                 while queues:
@@ -195,12 +201,12 @@ class FakeNBD:
         self.reads.append((offset, length))
         return handle, offset, length
 
-    def _reply(self, handle: int, offset: int, length: int) -> list[bytes]:
+    def _reply(self, handle: int, offset: int, length: int, *, structured: bool) -> list[bytes]:
         """The reply's pieces (one per chunk), each sent whole."""
         failed = offset + length > len(self.data) or any(
             offset < s + n and s < offset + length for s, n in self.fail
         )
-        if not self.structured:
+        if not structured:
             if failed:
                 return [struct.pack(">IIQ", SIMPLE_MAGIC, errno.EIO, handle)]
             return [

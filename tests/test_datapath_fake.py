@@ -21,11 +21,13 @@ from pathlib import Path
 import pytest
 import trio
 
+from snapfs import fastpath
 from snapfs.datapath import MAX_JOBS, DiskReader
 from snapfs.errors import NBDError
 from snapfs.fuse.reply import ReadReply
-from snapfs.fuse.server import Intake
-from snapfs.nbd.wire import StreamLost
+from snapfs.fuse.server import Intake, TakerFactory
+from snapfs.nbd.wire import NBDStream, StreamLost
+from snapfs.regions import Regions
 from tests.conftest import FakeDevice, read_back, with_reader
 from tests.fake_nbd import FakeNBD
 from tests.test_fuse_mount import DISK_SIZE, INO_DISK, Mount, mounted, wait_for
@@ -228,26 +230,28 @@ def test_the_worker_reading_fuse_requests_answers_a_stat_while_its_reads_wait(
 
 @contextlib.contextmanager
 def _reading_requests(
-    fake: FakeNBD, m: Mount
+    fake: FakeNBD, m: Mount, taker: TakerFactory | None = None
 ) -> Iterator[tuple[DiskReader, Intake, list[NBDError]]]:
     """A running DiskReader of ``fake``'s export whose worker reads the FUSE requests of the
-    mount ``m`` (its READs of the disk; the rest goes to the server); the failures it reported.
-    Closed, and its worker gone, at the end."""
+    mount ``m`` (its READs of the disk; the rest goes to the server), through ``taker`` first
+    if given; the failures it reported. Closed, and its worker gone, at the end."""
     assert m.token is not None
     assert m.nursery is not None
     failures: list[NBDError] = []
 
-    def done(err: NBDError | None) -> None:
-        if err is not None:
-            failures.append(err)
-
     def read(reply: ReadReply, ino: int, fh: int, offset: int, size: int) -> bool:
         if ino != INO_DISK:
             return False
+
+        def done(err: NBDError | None) -> None:
+            if err is not None:
+                failures.append(err)
+                reply.error(err.errno)
+
         reader.submit(reply, offset, size, (), done)
         return True
 
-    intake = trio.from_thread.run_sync(m.server.intake, read, trio_token=m.token)
+    intake = trio.from_thread.run_sync(m.server.intake, read, taker, trio_token=m.token)
     reader = DiskReader(str(fake.path), "disk", m.server.reply_pipe, tune=False, intake=intake)
     trio.from_thread.run(m.nursery.start, reader.run, trio_token=m.token)
     try:
@@ -322,3 +326,148 @@ def test_the_trio_thread_sleeps_while_the_worker_reads_the_fuse_requests(
         assert not reader.reads_requests or intake.fileno == -1
         assert os.stat(m.path / "disk.raw").st_size == DISK_SIZE  # served by the trio thread
         wait_for(lambda: fuse_fd in _epoll_targets(), "the trio thread to wait on /dev/fuse again")
+
+
+# -- the compiled READ path (snapfs/_fastpath.c) ------------------------------------------------
+
+
+@contextlib.contextmanager
+def _compiled(
+    fake: FakeNBD, m: Mount, readable: Regions | None = None, confine: int = 0
+) -> Iterator[tuple[fastpath.CompiledDisk, Intake, list[NBDError]]]:
+    """``_reading_requests`` with the compiled path reading the requests first: it answers the
+    READs of the disk's ``readable`` ranges (all of it by default) over a connection of its
+    own (simple replies), and hands the rest to the DiskReader. Closed at the end."""
+    if not fastpath.available():
+        pytest.skip("snapfs._fastpath is not built (see test_compiled.py)")
+    from snapfs import _fastpath
+
+    made: list[fastpath.CompiledIntake] = []
+
+    def taker(fd: int) -> fastpath.CompiledIntake | None:
+        made.append(_fastpath.Intake(fd))
+        return made[-1]
+
+    stream = NBDStream.connect(str(fake.path), "disk", structured=False, tune=False)
+    starts, ends = (readable or Regions.whole(DISK_SIZE)).arrays()
+    disk = _fastpath.Disk(INO_DISK, DISK_SIZE, confine, stream.fileno, starts, ends, 128 * KiB)
+    try:
+        with _reading_requests(fake, m, taker) as (_, intake, failures):
+            assert made[0].add(disk)
+            yield disk, intake, failures
+    finally:
+        disk.close()
+        stream.close()
+
+
+def _read_all(m: Mount, ranges: list[tuple[int, int]]) -> list[bytes | int]:
+    """Direct preads of ``ranges``, all at once: the bytes, or the errno."""
+
+    def one(r: tuple[int, int]) -> bytes | int:
+        try:
+            return _pread_direct(m.path / "disk.raw", r[1], r[0])
+        except OSError as err:
+            return err.errno or 0
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(one, ranges))
+
+
+def _ranges(seed: int, count: int) -> list[tuple[int, int]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        length = rng.choice([1, 511, 4096, 4097, 65536, 70_000, 200_000, MiB])
+        out.append((rng.randrange(0, DISK_SIZE - length), length))
+    return out
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("confine", [0, 65536])
+def test_compiled_reads_answered_out_of_order_are_exact(tmp_path: Path, confine: int) -> None:
+    """Many READs in flight at once, answered by the server in a shuffled order: each gets its
+    own bytes, from the compiled path (READs across a ``confine`` block go to Python)."""
+    with (
+        FakeNBD(tmp_path / "nbd.sock", content(), shuffle=True) as fake,
+        mounted(tmp_path) as m,
+        _compiled(fake, m, confine=confine) as (disk, intake, failures),
+    ):
+        ranges = _ranges(1, 200)
+        got = _read_all(m, ranges)
+        for (o, n), data in zip(ranges, got, strict=True):
+            assert data == fake.data[o : o + n], (o, n)
+        assert not failures
+        c = disk.counters
+        assert c["reads"] > 50
+        assert (c["declined"] > 0) == bool(confine)
+        assert intake.reads >= len(ranges)
+
+
+@pytest.mark.mount
+def test_compiled_reads_outside_the_readable_set_go_to_python(tmp_path: Path) -> None:
+    """The compiled path answers only READs inside its readable set; after ``remove`` the range
+    is no longer read there. Python's side decides about the rest."""
+    readable = Regions.from_extents([(0, MiB), (2 * MiB, MiB)])
+    with (
+        FakeNBD(tmp_path / "nbd.sock", content()) as fake,
+        mounted(tmp_path) as m,
+        _compiled(fake, m, readable) as (disk, _, failures),
+    ):
+        assert _read_all(m, [(4096, 8192)]) == [fake.data[4096 : 4096 + 8192]]
+        assert disk.counters["reads"] == 1
+        # Across the edge of the readable set, and outside it: declined (read by Python here).
+        assert _read_all(m, [(MiB - 4096, 8192), (MiB + 4096, 4096)]) == [
+            fake.data[MiB - 4096 : MiB + 4096],
+            fake.data[MiB + 4096 : MiB + 8192],
+        ]
+        assert disk.counters["reads"] == 1
+        assert disk.counters["declined"] == 2
+        disk.remove(2 * MiB + 65536, 65536)
+        assert not disk.contains(2 * MiB + 65536, 1)
+        assert disk.contains(2 * MiB, 65536)
+        assert disk.contains(2 * MiB + 131072, MiB - 131072)
+        _read_all(m, [(2 * MiB + 65536 + 100, 100), (2 * MiB + 100, 100)])
+        assert disk.counters["reads"] == 2
+        assert disk.counters["declined"] == 3
+        assert not failures
+
+
+@pytest.mark.mount
+def test_compiled_reads_refused_by_the_server_go_to_python(tmp_path: Path) -> None:
+    """An error reply hands that READ to Python (which reports the server's error); the READs
+    in flight beside it get their bytes from the compiled path."""
+    bad = (MiB, 4096)
+    with (
+        FakeNBD(tmp_path / "nbd.sock", content(), shuffle=True, fail=[bad]) as fake,
+        mounted(tmp_path) as m,
+        _compiled(fake, m) as (disk, _, failures),
+    ):
+        ranges = [(i * 65536, 65536) for i in range(40)]
+        got = _read_all(m, ranges)
+        for (o, n), data in zip(ranges, got, strict=True):
+            if o < bad[0] + bad[1] and bad[0] < o + n:
+                assert data == errno.EIO
+            else:
+                assert data == fake.data[o : o + n], o
+        assert disk.counters["errors"] == 1
+        assert disk.alive
+        assert len(failures) == 1
+
+
+@pytest.mark.mount
+def test_a_broken_compiled_connection_hands_its_reads_to_python(tmp_path: Path) -> None:
+    """A server that breaks the protocol ends the compiled path of that disk: the READs in
+    flight there, and every later one, are answered by Python (with the right bytes)."""
+    with (
+        FakeNBD(tmp_path / "nbd.sock", content(), break_after=5) as fake,
+        mounted(tmp_path) as m,
+        _compiled(fake, m) as (disk, _, _),
+    ):
+        ranges = _ranges(2, 60)
+        got = _read_all(m, ranges)
+        assert not disk.alive
+        for (o, n), data in zip(ranges, got, strict=True):
+            # Python's connection may break as well (the count is the server's): then the
+            # READ fails, it never gets other bytes.
+            assert data == fake.data[o : o + n] or isinstance(data, int), (o, n)
+        assert disk.counters["declined"] > 0

@@ -64,6 +64,13 @@ def test_everything_is_installed(prefix: Path) -> None:
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     assert where.stdout.startswith(str(prefix))
+    # With its compiled READ path (make deps installs the compiler and Python's headers).
+    subprocess.run(
+        [str(prefix / "lib/snapfs/bin/python"), "-c", "import snapfs._fastpath"],
+        check=True,
+        cwd="/",
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
 
 
 def test_man_page_renders_every_command(prefix: Path) -> None:

@@ -77,7 +77,7 @@ def setup(
     ops = TreeOperations(Tree([disk], dict))
     reader = StandInReader(data)
 
-    def on_error(err: NBDError) -> SourceError:
+    def on_error(err: NBDError, offset: int, length: int) -> SourceError:
         return SourceError(f"the snapshot broke: {err}", errno.EIO)
 
     ops.direct[RAW] = SpliceReads(
