@@ -38,6 +38,7 @@
 
 #define MAX_DISKS 64
 #define MAX_PENDING 64            /* READs in flight at once, all disks */
+#define HANDBACK_BATCH 16         /* requests handed back at once at most (Python's batch) */
 #define MAX_READ (1u << 20)       /* the largest READ the mount negotiates */
 #define REQ_BUF ((1u << 20) + 8192)
 #define PIPE_BYTES (1 << 20)
@@ -643,10 +644,12 @@ static void wait_and_receive(Intake *in, int read_more) {
 }
 
 /* Whether to read more requests now: not once the caller has other work (its descriptors
- * woke, or requests were handed back to it), so that waits for the READs in flight only. */
+ * woke, or a batch of requests is to be handed back to it), so that waits for the READs in
+ * flight only. Requests that come together are handed back together, as Python would have
+ * read them. */
 static int reading(Intake *in, unsigned long long taken, unsigned long long limit) {
   return in->pending < MAX_PENDING && taken < limit && !in->end_errno && !in->oom &&
-         !in->woken && !in->nback;
+         !in->woken && in->nback < HANDBACK_BATCH;
 }
 
 static void serve(Intake *in, unsigned long long limit) {

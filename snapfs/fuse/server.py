@@ -106,7 +106,7 @@ class Taker(Protocol):
     reads up to ``limit`` of them without blocking for more, answers the READs it can
     (waiting for their data), and returns how many it answered, the bytes of every request
     it did not answer, and the errno that ended the connection (0 while it goes on). It
-    reads no more requests once it has one to hand back or a descriptor in ``wake`` is
+    reads no more requests once it has a batch to hand back or a descriptor in ``wake`` is
     readable (the reading thread's other work)."""
 
     def take(self, limit: int, wake: tuple[int, ...], /) -> tuple[int, list[bytes], int]: ...
