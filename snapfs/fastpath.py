@@ -54,7 +54,11 @@ def intake(fuse_fd: int) -> CompiledIntake | None:
     if not available():
         return None
     assert _compiled is not None
-    made: CompiledIntake = _compiled.Intake(fuse_fd)
+    try:
+        made: CompiledIntake = _compiled.Intake(fuse_fd)
+    except OSError as err:  # no pipe or epoll left: Python reads the requests
+        log.warning("READs are served without compiled code: %s", err.strerror or err)
+        return None
     return made
 
 

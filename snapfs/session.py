@@ -464,7 +464,7 @@ class Session:
                 tune=self.opts.tune,
                 ahead=READ_AHEAD_MIN,
             )
-        except NBDError as err:
+        except (NBDError, OSError) as err:  # OSError: no descriptor left for its own dup
             log.warning(
                 "VM %s: %s is read without compiled code: %s", self.opts.vmid, disk.name, err
             )
