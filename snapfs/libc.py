@@ -64,7 +64,8 @@ def die_with_parent(signum: int, parent: int) -> None:
     # The child inherits the parent's Python handler for signum (snapfs relays or catches
     # SIGTERM). Until exec, that handler would take the death signal, or the one sent below,
     # and the child would go on to exec and outlive its parent. The default action ends it.
-    signal.signal(signum, signal.SIG_DFL)
+    if signum != signal.SIGKILL:  # which cannot be caught, nor have its action set
+        signal.signal(signum, signal.SIG_DFL)
     _check(_libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0))
     if os.getppid() != parent:
         os.kill(os.getpid(), signum)

@@ -39,7 +39,11 @@ META_TIMEOUT = 120.0
 
 
 def _die_with_parent(parent: int) -> None:
-    libc.die_with_parent(signal.SIGTERM, parent)
+    # SIGKILL, not SIGTERM: qemu-nbd catches SIGTERM from its first instruction but sets its
+    # state to running just before its main loop, so a SIGTERM that comes while it opens the
+    # image is forgotten and it serves on forever. What it would flush on the way out belongs
+    # to a point that died with snapfs and is never kept.
+    libc.die_with_parent(signal.SIGKILL, parent)
 
 
 def _tool(name: str) -> str:
@@ -133,7 +137,7 @@ def _data_timeout(size: int) -> float:
 class Server:
     """A ``qemu-nbd`` serving one image on a private unix socket, with a pool of libnbd
     connections. Use as a context manager; leaving it closes every connection and stops the
-    server (SIGTERM, then SIGKILL after STOP_TIMEOUT).
+    server (SIGTERM, then SIGKILL after STOP_TIMEOUT). It never outlives snapfs.
     """
 
     def __init__(self, image: Path, *, writable: bool, clients: int = 8) -> None:
@@ -144,6 +148,8 @@ class Server:
         self.socket = self._dir / "sock"
         self._log = self._dir / "log"
         self._proc: subprocess.Popen[bytes] | None = None
+        #: Whether a client got through: qemu-nbd is in its main loop and heeds SIGTERM.
+        self._serving = False
         #: Reads and writes of the image, from any thread.
         self.pool = Pool(str(self.socket), clients=clients, what=f"{image}", error=CopyError)
 
@@ -196,6 +202,7 @@ class Server:
             if self.socket.exists():
                 try:
                     self.pool.connect()
+                    self._serving = True
                     return
                 except CopyError:
                     pass
@@ -207,7 +214,9 @@ class Server:
         self.pool.close()
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            # Before it served, SIGTERM could be lost (see _die_with_parent), and nothing
+            # was written that a clean exit would flush.
+            proc.send_signal(signal.SIGTERM if self._serving else signal.SIGKILL)
             try:
                 proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:

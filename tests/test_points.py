@@ -8,17 +8,20 @@ real views and a guest writing during the copies is in ``test_points_vm.py``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import shutil
+import signal
 import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from dev.devvm import MiB
+from dev.devvm import MiB, poll
 from snapfs import points, qemuimg
 from snapfs.errors import CopyError
 from snapfs.records import BitmapFacts, DiskFacts, Facts
@@ -252,6 +255,70 @@ def test_an_interrupted_copy_leaves_the_earlier_points_and_says_so(
     assert "removed the incomplete point" in caplog.text
     assert points.describe(dest)["interrupted"] == []
     assert len(check_all(dest, plain, tmp_path)) == 2
+
+
+# A child that starts a qemu-nbd and says its pid once the top image is open, while qemu-nbd
+# still opens the backing chain: then it has its signal handlers but not yet its main loop.
+_STARTING = """
+import os, sys, time
+from pathlib import Path
+from snapfs import qemuimg
+
+def target(link):
+    try:
+        return os.readlink(link)
+    except OSError:  # closed meanwhile
+        return None
+
+def opening(server):
+    fds = f"/proc/{server._proc.pid}/fd"
+    while not any(target(f"{fds}/{f}") == str(server.image) for f in os.listdir(fds)):
+        pass
+    print(server._proc.pid, flush=True)
+    time.sleep(600)
+
+qemuimg.Server._wait_listening = opening
+with qemuimg.Server(Path(sys.argv[1]), writable=True):
+    pass
+"""
+
+
+def test_a_qemu_nbd_never_outlives_a_snapfs_killed_as_it_starts(tmp_path: Path) -> None:
+    """qemu-nbd forgets a SIGTERM that comes before its main loop, so a snapfs killed at that
+    instant must still take its qemu-nbd with it (else it serves on, and keeps the images of
+    the points locked against every later prune)."""
+    backing = None
+    for i in range(40):  # opening a long chain holds qemu-nbd in the instant that matters
+        qemuimg.create(tmp_path / f"{i}.qcow2", MiB, backing)
+        backing = f"{i}.qcow2"
+    for _ in range(3):
+        with subprocess.Popen(
+            [sys.executable, "-c", _STARTING, str(tmp_path / "39.qcow2")],
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as child:
+            try:
+                assert child.stdout is not None
+                helper = int(child.stdout.readline())
+            finally:
+                child.kill()
+        try:
+            poll(functools.partial(_gone, helper), what="qemu-nbd to follow its killed parent")
+        finally:
+            if _alive(helper):
+                os.kill(helper, signal.SIGKILL)
+
+
+def _gone(pid: int) -> bool:
+    return not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def test_an_incremental_needs_a_point_of_its_chain(plain: PlainView, tmp_path: Path) -> None:
