@@ -343,6 +343,7 @@ typedef struct {
   int ep;            /* epoll: /dev/fuse, the disks' sockets, the wake descriptors */
   int fuse_on, wake_on; /* whether those are watched for input now */
   int woken;         /* one of them became readable: stop reading requests, return */
+  int idle;          /* take's argument: wait for requests while none is in flight */
   int oom;
   unsigned long long requests, reads;
 } Intake;
@@ -676,9 +677,12 @@ static void serve(Intake *in, unsigned long long limit) {
       take_request(in, (size_t)n);
     }
     flush_requests(in);
-    if (!in->pending)
-      return;
     int read_more = reading(in, taken, limit);
+    /* Nothing in flight and nothing to hand back: wait here for the next request (or for the
+     * caller's other work) when the caller allows it, rather than return to Python and come
+     * back through its wait, which readers between two READs would cause all the time. */
+    if (!in->pending && !(in->idle && read_more && !more && !in->nback))
+      return;
     wait_and_receive(in, read_more);
     more = read_more;
   }
@@ -778,7 +782,8 @@ static PyObject *Intake_add(Intake *self, PyObject *arg) {
 static PyObject *Intake_take(Intake *self, PyObject *args) {
   unsigned long long limit;
   PyObject *wake;
-  if (!PyArg_ParseTuple(args, "KO!", &limit, &PyTuple_Type, &wake))
+  int idle = 0;
+  if (!PyArg_ParseTuple(args, "KO!|p", &limit, &PyTuple_Type, &wake, &idle))
     return NULL;
   Py_ssize_t nwake = PyTuple_GET_SIZE(wake);
   if (nwake > 4) {
@@ -815,6 +820,7 @@ static PyObject *Intake_take(Intake *self, PyObject *args) {
     return NULL;
   }
   unsigned long long before = self->reads;
+  self->idle = idle;
   Py_BEGIN_ALLOW_THREADS serve(self, limit ? limit : 1);
   Py_END_ALLOW_THREADS PyObject *back = PyList_New((Py_ssize_t)self->nback);
   if (!back)

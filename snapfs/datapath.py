@@ -530,7 +530,14 @@ class DiskReader:
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self._wakeup)
             elif intake is not None and fd == intake.fileno:
-                if not intake.read_some(MAX_JOBS):
+                # The compiled part may wait for requests while it has none in flight: a job
+                # put from now on writes the eventfd, which it watches (see _wake).
+                self._polling = True
+                try:
+                    more = intake.read_some(MAX_JOBS, idle=self._jobs.empty())
+                finally:
+                    self._polling = False
+                if not more:
                     # The connection is gone (the server was told): serve what is in flight.
                     poll.unregister(fd)
                     self._intake_open = False
@@ -551,9 +558,12 @@ class DiskReader:
         """The stream cannot go on: every job in flight fails, nothing more is received."""
         self._alive = False  # read by the trio thread: a plain bool store
         if self._stream is not None and self._poll is not None and self._intake_open:
-            # The worker goes on reading requests: a dead socket must not wake it any more.
+            # The worker goes on reading requests: a dead socket must not wake it any more,
+            # nor end every wait of the compiled part.
             with contextlib.suppress(OSError):
                 self._poll.unregister(self._stream.fileno)
+            if self._intake is not None:
+                self._intake.wake = (self._wakeup,)
         for job in [*self._active, *([also] if also is not None else [])]:
             self._finish(job, failure)
         self._inflight.clear()

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import pytest
 import trio
@@ -334,7 +335,7 @@ def test_the_trio_thread_sleeps_while_the_worker_reads_the_fuse_requests(
 @contextlib.contextmanager
 def _compiled(
     fake: FakeNBD, m: Mount, readable: Regions | None = None, confine: int = 0
-) -> Iterator[tuple[fastpath.CompiledDisk, Intake, list[NBDError]]]:
+) -> Iterator[tuple[fastpath.CompiledDisk, Intake, list[NBDError], DiskReader]]:
     """``_reading_requests`` with the compiled path reading the requests first: it answers the
     READs of the disk's ``readable`` ranges (all of it by default) over a connection of its
     own (simple replies), and hands the rest to the DiskReader. Closed at the end."""
@@ -352,9 +353,9 @@ def _compiled(
     starts, ends = (readable or Regions.whole(DISK_SIZE)).arrays()
     disk = _fastpath.Disk(INO_DISK, DISK_SIZE, confine, stream.fileno, starts, ends, 128 * KiB)
     try:
-        with _reading_requests(fake, m, taker) as (_, intake, failures):
+        with _reading_requests(fake, m, taker) as (reader, intake, failures):
             assert made[0].add(disk)
-            yield disk, intake, failures
+            yield disk, intake, failures, reader
     finally:
         disk.close()
         stream.close()
@@ -390,7 +391,7 @@ def test_compiled_reads_answered_out_of_order_are_exact(tmp_path: Path, confine:
     with (
         FakeNBD(tmp_path / "nbd.sock", content(), shuffle=True) as fake,
         mounted(tmp_path) as m,
-        _compiled(fake, m, confine=confine) as (disk, intake, failures),
+        _compiled(fake, m, confine=confine) as (disk, intake, failures, _),
     ):
         ranges = _ranges(1, 200)
         got = _read_all(m, ranges)
@@ -411,7 +412,7 @@ def test_compiled_reads_outside_the_readable_set_go_to_python(tmp_path: Path) ->
     with (
         FakeNBD(tmp_path / "nbd.sock", content()) as fake,
         mounted(tmp_path) as m,
-        _compiled(fake, m, readable) as (disk, _, failures),
+        _compiled(fake, m, readable) as (disk, _, failures, _),
     ):
         assert _read_all(m, [(4096, 8192)]) == [fake.data[4096 : 4096 + 8192]]
         assert disk.counters["reads"] == 1
@@ -440,7 +441,7 @@ def test_compiled_reads_refused_by_the_server_go_to_python(tmp_path: Path) -> No
     with (
         FakeNBD(tmp_path / "nbd.sock", content(), shuffle=True, fail=[bad]) as fake,
         mounted(tmp_path) as m,
-        _compiled(fake, m) as (disk, _, failures),
+        _compiled(fake, m) as (disk, _, failures, _),
     ):
         ranges = [(i * 65536, 65536) for i in range(40)]
         got = _read_all(m, ranges)
@@ -461,7 +462,7 @@ def test_a_broken_compiled_connection_hands_its_reads_to_python(tmp_path: Path) 
     with (
         FakeNBD(tmp_path / "nbd.sock", content(), break_after=5) as fake,
         mounted(tmp_path) as m,
-        _compiled(fake, m) as (disk, _, _),
+        _compiled(fake, m) as (disk, _, _, _),
     ):
         ranges = _ranges(2, 60)
         got = _read_all(m, ranges)
@@ -471,3 +472,71 @@ def test_a_broken_compiled_connection_hands_its_reads_to_python(tmp_path: Path) 
             # READ fails, it never gets other bytes.
             assert data == fake.data[o : o + n] or isinstance(data, int), (o, n)
         assert disk.counters["declined"] > 0
+
+
+class _CountingTaker:
+    """A compiled intake's Taker, and how often it was called."""
+
+    def __init__(self, inner: fastpath.CompiledIntake) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def take(
+        self, limit: int, wake: tuple[int, ...], idle: bool = False, /
+    ) -> tuple[int, list[bytes], int]:
+        self.calls += 1
+        return self.inner.take(limit, wake, idle)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.mount
+def test_the_compiled_path_waits_for_the_next_request_and_wakes_for_other_work(
+    tmp_path: Path,
+) -> None:
+    """With no READ in flight the compiled path waits for the next request itself instead of
+    returning to Python, which a reader taking turns with the server would make it do after
+    every READ; and it leaves that wait at once for work the trio thread gives the reader."""
+    reads = 100
+    with (
+        FakeNBD(tmp_path / "nbd.sock", content()) as fake,
+        mounted(tmp_path) as m,
+        _compiled(fake, m) as (disk, intake, failures, reader),
+    ):
+        assert m.token is not None
+        assert intake.compiled is not None
+        counting = _CountingTaker(cast(fastpath.CompiledIntake, intake.compiled))
+        fd = os.open(m.path / "disk.raw", os.O_RDONLY | os.O_DIRECT)
+        try:
+            with mmap.mmap(-1, 4096) as buf:
+                assert os.preadv(fd, [buf], 0) == 4096
+                intake.compiled = counting  # between two calls: one READ at a time here
+                for i in range(reads):
+                    o = (i * 40 + 4) * KiB  # apart, inside DISK_SIZE
+                    assert os.preadv(fd, [buf], o) == 4096
+                    assert buf[:] == fake.data[o : o + 4096], o
+                assert counting.calls < reads // 10, f"{counting.calls} calls for {reads} READs"
+
+                # The last READ answered, the compiled path waits for the next request: a job
+                # from the trio thread must not wait for it.
+                async def a_job_from_the_trio_thread() -> None:
+                    done = trio.Event()
+
+                    def finished(err: NBDError | None) -> None:
+                        assert err is None
+                        done.set()
+
+                    reader.submit(ReadReply(1 << 60), MiB, 4096, (), finished, tell_success=True)
+                    with trio.fail_after(10):
+                        await done.wait()
+
+                trio.from_thread.run(a_job_from_the_trio_thread, trio_token=m.token)
+                assert os.preadv(fd, [buf], 2 * MiB) == 4096
+                assert buf[:] == fake.data[2 * MiB : 2 * MiB + 4096]
+                # All of them answered there (its count follows each answer).
+                wait_for(lambda: disk.counters["reads"] == reads + 2, "the compiled count")
+                assert disk.counters["declined"] == 0
+        finally:
+            os.close(fd)
+        assert not failures

@@ -102,14 +102,18 @@ Handler = Callable[[int, int, memoryview], bool]
 
 
 class Taker(Protocol):
-    """Reads an intake's requests before it does (snapfs.fastpath): ``take(limit, wake)``
-    reads up to ``limit`` of them without blocking for more, answers the READs it can
-    (waiting for their data), and returns how many it answered, the bytes of every request
-    it did not answer, and the errno that ended the connection (0 while it goes on). It
-    reads no more requests once it has a batch to hand back or a descriptor in ``wake`` is
-    readable (the reading thread's other work)."""
+    """Reads an intake's requests before it does (snapfs.fastpath): ``take(limit, wake,
+    idle)`` reads up to ``limit`` of them, answers the READs it can (waiting for their data),
+    and returns how many it answered, the bytes of every request it did not answer, and the
+    errno that ended the connection (0 while it goes on). It reads no more requests once it
+    has a batch to hand back or a descriptor in ``wake`` is readable (the reading thread's
+    other work). With nothing in flight it returns, or with ``idle`` waits for the next
+    request or for ``wake``: the caller must then make sure new work of its own makes a
+    ``wake`` descriptor readable."""
 
-    def take(self, limit: int, wake: tuple[int, ...], /) -> tuple[int, list[bytes], int]: ...
+    def take(
+        self, limit: int, wake: tuple[int, ...], idle: bool = False, /
+    ) -> tuple[int, list[bytes], int]: ...
 
     def close(self) -> None: ...
 
@@ -837,11 +841,13 @@ class Intake:
         with contextlib.suppress(trio.RunFinishedError):
             self._token.run_sync_soon(fn, *args)
 
-    def read_some(self, limit: int) -> bool:
-        """Read up to ``limit`` requests, without blocking; False once the connection is gone."""
+    def read_some(self, limit: int, *, idle: bool = False) -> bool:
+        """Read up to ``limit`` requests, without blocking (with ``idle``, the compiled part
+        may wait for more until a descriptor in ``wake`` is readable, see Taker); False once
+        the connection is gone."""
         self._thread = threading.get_ident()
         if self.compiled is not None:
-            return self._read_compiled(limit)
+            return self._read_compiled(limit, idle)
         fd = self.fileno
         iov = [self._buf]
         for _ in range(limit):
@@ -865,11 +871,11 @@ class Intake:
             self._take(n)
         return True
 
-    def _read_compiled(self, limit: int) -> bool:
+    def _read_compiled(self, limit: int, idle: bool) -> bool:
         """``read_some`` through the compiled part: it answers what READs it can (waiting for
         their replies) and hands the rest back, which is taken here as if read here."""
         assert self.compiled is not None
-        answered, back, ended = self.compiled.take(max(limit, COMPILED_BATCH), self.wake)
+        answered, back, ended = self.compiled.take(max(limit, COMPILED_BATCH), self.wake, idle)
         self.requests += answered + len(back)
         self.reads += answered
         buf = self._buf
