@@ -609,9 +609,10 @@ static void watch(Intake *in, int fd, void *tag, int on) {
 }
 
 /* Wait for a reply (or for a request while there is room); answer the replies that came.
- * epoll, not poll(2): poll adds a wait on /dev/fuse and removes it again every time, under
- * the lock that every reader's request takes as well. */
-static void wait_and_receive(Intake *in, int read_more) {
+ * Whether /dev/fuse has requests (level-triggered: it said so if it had any when the wait
+ * ended; later ones end the next wait). epoll, not poll(2): poll adds a wait on /dev/fuse
+ * and removes it again every time, under the lock that every reader's request takes too. */
+static int wait_and_receive(Intake *in, int read_more) {
   if (read_more != in->fuse_on) {
     watch(in, in->fuse, &TAG_FUSE, read_more);
     in->fuse_on = read_more;
@@ -625,14 +626,19 @@ static void wait_and_receive(Intake *in, int read_more) {
   struct epoll_event evs[MAX_DISKS + 6];
   /* Unbounded as every view read: close() shuts the socket down, which ends the wait. */
   int n = epoll_wait(in->ep, evs, MAX_DISKS + 6, -1);
+  if (n < 0) /* EINTR: look again */
+    return read_more;
+  int requests = 0;
   for (int k = 0; k < n; k++) {
     void *tag = evs[k].data.ptr;
     if (tag == &TAG_WAKE) {
       in->woken = 1;
       continue;
     }
-    if (tag == &TAG_FUSE)
-      continue; /* read by the caller */
+    if (tag == &TAG_FUSE) {
+      requests = 1; /* read by the caller */
+      continue;
+    }
     Disk *d = tag;
     int asked = 0;
     for (int j = 0; j < MAX_PENDING && !asked; j++)
@@ -642,6 +648,7 @@ static void wait_and_receive(Intake *in, int read_more) {
     else /* input nobody asked for, or a socket shut down: not watched again */
       fail_disk(in, d);
   }
+  return requests;
 }
 
 /* Whether to read more requests now: not once the caller has other work (its descriptors
@@ -683,8 +690,9 @@ static void serve(Intake *in, unsigned long long limit) {
      * back through its wait, which readers between two READs would cause all the time. */
     if (!in->pending && !(in->idle && read_more && !more && !in->nback))
       return;
-    wait_and_receive(in, read_more);
-    more = read_more;
+    /* Read /dev/fuse again only when it has requests: after a wake for replies alone, a
+     * read would only find it empty. */
+    more = wait_and_receive(in, read_more) && read_more;
   }
 }
 
