@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from snapfs import fastpath
-from snapfs.datapath import MAX_JOBS, DiskReader
+from snapfs.datapath import MAX_JOBS, DiskReader, batch_scheduled
 from snapfs.errors import NBDError
 from snapfs.fuse.reply import ReadReply
 from snapfs.fuse.server import Intake, TakerFactory
@@ -190,6 +190,47 @@ def test_a_broken_protocol_fails_everything_in_flight(server: FakeNBD) -> None:
             await reader.read(ReadReply(500), 0, 4096, ())
 
     with_reader(str(server.path), "disk", body)
+
+
+def test_the_worker_runs_as_a_batch_thread_and_hands_its_thread_back_as_it_was(
+    server: FakeNBD,
+) -> None:
+    """The worker serves as SCHED_BATCH (never preempting the task that runs when a request or
+    reply wakes it); the thread, which trio reuses, is SCHED_OTHER again once it stops."""
+    seen: list[int] = []
+
+    async def body(reader: DiskReader, dev: FakeDevice) -> None:
+        got, failed = await read_many(reader, dev, {1: (0, 4096)})
+        assert got[1] == server.data[:4096]
+        assert not failed
+        seen.append(os.sched_getscheduler(reader.worker_tid))
+
+    reader = with_reader(str(server.path), "disk", body)
+    assert seen == [os.SCHED_BATCH]
+    assert reader.worker_tid not in (0, threading.get_native_id())
+    # Back in trio's cache (idle threads stay there for seconds): as it was.
+    assert os.sched_getscheduler(reader.worker_tid) == os.SCHED_OTHER
+
+
+@pytest.mark.parametrize("policy", ["SCHED_OTHER", "SCHED_IDLE"])
+def test_batch_scheduling_leaves_a_chosen_policy_alone(policy: str) -> None:
+    """Only a thread scheduled as usual becomes a batch thread (and goes back after); one
+    that somebody put under another policy keeps it."""
+    inside: list[int] = []
+    after: list[int] = []
+
+    def thread() -> None:
+        os.sched_setscheduler(0, getattr(os, policy), os.sched_param(0))
+        with batch_scheduled():
+            inside.append(os.sched_getscheduler(0))
+        after.append(os.sched_getscheduler(0))
+
+    t = threading.Thread(target=thread)
+    t.start()
+    t.join(30)
+    expected = os.SCHED_BATCH if policy == "SCHED_OTHER" else os.SCHED_IDLE
+    assert inside == [expected]
+    assert after == [getattr(os, policy)]
 
 
 @pytest.mark.mount
