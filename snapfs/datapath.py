@@ -34,7 +34,7 @@ Threads: ``read``/``close`` on the trio thread; ``submit`` there or in the worke
 the FUSE requests (a reader's ``intake``: its own READs and other disks'); everything else in
 the worker. Jobs cross over through a ``queue.SimpleQueue`` (and an eventfd that wakes a worker
 waiting in poll); failures come back with ``TrioToken.run_sync_soon``. Workers run as
-``SCHED_BATCH`` (see :func:`batch_scheduled`).
+``SCHED_BATCH`` (see :func:`snapfs.sched.batch_scheduled`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import queue
 import select
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
 import trio
@@ -65,6 +65,7 @@ from snapfs.nbd.wire import (
     NBDStream,
     StreamLost,
 )
+from snapfs.sched import batch_scheduled
 
 log = logging.getLogger(__name__)
 
@@ -81,33 +82,6 @@ _ZEROS: Final = bytes(1 << 16)
 #: Fetches the readers of one QEMU keep outstanding at most when they read ahead (see
 #: SharedDepth): eight 1 MiB reads, the size of the warm-up read (snapfs.nbd.tuning.WARM_UP).
 QEMU_DEPTH: Final = 8
-
-
-@contextlib.contextmanager
-def batch_scheduled() -> Iterator[None]:
-    """Run the calling thread as ``SCHED_BATCH`` inside the block, then as ``SCHED_OTHER``
-    again; a thread under any other policy (one somebody chose) is left as it is.
-
-    Why: a worker is woken by every request and every reply. As a normal thread it preempts
-    whatever runs at that moment (a reader, QEMU, a guest's vCPU) to move one reply and sleep
-    again, and each of those sleeps and wakeups costs more than the reply. A batch thread is
-    never preempted for, so it runs at the end of the running task's slice or on an idle CPU,
-    and then answers everything that came meanwhile in one go. Its share of the CPU and its
-    nice value stay the same; only that preemption goes. Changing between these two policies
-    needs no privilege."""
-    try:
-        batch = os.sched_getscheduler(0) == os.SCHED_OTHER
-        if batch:
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except OSError as err:  # a seccomp filter, say: the worker runs as it is
-        log.debug("the worker stays as it is scheduled: %s", err.strerror)
-        batch = False
-    try:
-        yield
-    finally:
-        if batch:  # the thread goes back to trio's cache, where others reuse it
-            with contextlib.suppress(OSError):
-                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
 ReplyPipeFactory = Callable[[int], ReplyPipe]

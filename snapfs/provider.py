@@ -44,6 +44,7 @@ from snapfs.errors import CopyError, UsageError
 from snapfs.libc import punch_hole
 from snapfs.nbd.pool import WAIT_TIMEOUT, Pool
 from snapfs.records import BackupRecord, DiskFacts, Facts
+from snapfs.sched import batch_scheduled
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +384,9 @@ class DiskCopy:
     def copy(self, regions: Iterable[tuple[int, int]]) -> None:
         """Copy these regions (ascending ``(offset, length)``, as the sidecar lists them)."""
         if self.direct is not None:
-            self._copy_direct(self._chunks(regions), self.direct)
+            # This thread reads and writes everything, woken by every reply: see batch_scheduled.
+            with batch_scheduled():
+                self._copy_direct(self._chunks(regions), self.direct)
             return
         failure: list[BaseException] = []
         room = threading.Semaphore(self.workers * 2)  # chunks queued or in flight

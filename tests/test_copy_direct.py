@@ -221,3 +221,32 @@ def test_a_server_that_stops_answering_fails_the_copy(
     assert len(errors) == 1
     assert isinstance(errors[0], CopyError)
     assert str(errors[0]) == "the fake export did not answer in 1 s"
+
+
+def test_the_copy_reads_and_writes_as_a_batch_thread_and_is_itself_again_after(
+    tmp_path: Path, data: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thread that reads QEMU's replies and writes them runs as SCHED_BATCH while it
+    copies (snapfs.sched.batch_scheduled), and as it was scheduled before once it is done."""
+    seen: set[int] = set()
+    after: list[int] = []
+    write = provider.FileTarget.write
+
+    def noting(target: provider.FileTarget, offset: int, chunk: memoryview) -> None:
+        seen.add(os.sched_getscheduler(0))
+        write(target, offset, chunk)
+
+    monkeypatch.setattr(provider.FileTarget, "write", noting)
+    wanted = regions()
+
+    def run() -> None:
+        copy(tmp_path / "s", tmp_path / "out", 0, wanted)
+        after.append(os.sched_getscheduler(0))
+
+    with FakeNBD(tmp_path / "s", data):
+        t = threading.Thread(target=run)
+        t.start()
+        t.join(60)
+    assert (tmp_path / "out").read_bytes() == expected(data, wanted)
+    assert seen == {os.SCHED_BATCH}
+    assert after == [os.SCHED_OTHER]

@@ -23,12 +23,13 @@ import pytest
 import trio
 
 from snapfs import fastpath
-from snapfs.datapath import MAX_JOBS, DiskReader, batch_scheduled
+from snapfs.datapath import MAX_JOBS, DiskReader
 from snapfs.errors import NBDError
 from snapfs.fuse.reply import ReadReply
 from snapfs.fuse.server import Intake, TakerFactory
 from snapfs.nbd.wire import NBDStream, StreamLost
 from snapfs.regions import Regions
+from snapfs.sched import batch_scheduled
 from tests.conftest import FakeDevice, read_back, with_reader
 from tests.fake_nbd import FakeNBD
 from tests.test_fuse_mount import DISK_SIZE, INO_DISK, Mount, mounted, wait_for
