@@ -83,7 +83,6 @@ _ZEROS: Final = bytes(1 << 16)
 #: SharedDepth): eight 1 MiB reads, the size of the warm-up read (snapfs.nbd.tuning.WARM_UP).
 QEMU_DEPTH: Final = 8
 
-
 ReplyPipeFactory = Callable[[int], ReplyPipe]
 """Makes a ReplyPipe of the given size on the mounted FUSE connection."""
 

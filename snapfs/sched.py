@@ -21,9 +21,8 @@ def batch_scheduled() -> Iterator[None]:
     sleep again, and on a busy host those sleeps and wakeups cost more CPU than the replies. A
     batch thread that wakes never preempts the running task: it runs at the end of that task's
     slice or on an idle CPU, and then handles everything that came meanwhile in one go. Its
-    share of the
-    CPU and its nice value stay the same; only that preemption goes. Changing between these
-    two policies needs no privilege."""
+    share of the CPU and its nice value stay the same; only that preemption goes. Changing
+    between these two policies needs no privilege."""
     try:
         batch = os.sched_getscheduler(0) == os.SCHED_OTHER
         if batch:
