@@ -3,7 +3,7 @@
 One :class:`DiskReader` per disk owns a worker thread, an :class:`~snapfs.nbd.wire.NBDStream` and
 a few pipes. For a READ the trio thread checks the range against the tree (as for every read)
 and submits a job; the worker asks QEMU for the range (a *fetch*: one NBD request, or one per
-copy-before-write cluster where QEMU needs that, see ``confine``), splices the payload of each
+copy-before-write cluster where QEMU needs that, see ``confine`` and ``copied``), splices the payload of each
 data chunk from the socket into the fetch's pipe (holes become zeros written into it), and then
 splices header plus payload into /dev/fuse (:mod:`snapfs.fuse.splice`). The kernel copies the
 bytes once, into the reader's pages; libnbd's path copies them twice and wakes the trio thread
@@ -40,6 +40,7 @@ waiting in poll); failures come back with ``TrioToken.run_sync_soon``. Workers r
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import queue
@@ -56,6 +57,7 @@ from snapfs.fuse.reply import ReadReply
 from snapfs.fuse.server import Intake
 from snapfs.fuse.splice import Pipe, ReplyPipe
 from snapfs.nbd import tuning
+from snapfs.nbd.pool import Pool
 from snapfs.nbd.wire import (
     CHUNK_ERROR_BIT,
     CHUNK_FLAG_DONE,
@@ -165,6 +167,7 @@ class _Fetch:
         "parts",
         "pending",
         "pipe",
+        "verify",
         "wanted",
     )
 
@@ -180,6 +183,9 @@ class _Fetch:
         self.error = 0
         self.wanted = True
         self.job: _Job | None = None
+        # Read in one request across copy-before-write clusters where QEMU needs them
+        # confined: the bytes are checked before they are sent (DiskReader._verified).
+        self.verify = False
 
     @property
     def complete(self) -> bool:
@@ -225,6 +231,13 @@ class DiskReader:
     copy-before-write cluster; see ``snapfs.qmp.confine_reads``). ``tune``: widen QEMU's send
     buffer and make the warm-up read (snapfs.nbd.tuning).
 
+    ``copied`` (with ``confine``): the export's bitmap of the clusters copy-before-write has
+    saved (snapfs.qmp.DiskState.copied). A READ across clusters is then read in one request
+    and its bytes are sent only if, asked after they all arrived, none of its clusters is in
+    the bitmap: QEMU sets a cluster's bit before the guest's new data can reach the disk, and
+    only saved clusters are misread. Otherwise (and for clusters known to be saved) the READ
+    is read again, confined. The bitmap is asked over a libnbd connection of its own.
+
     ``intake``: the worker reads the FUSE requests as well (snapfs.fuse.server.Intake), from
     ``run`` until it stops. The READs of its own disk then reach it without crossing threads,
     and the trio thread is out of the path of every READ; those of other disks go to their
@@ -242,6 +255,7 @@ class DiskReader:
         pipe_size: int = PIPE_SIZE,
         depth: SharedDepth | None = None,
         confine: int = 0,
+        copied: str = "",
         tune: bool = True,
         intake: Intake | None = None,
     ) -> None:
@@ -253,6 +267,9 @@ class DiskReader:
         self._reply_pipe = reply_pipe
         self._pipe_size = pipe_size
         self._confine = confine
+        self._copied_context = f"qemu:dirty-bitmap:{copied}" if copied and confine else ""
+        self._copied: Pool | None = None  # its connection, while it answers
+        self._saved: set[int] = set()  # clusters known to be saved (it only grows)
         self._tune = tune
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._wakeup = -1  # an eventfd while run() runs
@@ -289,6 +306,10 @@ class DiskReader:
         self.fetches = 0
         self.jobs = 0
         self.most_jobs = 0
+        #: Fetches read across clusters and checked (``copied``); of those, the ones whose
+        #: bytes were not taken (a cluster was saved) and that were read again, confined.
+        self.verified = 0
+        self.reread = 0
         #: Whether this reader made the WARM_UP read and it was answered (data or an error).
         self.warmed_up = False
         #: The worker thread's id (``threading.get_native_id``) once it serves; 0 before.
@@ -422,6 +443,8 @@ class DiskReader:
             # Readers start one after the other: no race.
             if self._tune and not self._depth.warmed_up:
                 self._warm_up()
+            if self._copied_context:
+                self._open_copied()
             self._poll = select.epoll()
             self._poll.register(self._stream.fileno, select.EPOLLIN)
             self._poll.register(self._wakeup, select.EPOLLIN)
@@ -434,6 +457,24 @@ class DiskReader:
         except BaseException:
             self._release()
             raise
+
+    def _open_copied(self) -> None:
+        """Connect for the copied bitmap; without it every request stays confined."""
+        pool = Pool(
+            self._socket_path,
+            self._export,
+            clients=1,
+            what=f"NBD export {self._export}",
+            error=lambda message: NBDError(message, errno.EIO),
+            contexts=(self._copied_context,),
+        )
+        try:
+            pool.connect()
+        except NBDError as err:
+            log.warning("%s: reads stay inside one cluster each: %s", self.name, err)
+            pool.close()
+            return
+        self._copied = pool
 
     def _warm_up(self) -> None:
         """QEMU's warm-up read (snapfs.nbd.tuning.warm_up), once per QEMU."""
@@ -457,6 +498,9 @@ class DiskReader:
         self._unsent.clear()
         if self._stream is not None:
             self._stream.close()
+        if self._copied is not None:
+            self._copied.close()
+            self._copied = None
         if self._poll is not None:
             self._poll.close()
             self._poll = None
@@ -588,10 +632,37 @@ class DiskReader:
         log.error("%s: the splice data path failed: %s", self.name, err)
         return StreamLost(f"{self.name}: {err}")
 
-    def _split(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """The NBD requests of a fetch: one, or one per ``confine`` block it touches."""
+    def _verified(self, fetch: _Fetch) -> bool:
+        """Whether none of the fetch's clusters is saved, asked now (its bytes are all in)."""
+        self.verified += 1
+        c = self._confine
+        pool = self._copied
+        if pool is None:
+            return False
+        try:
+            saved = pool.dirty(self._copied_context, fetch.offset, fetch.length)
+        except NBDError as err:
+            log.warning("%s: reads stay inside one cluster each: %s", self.name, err)
+            self._copied = None
+            pool.close()
+            return False
+        for start, length in saved:
+            self._saved.update(range(start // c, (start + length - 1) // c + 1))
+        return not saved
+
+    def _split(self, offset: int, length: int, whole: bool) -> list[tuple[int, int]]:
+        """The NBD requests of a fetch: one, or one per ``confine`` block it touches (unless
+        ``whole`` and its bytes can be checked: see ``copied``)."""
         c = self._confine
         if not c:
+            return [(offset, length)]
+        first, last = offset // c, (offset + length - 1) // c
+        if (
+            whole
+            and first != last
+            and self._copied is not None
+            and not any(i in self._saved for i in range(first, last + 1))
+        ):
             return [(offset, length)]
         parts = []
         end = offset + length
@@ -601,8 +672,8 @@ class DiskReader:
             offset += step
         return parts
 
-    def _fetch(self, offset: int, length: int) -> _Fetch:
-        """Ask QEMU for a range."""
+    def _fetch(self, offset: int, length: int, *, whole: bool = True) -> _Fetch:
+        """Ask QEMU for a range (``whole``: see ``_split``)."""
         assert self._stream is not None
         pipe = None
         if self._free:
@@ -613,7 +684,13 @@ class DiskReader:
             os.set_blocking(pipe.w, False)  # holes are written; a full pipe must not block
         fetch = _Fetch(offset, length, pipe)
         requests = []
-        for start, size in self._split(offset, length):
+        split = self._split(offset, length, whole)
+        fetch.verify = (
+            bool(self._confine)
+            and len(split) == 1
+            and (offset // self._confine != (offset + length - 1) // self._confine)
+        )
+        for start, size in split:
             self._handle += 1
             part = _Part(fetch, start - offset, size)
             fetch.parts.append(part)
@@ -691,6 +768,16 @@ class DiskReader:
                         fetch.error,
                     ),
                 )
+                return
+            if fetch.verify and not self._verified(fetch):
+                # Some of its clusters were saved: QEMU may have read them from the live
+                # disk. Read it again, one request per cluster (fetch's pipe is freed below).
+                self.reread += 1
+                job.retried = True  # a fetch of its own
+                job.fetch = self._fetch(job.offset, job.length, whole=False)
+                job.fetch.job = job
+                if job.fetch.complete:  # never: it has requests
+                    self._answer(job)
                 return
             if not job.retried:
                 self.hits += 1  # answered by a read-ahead

@@ -69,6 +69,9 @@ MAX_CBW_CLUSTER = 2 << 20
 # Records the guest's writes since the snapshot point where QEMU needs it (see confine_reads):
 # "--" cannot occur in a bitmap of an incremental ID.
 WRITTEN_BITMAP = f"{PREFIX}-written"
+# Records, on the fleecing node, every range copy-before-write has saved there, where QEMU
+# needs it (see confine_reads).
+COPIED_BITMAP = f"{PREFIX}-copied"
 _PFLASH = "/machine/system.flash"
 # How long teardown waits for QEMU to finish deleting an export (it is asynchronous).
 _EXPORT_GONE_TIMEOUT = 10.0
@@ -456,13 +459,19 @@ class DiskState:
     data_node: str = ""
     throttle: dict[str, Any] | None = None
     # > 0: copy-before-write misreports reads and block status that span a copied and an
-    # uncopied cluster of this size (QEMU before 8.0), so every request stays inside one.
+    # uncopied cluster of this size (QEMU before 8.0), so every request stays inside one, or
+    # is checked against ``copied``.
     confine: int = 0
     # Copy-before-write's cluster: the fleecing image's cluster size (never below 64 KiB).
     cbw_cluster: int = CBW_CLUSTER
     # A bitmap of every guest write since the snapshot point, exported beside the snapshot
     # (QEMU before 8.0): block status may have reported those ranges from the live disk.
     written: str = ""
+    # A bitmap of the fleecing node (QEMU before 8.0), exported beside the snapshot: every
+    # range copy-before-write has saved. QEMU sets it when the copy is written, before it
+    # marks the range saved and so before the guest's new data can reach the disk: a read or
+    # block status across clusters was right if none of its clusters was set after it ended.
+    copied: str = ""
 
     def __post_init__(self) -> None:
         self.data_node = self.data_node or self.node
@@ -499,9 +508,11 @@ class DiskState:
         return nodes
 
     @property
-    def export_bitmaps(self) -> list[str]:
-        """Bitmaps of the export: the readable regions (incremental), the guest's writes."""
-        return [b for b in (self.export_bitmap, self.written) if b]
+    def export_bitmaps(self) -> list[tuple[str, str]]:
+        """(node, name) of the export's bitmaps: the readable regions (incremental), the
+        guest's writes, what copy-before-write saved."""
+        named = [(self.data_node, b) for b in (self.export_bitmap, self.written) if b]
+        return named + ([(self.fleecing_node, self.copied)] if self.copied else [])
 
     def bitmap_facts(self) -> dict[str, Any]:
         """What snapfs.json shows: the mode, and for new/reuse the reason and bitmap names."""
@@ -594,8 +605,10 @@ def confine_reads(version: tuple[int, int], cluster: int = CBW_CLUSTER) -> int:
     for first dirty bit case") answers a read or block status of the snapshot that starts in a
     cluster copy-before-write has copied and runs on into one it has not from the live disk for
     the copied part: guest zero writes show up as holes, and a guest write racing the read as
-    data. Inside one cluster the answer is always right. ``SNAPFS_CONFINE_READS=1`` forces this
-    on any QEMU (to measure what it costs).
+    data. Inside one cluster the answer is always right; across clusters it is wrong only for
+    a copied one, which the copied bitmap (DiskState.copied) records first, so a read across
+    clusters may be checked against it afterwards instead (snapfs.datapath.DiskReader).
+    ``SNAPFS_CONFINE_READS=1`` forces this on any QEMU (to measure what it costs).
     """
     if version < (8, 0) or os.environ.get("SNAPFS_CONFINE_READS") == "1":
         return cluster
@@ -931,6 +944,7 @@ async def setup(
                 confine=confine,
                 cbw_cluster=fleecing_cluster,
                 written=written,
+                copied=COPIED_BITMAP if confine else "",
             )
         )
 
@@ -1002,6 +1016,18 @@ async def setup(
                 },
             )
             undo.push(f"delete {s.fleecing_node}", _deleter(q, s.fleecing_node))
+            if s.copied:
+                # Before the filter exists, so it sees every copy; it goes with the node.
+                await step("add copied bitmap", s.name)
+                await q.execute(
+                    "block-dirty-bitmap-add",
+                    {
+                        "node": s.fleecing_node,
+                        "name": s.copied,
+                        "persistent": False,
+                        "granularity": s.cbw_cluster,
+                    },
+                )
             if s.bitmap.mode == "new" and s.bitmap.persistent in _bitmaps_of(nodes, s.data_node):
                 # Unusable (inconsistent, disabled, resized): start over.
                 await step("remove unusable bitmap", s.name)
@@ -1113,7 +1139,7 @@ async def setup(
             if s.export_bitmaps:
                 # By name QEMU 7.2 only looks down filter/COW children, and snapshot-access is
                 # neither: name the node explicitly.
-                export["bitmaps"] = [{"node": s.data_node, "name": b} for b in s.export_bitmaps]
+                export["bitmaps"] = [{"node": n, "name": b} for n, b in s.export_bitmaps]
             await q.execute("block-export-add", export)
             undo.push(f"delete export {s.export_id}", _export_deleter(q, s.export_id))
         if incremental:

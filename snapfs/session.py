@@ -397,6 +397,15 @@ class Session:
                         )
                     for reader in self._readers:
                         reader.close()
+                        if reader.verified:
+                            log.info(
+                                "VM %s: %s: %d reads across copy-before-write clusters were "
+                                "checked against the copied bitmap, %d of them read again",
+                                g.vmid,
+                                reader.name,
+                                reader.verified,
+                                reader.reread,
+                            )
                     if self._intake is not None:
                         log.info(
                             "VM %s: the data path read %d FUSE requests and answered %d READs",
@@ -421,6 +430,7 @@ class Session:
             self._server.reply_pipe,
             depth=self._depth,
             confine=ds.confine,
+            copied=ds.copied,
             tune=self.opts.tune,
             intake=intake,
         )

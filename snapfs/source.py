@@ -31,7 +31,13 @@ def contexts(ds: qmp.DiskState) -> list[str]:
     access bitmap: an incremental view asks for its dirty bitmap only."""
     if ds.export_bitmap:
         return [f"qemu:dirty-bitmap:{ds.export_bitmap}"]
-    return [BASE_ALLOCATION] + ([f"qemu:dirty-bitmap:{ds.written}"] if ds.written else [])
+    return [BASE_ALLOCATION, *_guards(ds)]
+
+
+def _guards(ds: qmp.DiskState) -> list[str]:
+    """The contexts of the bitmaps that say where a block status may have come from the live
+    disk (QEMU before 8.0; see _zeros)."""
+    return [f"qemu:dirty-bitmap:{b}" for b in (ds.written, ds.copied) if b]
 
 
 async def disk(client: NBDClient, ds: qmp.DiskState, on_broken: Callable[[str], None]) -> Disk:
@@ -46,7 +52,7 @@ async def disk(client: NBDClient, ds: qmp.DiskState, on_broken: Callable[[str], 
         # Full view: SEEK_HOLE and st_blocks follow what reads as zeros, so thin disks copy
         # sparsely.
         if client.can_meta_context(BASE_ALLOCATION):
-            zeros = await _zeros(client, f"qemu:dirty-bitmap:{ds.written}" if ds.written else None)
+            zeros = await _zeros(client, _guards(ds))
     # Punches are aligned to what copy-before-write can drop: its cluster, which is never
     # below 64 KiB, nor below the bitmap's granularity.
     source = NBDSource(client, ds.name, on_broken, ds.confine)
@@ -157,24 +163,24 @@ async def _regions(client: NBDClient, context: str, mask: int) -> Regions:
     return regions
 
 
-async def _zeros(client: NBDClient, written: str | None) -> Regions:
+async def _zeros(client: NBDClient, guards: list[str]) -> Regions:
     """The ranges of a full view that read as zeros in the snapshot.
 
-    ``written`` (QEMU before 8.0, see qmp.confine_reads): the context of a bitmap of every
-    guest write since the snapshot point. There, block status of a range that starts in a
-    cluster copy-before-write has copied and runs on into one it has not reports the copied
-    part from the live disk: a later guest zero write shows as zeros. The live disk only
-    differs from the snapshot where the guest wrote, which QEMU records in the bitmap before
-    the status can see the new data, and QEMU computes the bitmap's extents after the
-    allocation's in the same request: zeros are kept only where the bitmap is clean.
+    ``guards`` (QEMU before 8.0, see qmp.confine_reads): the contexts of the bitmaps of every
+    guest write since the snapshot point and of every cluster copy-before-write saved. There,
+    block status of a range that starts in a saved cluster and runs on into one that is not
+    reports the saved part from the live disk: a later guest zero write shows as zeros. The
+    live disk only differs from the snapshot in saved clusters, which QEMU records in the
+    copied bitmap before it marks them saved (and so before the guest's write goes on to the
+    disk), and QEMU computes the bitmaps' extents after the allocation's in the same request:
+    zeros are kept only where every guard is clean.
     """
-    contexts = [BASE_ALLOCATION, *([written] if written else [])]
     zeros = Regions()
-    async for _, end, got in _walk(client, contexts):
+    async for _, end, got in _walk(client, [BASE_ALLOCATION, *guards]):
         chunk = Regions()
         chunk.extend(*_clipped(*got[BASE_ALLOCATION].selected(NBD_STATE_ZERO), end))
-        if written:
-            for off, length in zip(*_clipped(*got[written].selected(NBD_STATE_DIRTY), end),
+        for guard in guards:
+            for off, length in zip(*_clipped(*got[guard].selected(NBD_STATE_DIRTY), end),
                                    strict=True):  # fmt: skip
                 chunk.remove(off, length)
         starts, ends = chunk.arrays()

@@ -10,6 +10,7 @@ read or a block status runs on into an unsaved one, which snapfs must never pass
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import subprocess
@@ -237,6 +238,50 @@ def test_qemu_without_the_fix_needs_confined_reads(
         assert facts["disks"]["scsi0"]["confined_reads"] == (
             65536 if (major, minor) < (8, 0) else 0
         )
+
+
+def test_reads_across_clusters_are_checked_against_what_was_saved(
+    shm_dir: Path, snapfs: Snapfs, tmp_path: Path
+) -> None:
+    """Before QEMU 8.0 a READ across copy-before-write clusters is one NBD request whose bytes
+    go out only if none of its clusters was saved by the time they arrived (the copied
+    bitmap); the others are read again, a request per cluster. Every read stays exact, also
+    while the guest writes; a MiB where the guest wrote nothing is read whole."""
+    vm = TestVM(
+        shm_dir,
+        [DiskSpec("scsi0", "raw", "scsi", size=SIZE, detect_zeroes="unmap")],
+        contents={"scsi0": disk_content(13)},
+    )
+    with vm:
+        major, minor = (int(x) for x in vm.qemu_version().split(".")[:2])
+        if (major, minor) >= (8, 0):
+            pytest.skip("QEMU 8.0 and later answer reads across clusters as asked")
+        with snapfs.mounted(vm, tmp_path / "mnt") as mnt:
+            want = vm.snapshot()["scsi0"]
+            raw = mnt / "scsi0.raw"
+            trigger_copies(vm, "scsi0", stride=2 * MiB)  # every other MiB untouched
+            check_view(raw, want)
+            with GuestIO(vm, seed=8).storm():
+                fd = os.open(raw, os.O_RDONLY | os.O_DIRECT)
+                try:
+                    for off in range(0, SIZE, MiB):
+                        buf = mmap.mmap(-1, MiB)
+                        assert os.preadv(fd, [buf], off) == MiB
+                        assert buf[:] == want[off : off + MiB], off
+                finally:
+                    os.close(fd)
+        assert not vm.io_errors()
+    checked = [
+        (int(a), int(b))
+        for a, b in re.findall(
+            r"(\d+) reads across copy-before-write clusters were checked against the copied "
+            r"bitmap, (\d+) of them read again",
+            snapfs.log_file.read_text(),
+        )
+    ]
+    assert len(checked) == 1
+    verified, reread = checked[0]
+    assert verified > reread > 0
 
 
 @pytest.mark.parametrize(("fmt", "detect_zeroes"), [("qcow2", "unmap"), ("raw", "on")])

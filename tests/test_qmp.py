@@ -263,6 +263,7 @@ def test_unwritable_fleecing_dir(vm: TestVM, tmp_path: Path) -> None:
     "at",
     [
         "add fleecing node",
+        "add copied bitmap",
         "prepare bitmaps",
         "add copy-before-write filter",
         "insert filter",
@@ -275,11 +276,19 @@ def test_qemu_failure_midway_rolls_back(vm: TestVM, tmp_path: Path, at: str) -> 
 
     The fault is injected through snapfs's own monitor from ``on_step``, just before the step.
     """
+    major, minor = (int(x) for x in vm.qemu_version().split(".")[:2])
+    if at == "add copied bitmap" and (major, minor) >= (8, 0):
+        pytest.skip("QEMU 8.0 and later need no copied bitmap")
     before = vm.graph()
     inject: dict[str, tuple[str, dict[str, Any]]] = {
         "add fleecing node": (
             "blockdev-add",
             {"driver": "null-co", "node-name": "snapfs-fl-scsi0"},
+        ),
+        # The same name already on the fleecing node.
+        "add copied bitmap": (
+            "block-dirty-bitmap-add",
+            {"node": "snapfs-fl-scsi0", "name": "snapfs--copied"},
         ),
         "prepare bitmaps": (
             "block-dirty-bitmap-add",

@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import nbd
 
@@ -24,6 +24,10 @@ from snapfs.nbd import tuning
 WAIT_TIMEOUT = 600.0
 #: How long connecting to the server's socket may take, and then the NBD handshake.
 CONNECT_TIMEOUT = 10.0
+#: How long a block status request may wait for its answer (as in snapfs.nbd.client).
+STATUS_TIMEOUT = 30.0
+#: qemu:dirty-bitmap contexts: bit 0 set means dirty.
+DIRTY = 1
 #: The largest write-zeroes request: QEMU's NBD server refuses 4 GiB and more.
 MAX_ZERO = 1 << 30
 
@@ -40,11 +44,13 @@ class Pool:
         what: str,
         error: Callable[[str], SnapfsError],
         tune: bool = False,
+        contexts: Sequence[str] = (),
     ) -> None:
         self.socket = socket
         self.export = export
         self.what = what
         self.tune = tune
+        self.contexts = tuple(contexts)
         self.error = error
         self._slots = threading.BoundedSemaphore(clients)
         self._free: list[nbd.NBD] = []
@@ -64,7 +70,12 @@ class Pool:
             h.set_pread_initialize(False)
             if self.export:
                 h.set_export_name(self.export)
+            for context in self.contexts:
+                h.add_meta_context(context)
             self._connect(h)
+            for context in self.contexts:
+                if not h.can_meta_context(context):
+                    raise self.error(f"{self.what} does not report {context!r}")
         except nbd.Error as err:
             raise self.error(f"connecting to {self.what}: {err}") from err
         except OSError as err:
@@ -146,6 +157,47 @@ class Pool:
                 return data
         except nbd.Error as err:
             raise self.error(f"reading {self.what} at {offset}: {err}") from err
+
+    def dirty(self, context: str, offset: int, length: int) -> list[tuple[int, int]]:
+        """The ``(offset, length)`` pieces of ``[offset, offset + length)`` whose flags in
+        ``context`` (one of ``contexts``, a qemu:dirty-bitmap) have the dirty bit set; each
+        answer within STATUS_TIMEOUT."""
+        found: list[tuple[int, int]] = []
+        end = offset + length
+        pos = offset
+        got: list[tuple[int, list[int]]] = []
+
+        def extent(meta: str, start: int, entries: list[int], err: object) -> int:
+            if meta == context:
+                got.append((start, list(entries)))
+            return 0
+
+        try:
+            with self.connection() as h:
+                while pos < end:
+                    got.clear()
+                    cookie = h.aio_block_status(end - pos, pos, extent)
+                    deadline = time.monotonic() + STATUS_TIMEOUT
+                    while not h.aio_command_completed(cookie):
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise self.error(
+                                f"{self.what}: no block status within {STATUS_TIMEOUT:g} s"
+                            )
+                        h.poll(max(1, int(left * 1000)))
+                    if not got or not got[0][1]:
+                        raise self.error(f"{self.what}: no {context!r} extents at {pos}")
+                    start, entries = got[0]
+                    for n, flags in zip(entries[0::2], entries[1::2], strict=True):
+                        if flags & DIRTY and start < end:
+                            found.append((start, min(n, end - start)))
+                        start += n
+                    if start <= pos:
+                        raise self.error(f"{self.what}: block status at {pos} does not go on")
+                    pos = start
+        except nbd.Error as err:
+            raise self.error(f"block status of {self.what} at {pos}: {err}") from err
+        return found
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         try:
