@@ -128,8 +128,8 @@ def _mount_options(p: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         default="64K",
         help="cluster size of the fleecing images, 64K (the default) to 2M: a guest write "
-        "after the snapshot copies this much old data first; on QEMU before 8.0 reads are "
-        "confined to one cluster, and 1M makes them faster",
+        "after the snapshot copies this much old data first; on QEMU before 8.0 a read over "
+        "clusters the guest wrote is read again one cluster per request",
     )
     p.add_argument(
         "--freeze-timeout",

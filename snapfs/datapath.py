@@ -3,12 +3,12 @@
 One :class:`DiskReader` per disk owns a worker thread, an :class:`~snapfs.nbd.wire.NBDStream` and
 a few pipes. For a READ the trio thread checks the range against the tree (as for every read)
 and submits a job; the worker asks QEMU for the range (a *fetch*: one NBD request, or one per
-copy-before-write cluster where QEMU needs that, see ``confine`` and ``copied``), splices the payload of each
-data chunk from the socket into the fetch's pipe (holes become zeros written into it), and then
-splices header plus payload into /dev/fuse (:mod:`snapfs.fuse.splice`). The kernel copies the
-bytes once, into the reader's pages; libnbd's path copies them twice and wakes the trio thread
-for every socket chunk. Workers of different disks run in parallel (the GIL is released in
-every syscall).
+copy-before-write cluster where QEMU needs that, see ``confine`` and ``copied``), splices the
+payload of each data chunk from the socket into the fetch's pipe (holes become zeros written
+into it), and then splices header plus payload into /dev/fuse (:mod:`snapfs.fuse.splice`). The
+kernel copies the bytes once, into the reader's pages; libnbd's path copies them twice and
+wakes the trio thread for every socket chunk. Workers of different disks run in parallel (the
+GIL is released in every syscall).
 
 Several READs of one disk are in flight at once (up to ``MAX_JOBS``): QEMU serves their
 requests concurrently and may answer in any order, and each READ is answered as soon as its
