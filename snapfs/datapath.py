@@ -650,27 +650,28 @@ class DiskReader:
             self._saved.update(range(start // c, (start + length - 1) // c + 1))
         return not saved
 
-    def _split(self, offset: int, length: int, whole: bool) -> list[tuple[int, int]]:
-        """The NBD requests of a fetch: one, or one per ``confine`` block it touches (unless
-        ``whole`` and its bytes can be checked: see ``copied``)."""
+    def _split(self, offset: int, length: int, whole: bool) -> tuple[list[tuple[int, int]], bool]:
+        """The NBD requests of a fetch: one, or one per ``confine`` block it touches, unless
+        ``whole`` and its bytes can be checked (see ``copied``); and whether they must be."""
         c = self._confine
         if not c:
-            return [(offset, length)]
+            return [(offset, length)], False
         first, last = offset // c, (offset + length - 1) // c
+        saved = self._saved
         if (
             whole
             and first != last
             and self._copied is not None
-            and not any(i in self._saved for i in range(first, last + 1))
+            and not (saved and any(i in saved for i in range(first, last + 1)))
         ):
-            return [(offset, length)]
+            return [(offset, length)], True
         parts = []
         end = offset + length
         while offset < end:
             step = min(end, (offset // c + 1) * c) - offset
             parts.append((offset, step))
             offset += step
-        return parts
+        return parts, False
 
     def _fetch(self, offset: int, length: int, *, whole: bool = True) -> _Fetch:
         """Ask QEMU for a range (``whole``: see ``_split``)."""
@@ -684,12 +685,7 @@ class DiskReader:
             os.set_blocking(pipe.w, False)  # holes are written; a full pipe must not block
         fetch = _Fetch(offset, length, pipe)
         requests = []
-        split = self._split(offset, length, whole)
-        fetch.verify = (
-            bool(self._confine)
-            and len(split) == 1
-            and (offset // self._confine != (offset + length - 1) // self._confine)
-        )
+        split, fetch.verify = self._split(offset, length, whole)
         for start, size in split:
             self._handle += 1
             part = _Part(fetch, start - offset, size)

@@ -470,7 +470,8 @@ class DiskState:
     # A bitmap of the fleecing node (QEMU before 8.0), exported beside the snapshot: every
     # range copy-before-write has saved. QEMU sets it when the copy is written, before it
     # marks the range saved and so before the guest's new data can reach the disk: a read or
-    # block status across clusters was right if none of its clusters was set after it ended.
+    # block status across clusters was right if, asked after it ended, none of its clusters
+    # is set.
     copied: str = ""
 
     def __post_init__(self) -> None:
