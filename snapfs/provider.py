@@ -42,7 +42,7 @@ import nbd
 from snapfs import paths
 from snapfs.errors import CopyError, UsageError
 from snapfs.libc import punch_hole
-from snapfs.nbd.pool import WAIT_TIMEOUT, Pool
+from snapfs.nbd.pool import WAIT_TIMEOUT, Pool, dirty_ranges
 from snapfs.records import BackupRecord, DiskFacts, Facts
 from snapfs.sched import batch_scheduled
 
@@ -184,19 +184,20 @@ class _Slot:
     a copy of many equal regions makes them once.
     """
 
-    __slots__ = ("_shapes", "_view", "buf", "left", "n", "pos")
+    __slots__ = ("_shapes", "_view", "buf", "checked", "left", "n", "pos")
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self._view = memoryview(self.buf)
-        self._shapes: dict[tuple[int, int], list[tuple[nbd.Buffer, int]]] = {}
+        self._shapes: dict[tuple[int, int, int], list[tuple[nbd.Buffer, int]]] = {}
         self.pos = self.n = self.left = 0
+        self.checked = False  # read in one request across clusters: check before writing
 
     def requests(self, pos: int, n: int, confine: int) -> list[tuple[nbd.Buffer, int]]:
         """(buffer, offset) of each request for [pos, pos + n): one, or one per ``confine``
         block (see snapfs.qmp.confine_reads)."""
         phase = pos % confine if confine else 0
-        shape = self._shapes.get((phase, n))
+        shape = self._shapes.get((phase, n, confine))
         if shape is None:
             if n > len(self.buf) or len(self._shapes) >= 64:  # bounded, whatever the shapes
                 self._shapes.clear()
@@ -207,7 +208,7 @@ class _Slot:
                 (nbd.Buffer.from_buffer(self._view[p - phase : p - phase + k]), p)
                 for p, k in pieces(phase, n, confine)
             ]
-            self._shapes[phase, n] = shape
+            self._shapes[phase, n, confine] = shape
         return [(piece, pos - phase + p) for piece, p in shape]
 
 
@@ -242,6 +243,10 @@ class DiskCopy:
         self.zeros = memoryview(bytes(CHUNK))
         self.stats = Stats()
         self._lock = threading.Lock()  # stats and progress
+        #: Direct reads across clusters checked against the copied bitmap (QEMU before 8.0),
+        #: and those read again one request per cluster.
+        self.checked = 0
+        self.reread = 0
         self._local = threading.local()  # each thread's buffer
 
     def _count(
@@ -336,6 +341,8 @@ class DiskCopy:
         for the GIL at every libnbd call and every write, which cost more than the overlap won.
         """
         confine = direct.confine
+        checked = direct.checked
+        saved: set[int] = set()  # clusters copy-before-write is known to have saved
         pending: dict[int, _Slot] = {}  # cookie -> the chunk its request reads into
         spare: list[_Slot] = []  # slots of chunks written
         window_bytes = 0
@@ -356,7 +363,15 @@ class DiskCopy:
                             break
                         slot = spare.pop() if spare else _Slot()
                         pos, n = slot.pos, slot.n = nxt
-                        pieces = slot.requests(pos, n, confine)
+                        first, last = (
+                            (pos // confine, (pos + n - 1) // confine) if confine else (0, 0)
+                        )
+                        slot.checked = bool(
+                            checked
+                            and first != last
+                            and not (saved and any(i in saved for i in range(first, last + 1)))
+                        )
+                        pieces = slot.requests(pos, n, 0 if slot.checked else confine)
                         slot.left = len(pieces)
                         for piece, offset in pieces:
                             pending[aio_pread(piece, offset)] = slot
@@ -375,6 +390,26 @@ class DiskCopy:
                     slot.left -= 1
                     if slot.left:
                         continue
+                    if slot.checked:
+                        # See snapfs.datapath.DiskReader: its bytes are right if, asked now,
+                        # none of its clusters was saved; if one was, once more confined.
+                        self.checked += 1
+                        slot.checked = False
+                        try:
+                            bad = dirty_ranges(h, checked, slot.pos, slot.n)
+                        except OSError as err:
+                            raise CopyError(f"reading {direct.pool.what}: {err}") from err
+                        if bad:
+                            self.reread += 1
+                            for start, length in bad:
+                                saved.update(
+                                    range(start // confine, (start + length - 1) // confine + 1)
+                                )
+                            pieces = slot.requests(slot.pos, slot.n, confine)
+                            slot.left = len(pieces)
+                            for piece, offset in pieces:
+                                pending[aio_pread(piece, offset)] = slot
+                            continue
                     window_bytes -= slot.n
                     chunk(slot.pos, slot.n, slot.buf)
                     spare.append(slot)
@@ -387,6 +422,14 @@ class DiskCopy:
             # This thread reads and writes everything, woken by every reply: see batch_scheduled.
             with batch_scheduled():
                 self._copy_direct(self._chunks(regions), self.direct)
+            if self.checked:
+                log.info(
+                    "%s: the copy checked %d reads across copy-before-write clusters against "
+                    "the copied bitmap and read %d of them again",
+                    self.direct.pool.what,
+                    self.checked,
+                    self.reread,
+                )
             return
         failure: list[BaseException] = []
         room = threading.Semaphore(self.workers * 2)  # chunks queued or in flight
@@ -429,6 +472,9 @@ class DirectReads:
 
     pool: Pool
     confine: int  # see snapfs.qmp.confine_reads
+    #: The copied bitmap's context where ``confine`` and the pool negotiated it (see
+    #: snapfs.qmp.DiskState.copied): reads across clusters are checked, not split.
+    checked: str = ""
 
 
 @contextlib.contextmanager
@@ -465,24 +511,50 @@ def _direct_exports(view: Path, facts: Facts, workers: int) -> dict[str, DirectR
         name = disk.get("name") if isinstance(disk, dict) else None
         if name not in facts.disks or not isinstance(disk.get("export_name"), str):
             continue
-        pool = Pool(
-            socket,
-            disk["export_name"],
-            clients=workers,
-            what=f"QEMU's export of {name}",
-            error=CopyError,
-            tune=True,
-        )
+        confine = facts.disks[name].confined_reads
+        copied = disk.get("copied")
+        checked = f"qemu:dirty-bitmap:{copied}" if confine and isinstance(copied, str) else ""
         try:
-            pool.connect()
+            pool = _direct_pool(socket, disk["export_name"], name, workers, checked)
+        except CopyError as err:
+            if not checked:
+                log.info("%s: reading through the view: %s", name, err)
+                continue
+            log.info("%s: reads stay inside one cluster each: %s", name, err)
+            checked = ""
+            try:
+                pool = _direct_pool(socket, disk["export_name"], name, workers, checked)
+            except CopyError as err2:
+                log.info("%s: reading through the view: %s", name, err2)
+                continue
+        try:
             if pool.size() != facts.disks[name].size:
                 raise CopyError(f"QEMU's export of {name} is not of the view's size")
         except CopyError as err:
             pool.close()
             log.info("%s: reading through the view: %s", name, err)
             continue
-        out[name] = DirectReads(pool, facts.disks[name].confined_reads)
+        out[name] = DirectReads(pool, confine, checked)
     return out
+
+
+def _direct_pool(socket: str, export: str, name: str, workers: int, context: str) -> Pool:
+    """A connected pool for ``export`` (negotiating ``context`` if given); raises CopyError."""
+    pool = Pool(
+        socket,
+        export,
+        clients=workers,
+        what=f"QEMU's export of {name}",
+        error=CopyError,
+        tune=True,
+        contexts=(context,) if context else (),
+    )
+    try:
+        pool.connect()
+    except CopyError:
+        pool.close()
+        raise
+    return pool
 
 
 def read_facts(view: Path) -> Facts:

@@ -246,7 +246,8 @@ def test_reads_across_clusters_are_checked_against_what_was_saved(
     """Before QEMU 8.0 a READ across copy-before-write clusters is one NBD request whose bytes
     go out only if none of its clusters was saved by the time they arrived (the copied
     bitmap); the others are read again, a request per cluster. Every read stays exact, also
-    while the guest writes; a MiB where the guest wrote nothing is read whole."""
+    while the guest writes; a MiB where the guest wrote nothing is read whole. snapfs copy,
+    which reads QEMU's export itself, does the same."""
     vm = TestVM(
         shm_dir,
         [DiskSpec("scsi0", "raw", "scsi", size=SIZE, detect_zeroes="unmap")],
@@ -261,7 +262,11 @@ def test_reads_across_clusters_are_checked_against_what_was_saved(
             raw = mnt / "scsi0.raw"
             trigger_copies(vm, "scsi0", stride=2 * MiB)  # every other MiB untouched
             check_view(raw, want)
+            snapfs("copy", str(mnt), str(tmp_path / "c1"))
+            assert (tmp_path / "c1/scsi0.raw").read_bytes() == want
             with GuestIO(vm, seed=8).storm():
+                snapfs("copy", str(mnt), str(tmp_path / "c2"))
+                assert (tmp_path / "c2/scsi0.raw").read_bytes() == want
                 fd = os.open(raw, os.O_RDONLY | os.O_DIRECT)
                 try:
                     for off in range(0, SIZE, MiB):
@@ -282,6 +287,14 @@ def test_reads_across_clusters_are_checked_against_what_was_saved(
     assert len(checked) == 1
     verified, reread = checked[0]
     assert verified > reread > 0
+    # snapfs copy reads QEMU's export itself, the same way: the first copy, before the storm.
+    copied = re.findall(
+        r"the copy checked (\d+) reads across copy-before-write clusters against the copied "
+        r"bitmap and read (\d+) of them again",
+        snapfs.log_file.read_text(),
+    )
+    assert len(copied) == 2
+    assert int(copied[0][0]) > int(copied[0][1]) > 0
 
 
 @pytest.mark.parametrize(("fmt", "detect_zeroes"), [("qcow2", "unmap"), ("raw", "on")])

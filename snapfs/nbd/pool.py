@@ -9,6 +9,7 @@ flight as threads use the pool. Errors become the caller's error class, one line
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import threading
@@ -159,45 +160,12 @@ class Pool:
             raise self.error(f"reading {self.what} at {offset}: {err}") from err
 
     def dirty(self, context: str, offset: int, length: int) -> list[tuple[int, int]]:
-        """The ``(offset, length)`` pieces of ``[offset, offset + length)`` whose flags in
-        ``context`` (one of ``contexts``, a qemu:dirty-bitmap) have the dirty bit set; each
-        answer within STATUS_TIMEOUT."""
-        found: list[tuple[int, int]] = []
-        end = offset + length
-        pos = offset
-        got: list[tuple[int, list[int]]] = []
-
-        def extent(meta: str, start: int, entries: list[int], err: object) -> int:
-            if meta == context:
-                got.append((start, list(entries)))
-            return 0
-
+        """``dirty_ranges`` over a connection of the pool."""
         try:
             with self.connection() as h:
-                while pos < end:
-                    got.clear()
-                    cookie = h.aio_block_status(end - pos, pos, extent)
-                    deadline = time.monotonic() + STATUS_TIMEOUT
-                    while not h.aio_command_completed(cookie):
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            raise self.error(
-                                f"{self.what}: no block status within {STATUS_TIMEOUT:g} s"
-                            )
-                        h.poll(max(1, int(left * 1000)))
-                    if not got or not got[0][1]:
-                        raise self.error(f"{self.what}: no {context!r} extents at {pos}")
-                    start, entries = got[0]
-                    for n, flags in zip(entries[0::2], entries[1::2], strict=True):
-                        if flags & DIRTY and start < end:
-                            found.append((start, min(n, end - start)))
-                        start += n
-                    if start <= pos:
-                        raise self.error(f"{self.what}: block status at {pos} does not go on")
-                    pos = start
-        except nbd.Error as err:
-            raise self.error(f"block status of {self.what} at {pos}: {err}") from err
-        return found
+                return dirty_ranges(h, context, offset, length)
+        except (nbd.Error, OSError) as err:
+            raise self.error(f"block status of {self.what} at {offset}: {err}") from err
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         try:
@@ -232,3 +200,40 @@ class Pool:
         for h in handles:
             with contextlib.suppress(nbd.Error):
                 h.shutdown()
+
+
+def dirty_ranges(h: nbd.NBD, context: str, offset: int, length: int) -> list[tuple[int, int]]:
+    """The ``(offset, length)`` pieces of ``[offset, offset + length)`` whose flags in
+    ``context`` (a qemu:dirty-bitmap negotiated on ``h``) have the dirty bit set. Other
+    requests may be in flight on ``h``: their replies wait to be retired. Each answer within
+    STATUS_TIMEOUT; raises nbd.Error, or OSError for a late or malformed answer."""
+    found: list[tuple[int, int]] = []
+    end = offset + length
+    pos = offset
+    got: list[tuple[int, list[int]]] = []
+
+    def extent(meta: str, start: int, entries: list[int], err: object) -> int:
+        if meta == context:
+            got.append((start, list(entries)))
+        return 0
+
+    while pos < end:
+        got.clear()
+        cookie = h.aio_block_status(end - pos, pos, extent)
+        deadline = time.monotonic() + STATUS_TIMEOUT
+        while not h.aio_command_completed(cookie):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OSError(errno.ETIMEDOUT, f"no block status within {STATUS_TIMEOUT:g} s")
+            h.poll(max(1, int(left * 1000)))
+        if not got or not got[0][1]:
+            raise OSError(errno.EPROTO, f"no {context!r} extents at {pos}")
+        start, entries = got[0]
+        for n, flags in zip(entries[0::2], entries[1::2], strict=True):
+            if flags & DIRTY and start < end:
+                found.append((start, min(n, end - start)))
+            start += n
+        if start <= pos:
+            raise OSError(errno.EPROTO, f"block status at {pos} does not go on")
+        pos = start
+    return found
