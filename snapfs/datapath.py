@@ -57,7 +57,7 @@ from snapfs.fuse.reply import ReadReply
 from snapfs.fuse.server import Intake
 from snapfs.fuse.splice import Pipe, ReplyPipe
 from snapfs.nbd import tuning
-from snapfs.nbd.pool import Pool
+from snapfs.nbd.pool import Pool, SavedClusters
 from snapfs.nbd.wire import (
     CHUNK_ERROR_BIT,
     CHUNK_FLAG_DONE,
@@ -269,7 +269,7 @@ class DiskReader:
         self._confine = confine
         self._copied_context = f"qemu:dirty-bitmap:{copied}" if copied and confine else ""
         self._copied: Pool | None = None  # its connection, while it answers
-        self._saved: set[int] = set()  # clusters known to be saved (it only grows)
+        self._saved = SavedClusters(confine or 1)  # asked only with confine
         self._tune = tune
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._wakeup = -1  # an eventfd while run() runs
@@ -635,7 +635,6 @@ class DiskReader:
     def _verified(self, fetch: _Fetch) -> bool:
         """Whether none of the fetch's clusters is saved, asked now (its bytes are all in)."""
         self.verified += 1
-        c = self._confine
         pool = self._copied
         if pool is None:
             return False
@@ -646,8 +645,7 @@ class DiskReader:
             self._copied = None
             pool.close()
             return False
-        for start, length in saved:
-            self._saved.update(range(start // c, (start + length - 1) // c + 1))
+        self._saved.note(saved)
         return not saved
 
     def _split(self, offset: int, length: int, whole: bool) -> tuple[list[tuple[int, int]], bool]:
@@ -656,14 +654,7 @@ class DiskReader:
         c = self._confine
         if not c:
             return [(offset, length)], False
-        first, last = offset // c, (offset + length - 1) // c
-        saved = self._saved
-        if (
-            whole
-            and first != last
-            and self._copied is not None
-            and not (saved and any(i in saved for i in range(first, last + 1)))
-        ):
+        if whole and self._copied is not None and self._saved.whole(offset, length):
             return [(offset, length)], True
         parts = []
         end = offset + length

@@ -42,7 +42,7 @@ import nbd
 from snapfs import paths
 from snapfs.errors import CopyError, UsageError
 from snapfs.libc import punch_hole
-from snapfs.nbd.pool import WAIT_TIMEOUT, Pool, dirty_ranges
+from snapfs.nbd.pool import WAIT_TIMEOUT, Pool, SavedClusters, dirty_ranges
 from snapfs.records import BackupRecord, DiskFacts, Facts
 from snapfs.sched import batch_scheduled
 
@@ -342,7 +342,7 @@ class DiskCopy:
         """
         confine = direct.confine
         checked = direct.checked
-        saved: set[int] = set()  # clusters copy-before-write is known to have saved
+        saved = SavedClusters(confine) if checked else None
         pending: dict[int, _Slot] = {}  # cookie -> the chunk its request reads into
         spare: list[_Slot] = []  # slots of chunks written
         window_bytes = 0
@@ -363,14 +363,7 @@ class DiskCopy:
                             break
                         slot = spare.pop() if spare else _Slot()
                         pos, n = slot.pos, slot.n = nxt
-                        first, last = (
-                            (pos // confine, (pos + n - 1) // confine) if confine else (0, 0)
-                        )
-                        slot.checked = bool(
-                            checked
-                            and first != last
-                            and not (saved and any(i in saved for i in range(first, last + 1)))
-                        )
+                        slot.checked = saved is not None and saved.whole(pos, n)
                         pieces = slot.requests(pos, n, 0 if slot.checked else confine)
                         slot.left = len(pieces)
                         for piece, offset in pieces:
@@ -401,10 +394,8 @@ class DiskCopy:
                             raise CopyError(f"reading {direct.pool.what}: {err}") from err
                         if bad:
                             self.reread += 1
-                            for start, length in bad:
-                                saved.update(
-                                    range(start // confine, (start + length - 1) // confine + 1)
-                                )
+                            assert saved is not None
+                            saved.note(bad)
                             pieces = slot.requests(slot.pos, slot.n, confine)
                             slot.left = len(pieces)
                             for piece, offset in pieces:

@@ -237,3 +237,26 @@ def dirty_ranges(h: nbd.NBD, context: str, offset: int, length: int) -> list[tup
             raise OSError(errno.EPROTO, f"block status at {pos} does not go on")
         pos = start
     return found
+
+
+class SavedClusters:
+    """The copy-before-write clusters (``size`` bytes) known to be saved: a set that only
+    grows, as a saved cluster stays saved (see snapfs.qmp.DiskState.copied)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._known: set[int] = set()
+
+    def whole(self, offset: int, length: int) -> bool:
+        """Whether ``[offset, offset + length)`` spans clusters and none of them is known to
+        be saved: it may be read in one request, then checked with ``dirty_ranges``."""
+        c = self.size
+        first, last = offset // c, (offset + length - 1) // c
+        known = self._known
+        return first != last and not (known and any(i in known for i in range(first, last + 1)))
+
+    def note(self, ranges: list[tuple[int, int]]) -> None:
+        """Remember the clusters of these ``(offset, length)`` ranges as saved."""
+        c = self.size
+        for start, length in ranges:
+            self._known.update(range(start // c, (start + length - 1) // c + 1))
