@@ -72,7 +72,9 @@ def test_bench_runs_every_workload_and_cleans_up(short_tmp: Path) -> None:
         "memory",
     ]
     shm_before = set(Path("/dev/shm").glob("snapfs-bench-*"))
+    order_before = _reporting_order()
     assert bench.main(argv) == 0
+    assert _reporting_order() == order_before  # held while it ran, given back
     data = json.loads(out.read_text())
     summary = data["summary"]
     tools = {"snapfs", "nbdfuse", "nbdcopy"} | (
@@ -184,6 +186,36 @@ def test_bench_runs_every_workload_and_cleans_up(short_tmp: Path) -> None:
     assert set(Path("/dev/shm").glob("snapfs-bench-*")) == shm_before  # images, copies removed
 
 
+def _reporting_order() -> str | None:
+    """The guest kernel's free page reporting order, if it has one."""
+    try:
+        return bench.PAGE_REPORTING_ORDER.read_text()
+    except OSError:
+        return None
+
+
+def test_free_page_reporting_is_held_while_measuring_and_given_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fake of the kernel's parameter (a plain file): raised for the run, restored after;
+    left alone where it is already that high, or missing."""
+    knob = tmp_path / "page_reporting_order"
+    monkeypatch.setattr(bench, "PAGE_REPORTING_ORDER", knob)
+    assert bench.hold_page_reporting() is None  # no such parameter: nothing to hold
+    knob.write_text("5\n")
+    held = bench.hold_page_reporting()
+    assert held == ("5", "11")
+    assert knob.read_text() == "11\n"
+    bench.release_page_reporting(held)
+    assert knob.read_text() == "5\n"
+    knob.write_text("11\n")
+    assert bench.hold_page_reporting() is None
+    assert knob.read_text() == "11\n"
+    res = bench.Results(args=vars(bench.build_parser().parse_args([])) | {"no_drop_caches": False})
+    res.page_reporting = ["5", "11"]
+    assert "free page reporting held at order 11 (from 5)." in bench.caption(res)
+
+
 def test_images_go_to_memory_only_if_asked_or_there_is_room() -> None:
     assert bench.images_in_memory("memory", 1 << 50)
     assert not bench.images_in_memory("disk", 1)
@@ -263,6 +295,7 @@ def test_a_stopped_bench_leaves_nothing(short_tmp: Path, signum: int) -> None:
     argv += ["--rounds", "1000", "--dirty-regions", "4", "--no-drop-caches", "--images"]
     argv += ["memory", "--workdir", str(short_tmp), "--json", str(short_tmp / "bench.json")]
     shm_before = set(Path("/dev/shm").glob("snapfs-bench-*"))
+    order_before = _reporting_order()
     log = short_tmp / "bench.log"  # a file: a pipe would stay open in whatever it left behind
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, cwd=bench.SOURCE_ROOT, stdout=out, stderr=subprocess.STDOUT)
@@ -281,6 +314,7 @@ def test_a_stopped_bench_leaves_nothing(short_tmp: Path, signum: int) -> None:
         assert [p for p in short_tmp.iterdir() if p.name.startswith("snapfs-bench-")] == []
         assert set(Path("/dev/shm").glob("snapfs-bench-*")) == shm_before
         assert not (short_tmp / "bench.json").exists()
+        assert _reporting_order() == order_before
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # its own cleanup first
