@@ -13,13 +13,10 @@ from collections.abc import AsyncIterator, Callable
 from snapfs import qmp
 from snapfs.errors import NBDError
 from snapfs.nbd.client import Extents, NBDClient
+from snapfs.nbd.wire import STATE_DIRTY, STATE_ZERO
 from snapfs.regions import Regions
 from snapfs.tree import Disk, SourceError, TreeError, Unreadable
 
-# NBD base:allocation flags (NBD protocol): a block with ZERO set reads as zeros.
-NBD_STATE_ZERO = 2
-# qemu:dirty-bitmap contexts: bit 0 set means dirty.
-NBD_STATE_DIRTY = 1
 BASE_ALLOCATION = "base:allocation"
 # Block status requests of the allocation walk: QEMU answers up to this many bytes at once.
 _STATUS_CHUNK = 1 << 30
@@ -44,7 +41,7 @@ async def disk(client: NBDClient, ds: qmp.DiskState, on_broken: Callable[[str], 
     """The tree's Disk of one export: its source, what is readable, what reads as zeros."""
     zeros = Regions()
     if ds.export_bitmap:
-        dirty = await _regions(client, f"qemu:dirty-bitmap:{ds.export_bitmap}", NBD_STATE_DIRTY)
+        dirty = await _regions(client, f"qemu:dirty-bitmap:{ds.export_bitmap}", STATE_DIRTY)
         # Incremental view: nothing is shown as a hole (see tree.Disk): what is outside the
         # backup must fail a tool that reads it, not look like zeros.
     else:
@@ -178,9 +175,9 @@ async def _zeros(client: NBDClient, guards: list[str]) -> Regions:
     zeros = Regions()
     async for _, end, got in _walk(client, [BASE_ALLOCATION, *guards]):
         chunk = Regions()
-        chunk.extend(*_clipped(*got[BASE_ALLOCATION].selected(NBD_STATE_ZERO), end))
+        chunk.extend(*_clipped(*got[BASE_ALLOCATION].selected(STATE_ZERO), end))
         for guard in guards:
-            for off, length in zip(*_clipped(*got[guard].selected(NBD_STATE_DIRTY), end),
+            for off, length in zip(*_clipped(*got[guard].selected(STATE_DIRTY), end),
                                    strict=True):  # fmt: skip
                 chunk.remove(off, length)
         starts, ends = chunk.arrays()

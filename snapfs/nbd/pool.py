@@ -20,6 +20,7 @@ import nbd
 
 from snapfs.errors import SnapfsError
 from snapfs.nbd import tuning
+from snapfs.nbd.wire import STATE_DIRTY
 
 #: How long a request waits for a free connection (the others' requests are in flight).
 WAIT_TIMEOUT = 600.0
@@ -27,8 +28,6 @@ WAIT_TIMEOUT = 600.0
 CONNECT_TIMEOUT = 10.0
 #: How long a block status request may wait for its answer (as in snapfs.nbd.client).
 STATUS_TIMEOUT = 30.0
-#: qemu:dirty-bitmap contexts: bit 0 set means dirty.
-DIRTY = 1
 #: The largest write-zeroes request: QEMU's NBD server refuses 4 GiB and more.
 MAX_ZERO = 1 << 30
 
@@ -230,7 +229,7 @@ def dirty_ranges(h: nbd.NBD, context: str, offset: int, length: int) -> list[tup
             raise OSError(errno.EPROTO, f"no {context!r} extents at {pos}")
         start, entries = got[0]
         for n, flags in zip(entries[0::2], entries[1::2], strict=True):
-            if flags & DIRTY and start < end:
+            if flags & STATE_DIRTY and start < end:
                 found.append((start, min(n, end - start)))
             start += n
         if start <= pos:
