@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from dev import bench
-from dev.devvm import poll
+from dev.devvm import MiB, poll
 from tests.conftest import lazy_umount, mounts_below, processes_naming
 
 pytestmark = [
@@ -201,19 +201,31 @@ def test_free_page_reporting_is_held_while_measuring_and_given_back(
     left alone where it is already that high, or missing."""
     knob = tmp_path / "page_reporting_order"
     monkeypatch.setattr(bench, "PAGE_REPORTING_ORDER", knob)
-    assert bench.hold_page_reporting() is None  # no such parameter: nothing to hold
+    touched: list[int] = []
+    monkeypatch.setattr(bench, "touch_free_memory", touched.append)
+    assert bench.hold_page_reporting(touch=1 << 30) is None  # no such parameter: nothing held
     knob.write_text("5\n")
-    held = bench.hold_page_reporting()
+    held = bench.hold_page_reporting(touch=1 << 30)
     assert held == ("5", "11")
     assert knob.read_text() == "11\n"
+    assert touched == [1 << 30]  # the free memory is written once it is held
     bench.release_page_reporting(held)
     assert knob.read_text() == "5\n"
     knob.write_text("11\n")
-    assert bench.hold_page_reporting() is None
+    assert bench.hold_page_reporting(touch=1 << 30) is None
     assert knob.read_text() == "11\n"
+    assert touched == [1 << 30]
     res = bench.Results(args=vars(bench.build_parser().parse_args([])) | {"no_drop_caches": False})
     res.page_reporting = ["5", "11"]
     assert "free page reporting held at order 11 (from 5)." in bench.caption(res)
+
+
+def test_free_memory_is_written_once_and_given_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    shm = shutil.disk_usage("/dev/shm").used
+    assert bench.touch_free_memory(64 * MiB + 123) == 64 * MiB
+    monkeypatch.setattr(bench, "TOUCHED_MEMORY", 32 * MiB)
+    assert bench.touch_free_memory(1 << 50) == 32 * MiB  # bounded, whatever asked
+    assert shutil.disk_usage("/dev/shm").used <= shm + MiB  # nothing left behind
 
 
 def test_images_go_to_memory_only_if_asked_or_there_is_room() -> None:
