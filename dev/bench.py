@@ -178,16 +178,27 @@ def hold_page_reporting(touch: int) -> tuple[str, str] | None:
     took back after the last drop of the page cache, by chance, whichever tool runs."""
     try:
         old = PAGE_REPORTING_ORDER.read_text().strip()
-    except OSError:
+        current = int(old)
+    except (OSError, ValueError):
         return None
     for order in HELD_ORDERS:
-        if int(old) >= order:
+        if current >= order:
             return None
         try:
             PAGE_REPORTING_ORDER.write_text(f"{order}\n")
         except OSError:
             continue
-        touch_free_memory(touch)
+        t0 = time.perf_counter()
+        try:
+            done = touch_free_memory(touch)
+        except BaseException:  # stopped meanwhile: nobody else would give the order back
+            release_page_reporting((old, str(order)))
+            raise
+        print(
+            f"free page reporting held at order {order} (from {old}); {done // MiB} MiB of free "
+            f"memory written in {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
         return old, str(order)
     print(f"warning: cannot raise {PAGE_REPORTING_ORDER}", file=sys.stderr)
     return None
@@ -1607,10 +1618,11 @@ def run(args: argparse.Namespace) -> Results:
     if args.dest_in_memory:
         dest_dir = Path(tempfile.mkdtemp(prefix="snapfs-bench-dest-", dir="/dev/shm"))
     bench = Bench(args, workdir, image_dir, dest_dir)
-    # What the runs put into memory: every disk's bytes in the page cache, (d)'s copies.
-    held = hold_page_reporting(touch=images + 2 * args.size_bytes)
-    bench.results.page_reporting = list(held or ())
+    held = None
     try:
+        # What the runs put into memory: every disk's bytes in the page cache, (d)'s copies.
+        held = hold_page_reporting(touch=images + 2 * args.size_bytes)
+        bench.results.page_reporting = list(held or ())
         bench.setup()
         phases: list[tuple[str, Callable[[], None]]] = [
             ("abcef", bench.rounds),

@@ -202,7 +202,12 @@ def test_free_page_reporting_is_held_while_measuring_and_given_back(
     knob = tmp_path / "page_reporting_order"
     monkeypatch.setattr(bench, "PAGE_REPORTING_ORDER", knob)
     touched: list[int] = []
-    monkeypatch.setattr(bench, "touch_free_memory", touched.append)
+
+    def touch(nbytes: int) -> int:  # a fake: records what it was asked to write
+        touched.append(nbytes)
+        return nbytes
+
+    monkeypatch.setattr(bench, "touch_free_memory", touch)
     assert bench.hold_page_reporting(touch=1 << 30) is None  # no such parameter: nothing held
     knob.write_text("5\n")
     held = bench.hold_page_reporting(touch=1 << 30)
@@ -215,6 +220,18 @@ def test_free_page_reporting_is_held_while_measuring_and_given_back(
     assert bench.hold_page_reporting(touch=1 << 30) is None
     assert knob.read_text() == "11\n"
     assert touched == [1 << 30]
+    knob.write_text("five\n")  # not a number: left alone
+    assert bench.hold_page_reporting(touch=1 << 30) is None
+    assert knob.read_text() == "five\n"
+
+    def stopped(nbytes: int) -> int:  # a fake: Ctrl-C while the memory is being written
+        raise KeyboardInterrupt
+
+    knob.write_text("5\n")
+    monkeypatch.setattr(bench, "touch_free_memory", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bench.hold_page_reporting(touch=1 << 30)
+    assert knob.read_text() == "5\n"  # given back before the stop goes on
     res = bench.Results(args=vars(bench.build_parser().parse_args([])) | {"no_drop_caches": False})
     res.page_reporting = ["5", "11"]
     assert "free page reporting held at order 11 (from 5)." in bench.caption(res)
