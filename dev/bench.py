@@ -17,10 +17,9 @@ A guest kernel with free page reporting (virtio-balloon) gives free memory back 
 hypervisor, and the first write to such a page then waits for the hypervisor. Every drop of the
 page cache frees gigabytes, so each run that fills the page cache or writes into memory paid for
 that by chance, whichever tool ran: the same ``cp`` of one view took several times as long in
-some runs as in others. The bench
-raises the reporting order while it runs (``hold_page_reporting``), writes the free memory
-once so that the hypervisor maps it before the first run, restores the order at the end, and
-says so in the report's caption.
+some runs as in others. The bench raises the reporting order while it runs
+(``hold_page_reporting``), writes the free memory once so that the hypervisor maps it before
+the first run, restores the order at the end, and says so in the report's caption.
 
 Workloads (docs/performance.md describes each): (a)-(c) sequential reads of full views, (d) an
 incremental view's scattered 64 KiB regions (also read by libnbd straight from snapfs's export,
@@ -107,8 +106,8 @@ STEAL_RETRIES = 2
 #: hypervisor, and the first write to such a page then waits for the hypervisor to map it again.
 PAGE_REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
 #: Orders to hold it at while measuring, highest first: one above the largest free block
-#: (MAX_PAGE_ORDER is 10) reports nothing; a stock kernel takes at most 10, which reports only
-#: whole 4 MiB blocks.
+#: (MAX_PAGE_ORDER, 10 on x86-64) reports nothing; where the kernel refuses that, 10 reports
+#: only whole 4 MiB blocks.
 HELD_ORDERS = (11, 10)
 #: How much free memory the bench writes once it holds the reporting (touch_free_memory).
 TOUCHED_MEMORY = 16 * GiB
@@ -173,9 +172,9 @@ def _has_text(path: Path) -> bool:
 def hold_page_reporting(touch: int) -> tuple[str, str] | None:
     """Raise the guest's free page reporting order (see PAGE_REPORTING_ORDER) for the run, and
     write ``touch`` bytes of free memory once (touch_free_memory); the (old, held) values, or
-    None if this kernel reports no free pages or refuses. Otherwise
-    every run that fills the page cache or writes into memory pays for pages the hypervisor
-    took back after the last drop of the page cache, by chance, whichever tool runs."""
+    None if this kernel reports no free pages or refuses. Otherwise every run that fills the
+    page cache or writes into memory pays for pages the hypervisor took back after the last
+    drop of the page cache, by chance, whichever tool runs."""
     try:
         old = PAGE_REPORTING_ORDER.read_text().strip()
         current = int(old)
@@ -222,6 +221,7 @@ def touch_free_memory(nbytes: int) -> int:
 
 
 def release_page_reporting(held: tuple[str, str] | None) -> None:
+    """Give back the order ``hold_page_reporting`` found (None: nothing was held)."""
     if held is not None:
         try:
             PAGE_REPORTING_ORDER.write_text(f"{held[0]}\n")

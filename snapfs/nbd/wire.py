@@ -43,11 +43,11 @@ _REP_FLAG_ERROR: Final = 1 << 31
 _INFO_EXPORT: Final = 0
 _CMD_READ: Final = 0
 _CMD_DISC: Final = 2
-#: Structured reply chunk types and flags.
 #: Extent flags of block status: base:allocation's ZERO (the block reads as zeros), and a
 #: qemu:dirty-bitmap:NAME context's DIRTY (QEMU's docs/interop/nbd.txt).
 STATE_ZERO: Final = 2
 STATE_DIRTY: Final = 1
+#: Structured reply chunk types and flags.
 CHUNK_NONE: Final = 0
 CHUNK_OFFSET_DATA: Final = 1
 CHUNK_OFFSET_HOLE: Final = 2
