@@ -40,7 +40,6 @@ waiting in poll); failures come back with ``TrioToken.run_sync_soon``. Workers r
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import queue
@@ -57,13 +56,16 @@ from snapfs.fuse.reply import ReadReply
 from snapfs.fuse.server import Intake
 from snapfs.fuse.splice import Pipe, ReplyPipe
 from snapfs.nbd import tuning
-from snapfs.nbd.pool import Pool, SavedClusters
+from snapfs.nbd.pool import SavedClusters
 from snapfs.nbd.wire import (
+    CHUNK_BLOCK_STATUS,
     CHUNK_ERROR_BIT,
     CHUNK_FLAG_DONE,
     CHUNK_OFFSET_DATA,
     CHUNK_OFFSET_HOLE,
     CHUNK_SIMPLE,
+    MAX_STATUS,
+    STATE_DIRTY,
     NBDStream,
     StreamLost,
 )
@@ -158,6 +160,7 @@ class _Fetch:
 
     __slots__ = (
         "buf",
+        "clean",
         "cur",
         "error",
         "filled",
@@ -184,11 +187,14 @@ class _Fetch:
         self.wanted = True
         self.job: _Job | None = None
         # Read in one request across copy-before-write clusters where QEMU needs them
-        # confined: the bytes are checked before they are sent (DiskReader._verified).
+        # confined: the bytes are checked before they are sent (DiskReader._check), and
+        # ``clean`` says whether none of its clusters was saved by then (None: not known).
         self.verify = False
+        self.clean: bool | None = None
 
     @property
     def complete(self) -> bool:
+        """Every request answered: its reads, and the check of its bytes (``verify``)."""
         return self.pending == 0
 
 
@@ -236,7 +242,9 @@ class DiskReader:
     and its bytes are sent only if, asked after they all arrived, none of its clusters is in
     the bitmap: QEMU sets a cluster's bit before the guest's new data can reach the disk, and
     only saved clusters are misread. Otherwise (and for clusters known to be saved) the READ
-    is read again, confined. The bitmap is asked over a libnbd connection of its own.
+    is read again, confined. The bitmap is asked on the stream itself, as soon as a fetch's
+    bytes are in (read-aheads too), and the worker goes on receiving while QEMU answers: the
+    answer is one more reply, and the fetch is complete with it.
 
     ``intake``: the worker reads the FUSE requests as well (snapfs.fuse.server.Intake), from
     ``run`` until it stops. The READs of its own disk then reach it without crossing threads,
@@ -268,7 +276,7 @@ class DiskReader:
         self._pipe_size = pipe_size
         self._confine = confine
         self._copied_context = f"qemu:dirty-bitmap:{copied}" if copied and confine else ""
-        self._copied: Pool | None = None  # its connection, while it answers
+        self._checks_bytes = False  # the stream agreed on the copied context: checks work
         self._saved = SavedClusters(confine or 1)  # asked only with confine
         self._tune = tune
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -287,10 +295,12 @@ class DiskReader:
         # Worker state.
         self._handle = 0
         self._inflight: dict[int, _Part] = {}  # by NBD handle
+        self._checking: dict[int, _Fetch] = {}  # block status requests, by NBD handle
         self._fetches: set[_Fetch] = set()  # sent (or about to be) and not complete
         # Requests made since the worker last waited, sent together before it waits again:
         # READs that arrive together cost QEMU one wakeup, not one each.
         self._unsent: list[tuple[int, int, int]] = []
+        self._unsent_checks: list[tuple[int, int, int]] = []
         self._active: list[_Job] = []  # started and not answered
         self._aheads: deque[_Fetch] = deque()  # in the order a sequential reader wants them
         self._pipes: list[Pipe] = []  # all of them, to close
@@ -434,17 +444,28 @@ class DiskReader:
 
     def _setup(self) -> None:
         # Confined requests lie inside one cluster, where a plain read is right: simple replies
-        # spare QEMU a block status per request and us a chunk header per hole or extent.
+        # (or reads flagged "don't fragment", where the stream asks block status too) spare
+        # QEMU a block status per request and us a chunk header per hole or extent.
         self._stream = NBDStream.connect(
-            self._socket_path, self._export, structured=not self._confine, tune=self._tune
+            self._socket_path,
+            self._export,
+            structured=not self._confine,
+            tune=self._tune,
+            context=self._copied_context,
         )
         try:
+            if self._copied_context:
+                self._checks_bytes = self._stream.context_id is not None
+                if not self._checks_bytes:
+                    log.warning(
+                        "%s: reads stay inside one cluster each: the server does not offer %s",
+                        self.name,
+                        self._copied_context,
+                    )
             self._reply = self._reply_pipe(self._pipe_size)
             # Readers start one after the other: no race.
             if self._tune and not self._depth.warmed_up:
                 self._warm_up()
-            if self._copied_context:
-                self._open_copied()
             self._poll = select.epoll()
             self._poll.register(self._stream.fileno, select.EPOLLIN)
             self._poll.register(self._wakeup, select.EPOLLIN)
@@ -457,24 +478,6 @@ class DiskReader:
         except BaseException:
             self._release()
             raise
-
-    def _open_copied(self) -> None:
-        """Connect for the copied bitmap; without it every request stays confined."""
-        pool = Pool(
-            self._socket_path,
-            self._export,
-            clients=1,
-            what=f"NBD export {self._export}",
-            error=lambda message: NBDError(message, errno.EIO),
-            contexts=(self._copied_context,),
-        )
-        try:
-            pool.connect()
-        except NBDError as err:
-            log.warning("%s: reads stay inside one cluster each: %s", self.name, err)
-            pool.close()
-            return
-        self._copied = pool
 
     def _warm_up(self) -> None:
         """QEMU's warm-up read (snapfs.nbd.tuning.warm_up), once per QEMU."""
@@ -493,14 +496,13 @@ class DiskReader:
         self._pipes = self._free = []
         self._reply = None
         self._inflight.clear()
+        self._checking.clear()
         self._fetches.clear()
         self._aheads.clear()
         self._unsent.clear()
+        self._unsent_checks.clear()
         if self._stream is not None:
             self._stream.close()
-        if self._copied is not None:
-            self._copied.close()
-            self._copied = None
         if self._poll is not None:
             self._poll.close()
             self._poll = None
@@ -621,9 +623,11 @@ class DiskReader:
         for job in [*self._active, *([also] if also is not None else [])]:
             self._finish(job, failure)
         self._inflight.clear()
+        self._checking.clear()
         self._fetches.clear()
         self._aheads.clear()
         self._unsent.clear()
+        self._unsent_checks.clear()
 
     def _failed(self, err: BaseException) -> StreamLost:
         """What ends the data path, as StreamLost; anything but a lost stream is a bug."""
@@ -632,21 +636,30 @@ class DiskReader:
         log.error("%s: the splice data path failed: %s", self.name, err)
         return StreamLost(f"{self.name}: {err}")
 
-    def _verified(self, fetch: _Fetch) -> bool:
-        """Whether none of the fetch's clusters is saved, asked now (its bytes are all in)."""
+    def _check(self, fetch: _Fetch) -> None:
+        """Ask which of the fetch's clusters are saved, now that its bytes are all in; the
+        fetch is complete once the answer is (``_checked``)."""
         self.verified += 1
-        pool = self._copied
-        if pool is None:
-            return False
-        try:
-            saved = pool.dirty(self._copied_context, fetch.offset, fetch.length)
-        except NBDError as err:
-            log.warning("%s: reads stay inside one cluster each: %s", self.name, err)
-            self._copied = None
-            pool.close()
-            return False
+        self._handle += 1
+        self._checking[self._handle] = fetch
+        self._unsent_checks.append((self._handle, fetch.offset, fetch.length))
+        fetch.pending += 1
+
+    def _checked(self, fetch: _Fetch, extents: list[tuple[int, int]]) -> None:
+        """The copied bitmap's extents from the fetch's offset: ``clean`` if they cover all of
+        it and none is dirty. Anything else leaves it unclean, as does an error or a second
+        answer (one context was asked for: one block status chunk is due)."""
+        at = fetch.offset
+        end = at + fetch.length
+        saved = []
+        for length, flags in extents:
+            if at >= end:
+                break
+            if flags & STATE_DIRTY:
+                saved.append((at, min(length, end - at)))
+            at += length
         self._saved.note(saved)
-        return not saved
+        fetch.clean = fetch.clean is None and at >= end and not saved
 
     def _split(self, offset: int, length: int, whole: bool) -> tuple[list[tuple[int, int]], bool]:
         """The NBD requests of a fetch: one, or one per ``confine`` block it touches, unless
@@ -654,7 +667,12 @@ class DiskReader:
         c = self._confine
         if not c:
             return [(offset, length)], False
-        if whole and self._copied is not None and self._saved.whole(offset, length):
+        if (
+            whole
+            and self._checks_bytes
+            and length <= MAX_STATUS
+            and self._saved.whole(offset, length)
+        ):
             return [(offset, length)], True
         parts = []
         end = offset + length
@@ -692,11 +710,12 @@ class DiskReader:
 
     def _flush(self) -> None:
         """Send the requests made since the last wait, in one send."""
-        if self._unsent:
+        if self._unsent or self._unsent_checks:
             assert self._stream is not None
             requests, self._unsent = self._unsent, []
+            checks, self._unsent_checks = self._unsent_checks, []
             self.sends += 1
-            self._stream.send_reads(requests)
+            self._stream.send_reads(requests, checks)
 
     def _start(self, job: _Job) -> None:
         """Start answering a job: with a read-ahead that matches it, or a fetch of its own."""
@@ -756,7 +775,7 @@ class DiskReader:
                     ),
                 )
                 return
-            if fetch.verify and not self._verified(fetch):
+            if fetch.verify and fetch.clean is not True:
                 # Some of its clusters were saved: QEMU may have read them from the live
                 # disk. Read it again, one request per cluster (fetch's pipe is freed below).
                 self.reread += 1
@@ -780,9 +799,12 @@ class DiskReader:
         handle, ctype, flags, length = stream.recv_chunk()
         part = self._inflight.get(handle)
         if part is None:
+            if handle in self._checking:
+                self._receive_check(handle, ctype, flags, length)
+                return
             raise StreamLost(f"{self.name}: a reply to unknown request {handle}")
         fetch = part.fetch
-        if not stream.chunk_fits(ctype, length):
+        if not stream.chunk_fits(ctype, length) or ctype == CHUNK_BLOCK_STATUS:
             raise StreamLost(f"{self.name}: unexpected reply chunk type {ctype} ({length} bytes)")
         if ctype == CHUNK_SIMPLE:
             if length:  # the server's error: no payload follows
@@ -804,12 +826,38 @@ class DiskReader:
                 raise StreamLost(f"{self.name}: a reply covered {part.got} of {part.length} bytes")
             fetch.error = fetch.error or part.error
             fetch.pending -= 1
+            if fetch.complete and fetch.verify and not fetch.error:
+                self._check(fetch)  # also a read-ahead's: the check is valid from now on
             if fetch.complete:
-                self._fetches.discard(fetch)
-                if fetch.job is not None:
-                    self._answer(fetch.job)
-                elif not fetch.wanted:
-                    self._free_pipe(fetch)
+                self._completed(fetch)
+
+    def _receive_check(self, handle: int, ctype: int, flags: int, length: int) -> None:
+        """Take a chunk of the reply to a check (``_check``); an error makes it unclean."""
+        stream = self._stream
+        assert stream is not None
+        fetch = self._checking[handle]
+        if not stream.chunk_fits(ctype, length) or ctype in (CHUNK_OFFSET_DATA, CHUNK_OFFSET_HOLE):
+            raise StreamLost(f"{self.name}: unexpected reply chunk type {ctype} ({length} bytes)")
+        if ctype == CHUNK_BLOCK_STATUS:
+            context, extents = stream.recv_status(length)
+            if context == stream.context_id:
+                self._checked(fetch, extents)
+        elif ctype & CHUNK_ERROR_BIT:
+            stream.recv_error(length)
+            fetch.clean = False
+        if flags & CHUNK_FLAG_DONE:
+            del self._checking[handle]
+            fetch.pending -= 1
+            if fetch.complete:
+                self._completed(fetch)
+
+    def _completed(self, fetch: _Fetch) -> None:
+        """Every reply of the fetch is in: answer its READ, or free a read-ahead dropped."""
+        self._fetches.discard(fetch)
+        if fetch.job is not None:
+            self._answer(fetch.job)
+        elif not fetch.wanted:
+            self._free_pipe(fetch)
 
     def _check_chunk(self, part: _Part, at: int, size: int) -> None:
         if at < part.start or at + size > part.start + part.length:

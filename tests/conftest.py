@@ -258,12 +258,20 @@ def with_reader(
     pipe_size: int = 1 << 20,
     depth: SharedDepth | None = None,
     confine: int = 0,
+    copied: str = "",
     tune: bool = True,
 ) -> DiskReader:
     """Run ``body(reader, dev)`` with a running DiskReader; return the reader (stopped)."""
     dev = FakeDevice()
     reader = DiskReader(
-        sock, name, dev.factory, pipe_size=pipe_size, depth=depth, confine=confine, tune=tune
+        sock,
+        name,
+        dev.factory,
+        pipe_size=pipe_size,
+        depth=depth,
+        confine=confine,
+        copied=copied,
+        tune=tune,
     )
 
     async def main() -> None:

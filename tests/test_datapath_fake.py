@@ -149,6 +149,86 @@ def test_sequential_reads_with_read_ahead_and_small_pipes(server: FakeNBD) -> No
         assert (reader.copied > 0) == (pipe_size < 256 * KiB)
 
 
+#: The clusters the fake calls saved (and misreads in reads across clusters), for the tests of
+#: checked reads: a few scattered ones, and a run of them.
+SAVED = {3, 17, 18, 40, 41, 42, 43, 77, 100}
+COPIED = "qemu:dirty-bitmap:snapfs--copied"
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        {"shuffle": True, "chunk": 24 * KiB, "copied": COPIED, "saved": SAVED},
+        {"shuffle": False, "copied": COPIED, "saved": SAVED},
+        {"shuffle": True, "copied": COPIED, "saved": SAVED, "status_fail": True},
+    ],
+    ids=["shuffled", "in-order", "status-fails"],
+    indirect=True,
+)
+def test_reads_across_clusters_are_checked_on_the_stream(server: FakeNBD) -> None:
+    """With the copied bitmap (QEMU before 8.0), a READ across clusters is one request,
+    flagged "don't fragment", and its bytes go out only once a block status asked after
+    they arrived finds none of its clusters saved; otherwise it is read again a request per
+    cluster. The fake misreads every saved cluster in a read across clusters (as QEMU 7.2
+    does), so any READ answered from such a read would be wrong. Checks that fail read
+    again, as if saved. Sequential READs with read-ahead are checked before they are used."""
+    c = 64 * KiB
+    reads = random_reads(80, 5)
+
+    async def body(reader: DiskReader, dev: FakeDevice) -> None:
+        got, failed = await read_many(reader, dev, reads)
+        assert not failed
+        for u, (offset, length) in reads.items():
+            assert got[u] == server.data[offset : offset + length], (u, offset, length)
+        unique = 1000
+        for offset in range(0, 4 * MiB, 512 * KiB):  # 768 KiB is in a saved cluster
+            ahead = [(offset + k * 512 * KiB, 512 * KiB) for k in (1, 2)]
+            unique += 1
+            got1 = await read_back(reader, dev, unique, offset, 512 * KiB, ahead)
+            assert got1 == server.data[offset : offset + 512 * KiB], offset
+
+    reader = with_reader(str(server.path), "disk", body, confine=c, copied="snapfs--copied")
+    across = [(o, n) for o, n in server.reads[1:] if o // c != (o + n - 1) // c]
+    assert across, "no READ across clusters was read in one request"
+    assert set(across) <= set(server.unfragmented)
+    # Every whole read was checked (the last read-aheads' checks may not have reached the
+    # server when the reader closed), each block status after its read was answered in full
+    # and for exactly its range.
+    assert len(across) >= reader.verified >= len(server.statuses) >= len(across) - 2
+    answered: set[tuple[int, int]] = set()
+    for what, offset, length in server.events:
+        if what == "read":
+            answered.add((offset, length))
+        else:
+            assert (offset, length) in answered, (offset, length)
+    if server.status_fail:
+        # Nothing read whole went out: every READ (read-ahead or not) was read again.
+        assert reader.reread > 0
+        assert reader.hits == 0
+    else:
+        assert 0 < reader.reread < reader.verified
+        assert reader.hits > 0  # read-aheads checked and used
+
+
+@pytest.mark.parametrize("server", [{"copied": "", "saved": SAVED}], indirect=True)
+def test_reads_stay_confined_where_the_copied_bitmap_is_not_offered(server: FakeNBD) -> None:
+    """A server without the copied bitmap: every request stays inside one cluster, and no
+    block status is asked."""
+    c = 64 * KiB
+    reads = random_reads(40, 6)
+
+    async def body(reader: DiskReader, dev: FakeDevice) -> None:
+        got, failed = await read_many(reader, dev, reads)
+        assert not failed
+        for u, (offset, length) in reads.items():
+            assert got[u] == server.data[offset : offset + length], (u, offset, length)
+
+    reader = with_reader(str(server.path), "disk", body, confine=c, copied="snapfs--copied")
+    assert all(o // c == (o + n - 1) // c for o, n in server.reads[1:])
+    assert not server.statuses
+    assert reader.verified == 0
+
+
 @pytest.mark.parametrize("server", [{"shuffle": True, "fail": [(2 * MiB + 100, 1)]}], indirect=True)
 @pytest.mark.parametrize("confine", [0, 64 * KiB], ids=["whole", "confined"])
 def test_a_failing_request_among_many(server: FakeNBD, confine: int) -> None:

@@ -1,6 +1,7 @@
 """The NBD wire format, for the raw read stream of the splice data path: the fixed-newstyle
-handshake, read requests, and every reply it can get (simple replies, and structured replies'
-data, hole, error and none chunks). libnbd (snapfs.nbd.client) speaks for everything else.
+handshake, read requests, block status of one meta context, and every reply they can get
+(simple replies, and structured replies' data, hole, block status, error and none chunks).
+libnbd (snapfs.nbd.client) speaks for everything else.
 
 libnbd receives every reply into a buffer of ours, so a byte costs two copies in this process
 (socket -> buffer -> /dev/fuse) and the trio thread wakes once per socket chunk. An NBDStream is
@@ -11,7 +12,8 @@ snapfs.datapath.
 It negotiates structured replies, as libnbd does: QEMU 7.2 then serves a read of a
 snapshot-access node extent by extent (block status first). With simple replies QEMU reads a
 request in one piece: right for a snapshot only inside one copy-before-write cluster (see
-snapfs.qmp.confine_reads), where it is cheaper.
+snapfs.qmp.confine_reads), where it is cheaper. So are structured replies to reads flagged
+"don't fragment" (``context``: a stream that asks block status as well).
 """
 
 from __future__ import annotations
@@ -37,12 +39,17 @@ _FLAG_FIXED_NEWSTYLE: Final = 1
 _FLAG_NO_ZEROES: Final = 2
 _OPT_GO: Final = 7
 _OPT_STRUCTURED_REPLY: Final = 8
+_OPT_SET_META_CONTEXT: Final = 10
 _REP_ACK: Final = 1
 _REP_INFO: Final = 3
+_REP_META_CONTEXT: Final = 4
 _REP_FLAG_ERROR: Final = 1 << 31
 _INFO_EXPORT: Final = 0
 _CMD_READ: Final = 0
 _CMD_DISC: Final = 2
+_CMD_BLOCK_STATUS: Final = 7
+_CMD_FLAG_DF: Final = 1 << 2
+_FLAG_SEND_DF: Final = 1 << 7  # transmission flag: the server takes _CMD_FLAG_DF
 #: Extent flags of block status: base:allocation's ZERO (the block reads as zeros), and a
 #: qemu:dirty-bitmap:NAME context's DIRTY (QEMU's docs/interop/nbd.txt).
 STATE_ZERO: Final = 2
@@ -51,6 +58,7 @@ STATE_DIRTY: Final = 1
 CHUNK_NONE: Final = 0
 CHUNK_OFFSET_DATA: Final = 1
 CHUNK_OFFSET_HOLE: Final = 2
+CHUNK_BLOCK_STATUS: Final = 5
 CHUNK_ERROR_BIT: Final = 1 << 15
 #: Not on the wire: what NBDStream.recv_chunk reports for a simple reply.
 CHUNK_SIMPLE: Final = 0x10000
@@ -66,6 +74,13 @@ _SPLICE_F_NONBLOCK: Final = getattr(os, "SPLICE_F_NONBLOCK", 2)
 _OFFSET: Final = struct.Struct(">Q")
 _HOLE: Final = struct.Struct(">QI")
 _ERROR: Final = struct.Struct(">IH")
+_CONTEXT_ID: Final = struct.Struct(">I")
+_EXTENT: Final = struct.Struct(">II")  # length, flags
+#: The longest block status payload taken: far more extents than a request of MAX_STATUS
+#: bytes at the smallest granularity QEMU's bitmaps have (512 bytes) can give.
+_MAX_STATUS_PAYLOAD: Final = _CONTEXT_ID.size + _EXTENT.size * 4096
+#: The longest range one block status request may ask for.
+MAX_STATUS: Final = 1 << 21
 
 
 class StreamLost(NBDError):
@@ -74,6 +89,13 @@ class StreamLost(NBDError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, errno.EIO)
+
+
+class _Refused(NBDError):
+    """The server answered an option with an error reply."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, errno.ENOTSUP)
 
 
 class NBDStream:
@@ -89,6 +111,9 @@ class NBDStream:
     def __init__(self, sock: socket.socket, name: str, size: int, structured: bool = True) -> None:
         # Private: use connect().
         self.structured = structured
+        #: The id the server gave the ``context`` asked for at connect(); None: not agreed.
+        self.context_id: int | None = None
+        self._read_flags = 0
         self._sock = sock
         self._fd = sock.fileno()
         self._poll = select.poll()
@@ -114,10 +139,16 @@ class NBDStream:
         *,
         structured: bool = True,
         tune: bool = True,
+        context: str = "",
     ) -> NBDStream:
         """Connect and negotiate; raises NBDError naming what the server refused.
 
         ``tune``: widen the server's send buffer (snapfs.nbd.tuning).
+
+        ``context``: a meta context to ask block status of (``send_reads``), with structured
+        replies; reads are then flagged "don't fragment" where the server takes that (one data
+        chunk, read as one piece, as with simple replies). ``context_id`` stays None if the
+        server does not offer the context.
 
         ``structured=False``: simple replies (the whole payload after a 16-byte header; holes
         come as zeros). QEMU then reads a request as one piece, without asking for its block
@@ -129,8 +160,8 @@ class NBDStream:
         try:
             sock = tuning.connect_unix(socket_path, timeout)
             sock.settimeout(timeout)  # bounds the handshake only
-            stream = cls(sock, name, 0, structured)
-            stream.size = stream._handshake(export)
+            stream = cls(sock, name, 0, structured or bool(context))
+            stream.size = stream._handshake(export, context)
             sock.settimeout(None)
             stream.server_sndbuf = tuning.widen_server_sndbuf(sock, name) if tune else 0
         except BaseException as err:
@@ -156,14 +187,12 @@ class NBDStream:
             payload = self.read_exact(rlen) if rlen else b""
             if rtype & _REP_FLAG_ERROR:
                 text = payload.decode(errors="replace") or f"error {rtype & ~_REP_FLAG_ERROR:#x}"
-                raise NBDError(
-                    f"{self.name}: the server refused option {option}: {text}", errno.ENOTSUP
-                )
+                raise _Refused(f"{self.name}: the server refused option {option}: {text}")
             replies.append((rtype, payload))
             if rtype == _REP_ACK:
                 return replies
 
-    def _handshake(self, export: str) -> int:
+    def _handshake(self, export: str, context: str) -> int:
         magic, opt, flags = struct.unpack(">QQH", self.read_exact(18))
         if magic != _NBDMAGIC or opt != _IHAVEOPT or not flags & _FLAG_FIXED_NEWSTYLE:
             raise NBDError(f"{self.name}: not a fixed-newstyle NBD server", errno.EPROTO)
@@ -171,15 +200,25 @@ class NBDStream:
         if self.structured:
             self._option(_OPT_STRUCTURED_REPLY, b"")
         encoded = export.encode()
+        named = struct.pack(">I", len(encoded)) + encoded
+        if context:
+            query = context.encode()
+            asked = named + struct.pack(">II", 1, len(query)) + query
+            with contextlib.suppress(_Refused):  # then the context is not offered
+                for rtype, payload in self._option(_OPT_SET_META_CONTEXT, asked):
+                    if rtype == _REP_META_CONTEXT and payload[4:] == query:
+                        (self.context_id,) = _CONTEXT_ID.unpack_from(payload)
         size = -1
-        go = struct.pack(">I", len(encoded)) + encoded + struct.pack(">H", 0)
-        for rtype, payload in self._option(_OPT_GO, go):
+        flags = 0
+        for rtype, payload in self._option(_OPT_GO, named + struct.pack(">H", 0)):
             if rtype == _REP_INFO and len(payload) >= 12:
                 (info,) = struct.unpack_from(">H", payload)
                 if info == _INFO_EXPORT:
-                    size, _ = struct.unpack_from(">QH", payload, 2)
+                    size, flags = struct.unpack_from(">QH", payload, 2)
         if size < 0:
             raise NBDError(f"{self.name}: the server did not say the export's size", errno.EPROTO)
+        if context and flags & _FLAG_SEND_DF:
+            self._read_flags = _CMD_FLAG_DF
         return size
 
     @property
@@ -191,13 +230,25 @@ class NBDStream:
         """Ask for ``length`` (at most 32 MiB) bytes at ``offset``."""
         self.send_reads([(handle, offset, length)])
 
-    def send_reads(self, requests: Sequence[tuple[int, int, int]]) -> None:
-        """Ask for several ``(handle, offset, length)`` reads with one send."""
+    def send_reads(
+        self,
+        requests: Sequence[tuple[int, int, int]],
+        statuses: Sequence[tuple[int, int, int]] = (),
+    ) -> None:
+        """Ask for several ``(handle, offset, length)`` reads, and block status of the
+        ``context`` (each at most MAX_STATUS bytes), with one send."""
+        flags = self._read_flags
         # A list, not a generator; join returns a single request's bytes as they are.
         data = b"".join(
             [
-                _REQUEST.pack(_REQUEST_MAGIC, 0, _CMD_READ, handle, offset, length)
-                for handle, offset, length in requests
+                *[
+                    _REQUEST.pack(_REQUEST_MAGIC, flags, _CMD_READ, handle, offset, length)
+                    for handle, offset, length in requests
+                ],
+                *[
+                    _REQUEST.pack(_REQUEST_MAGIC, 0, _CMD_BLOCK_STATUS, handle, offset, length)
+                    for handle, offset, length in statuses
+                ],
             ]
         )
         try:
@@ -235,6 +286,15 @@ class NBDStream:
         offset, length = _HOLE.unpack(self.read_exact(_HOLE.size))
         return int(offset), int(length)
 
+    def recv_status(self, length: int) -> tuple[int, list[tuple[int, int]]]:
+        """A block status chunk's payload of ``length`` bytes: ``(context id, [(length,
+        flags), ...])``, the extents in order from the request's offset."""
+        payload = self.read_exact(length)
+        (context,) = _CONTEXT_ID.unpack_from(payload)
+        return int(context), [
+            (int(n), int(f)) for n, f in _EXTENT.iter_unpack(payload[_CONTEXT_ID.size :])
+        ]
+
     def recv_error(self, length: int) -> int:
         """An error chunk's payload of ``length`` bytes: the errno (the message is not kept)."""
         error, _ = _ERROR.unpack(self.read_exact(_ERROR.size))
@@ -248,6 +308,11 @@ class NBDStream:
             return length >= _OFFSET.size
         if ctype == CHUNK_OFFSET_HOLE:
             return length == _HOLE.size
+        if ctype == CHUNK_BLOCK_STATUS:
+            return (
+                _CONTEXT_ID.size + _EXTENT.size <= length <= _MAX_STATUS_PAYLOAD
+                and (length - _CONTEXT_ID.size) % _EXTENT.size == 0
+            )
         if ctype & CHUNK_ERROR_BIT:
             return length >= _ERROR.size
         return ctype == CHUNK_SIMPLE or (ctype == CHUNK_NONE and length == 0)
