@@ -109,6 +109,9 @@ PAGE_REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reportin
 #: (MAX_PAGE_ORDER, 10 on x86-64) reports nothing; where the kernel refuses that, 10 reports
 #: only whole 4 MiB blocks.
 HELD_ORDERS = (11, 10)
+#: The order found and the one held, while held: a bench killed by SIGKILL cannot give the
+#: order back, so the next one finds it here and gives back the one found before.
+PAGE_REPORTING_RECORD = Path("/run/snapfs-bench-page-reporting.json")
 #: How much free memory the bench writes once it holds the reporting (touch_free_memory).
 TOUCHED_MEMORY = 16 * GiB
 
@@ -180,11 +183,16 @@ def hold_page_reporting(touch: int) -> tuple[str, str] | None:
         current = int(old)
     except (OSError, ValueError):
         return None
+    left = held_before(old)
+    if left is not None:
+        print(f"free page reporting was left at order {old} by a bench that was killed: {left}")
+        old, current = left, int(left)
     for order in HELD_ORDERS:
         if current >= order:
             return None
         try:
             PAGE_REPORTING_ORDER.write_text(f"{order}\n")
+            PAGE_REPORTING_RECORD.write_text(json.dumps({"found": old, "held": str(order)}))
         except OSError:
             continue
         t0 = time.perf_counter()
@@ -200,6 +208,21 @@ def hold_page_reporting(touch: int) -> tuple[str, str] | None:
         )
         return old, str(order)
     print(f"warning: cannot raise {PAGE_REPORTING_ORDER}", file=sys.stderr)
+    return None
+
+
+def held_before(current: str) -> str | None:
+    """The order an earlier bench found, if it still holds ``current`` (it was killed before
+    it gave the order back); a record that does not match is removed."""
+    try:
+        record = json.loads(PAGE_REPORTING_RECORD.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(record, dict) and record.get("held") == current:
+        found = record.get("found")
+        if isinstance(found, str) and found.isdigit():
+            return found
+    PAGE_REPORTING_RECORD.unlink(missing_ok=True)
     return None
 
 
@@ -227,6 +250,8 @@ def release_page_reporting(held: tuple[str, str] | None) -> None:
             PAGE_REPORTING_ORDER.write_text(f"{held[0]}\n")
         except OSError as err:
             print(f"warning: cannot restore {PAGE_REPORTING_ORDER}: {err}", file=sys.stderr)
+            return  # the record lets the next bench try again
+        PAGE_REPORTING_RECORD.unlink(missing_ok=True)
 
 
 def drop_caches() -> None:

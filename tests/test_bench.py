@@ -200,7 +200,9 @@ def test_free_page_reporting_is_held_while_measuring_and_given_back(
     """A fake of the kernel's parameter (a plain file): raised for the run, restored after;
     left alone where it is already that high, or missing."""
     knob = tmp_path / "page_reporting_order"
+    record = tmp_path / "record.json"
     monkeypatch.setattr(bench, "PAGE_REPORTING_ORDER", knob)
+    monkeypatch.setattr(bench, "PAGE_REPORTING_RECORD", record)
     touched: list[int] = []
 
     def touch(nbytes: int) -> int:  # a fake: records what it was asked to write
@@ -214,12 +216,23 @@ def test_free_page_reporting_is_held_while_measuring_and_given_back(
     assert held == ("5", "11")
     assert knob.read_text() == "11\n"
     assert touched == [1 << 30]  # the free memory is written once it is held
+    assert record.exists()
     bench.release_page_reporting(held)
     assert knob.read_text() == "5\n"
+    assert not record.exists()
+    # A bench killed while it held the order (no release): the next one gives back the order
+    # the killed one found, not the one it finds.
+    assert bench.hold_page_reporting(touch=1 << 30) == ("5", "11")
+    assert bench.hold_page_reporting(touch=1 << 30) == ("5", "11")
+    bench.release_page_reporting(("5", "11"))
+    assert (knob.read_text(), record.exists()) == ("5\n", False)
+    touched.clear()
+    record.write_text('{"found": "3", "held": "10"}')  # not what the knob holds: stale
     knob.write_text("11\n")
     assert bench.hold_page_reporting(touch=1 << 30) is None
     assert knob.read_text() == "11\n"
-    assert touched == [1 << 30]
+    assert not record.exists()
+    assert touched == []
     knob.write_text("five\n")  # not a number: left alone
     assert bench.hold_page_reporting(touch=1 << 30) is None
     assert knob.read_text() == "five\n"
