@@ -28,6 +28,7 @@ from snapfs.errors import NBDError
 from snapfs.fuse.reply import ReadReply
 from snapfs.fuse.server import Intake, TakerFactory
 from snapfs.nbd.wire import NBDStream, StreamLost
+from snapfs.qmp import COPIED_BITMAP
 from snapfs.regions import Regions
 from snapfs.sched import batch_scheduled
 from tests.conftest import FakeDevice, read_back, with_reader
@@ -92,6 +93,16 @@ async def read_many(
     return got, failed
 
 
+async def read_all_right(
+    reader: DiskReader, dev: FakeDevice, reads: dict[int, tuple[int, int]], data: bytes
+) -> None:
+    """``read_many``, and every read answered with its own bytes of ``data``."""
+    got, failed = await read_many(reader, dev, reads)
+    assert not failed
+    for u, (offset, length) in reads.items():
+        assert got[u] == data[offset : offset + length], (u, offset, length)
+
+
 def random_reads(n: int, seed: int) -> dict[int, tuple[int, int]]:
     rng = random.Random(seed)
     reads = {}
@@ -114,10 +125,7 @@ def test_concurrent_reads_out_of_order(server: FakeNBD, confine: int) -> None:
     reads = random_reads(60, 2)
 
     async def body(reader: DiskReader, dev: FakeDevice) -> None:
-        got, failed = await read_many(reader, dev, reads)
-        assert not failed
-        for u, (offset, length) in reads.items():
-            assert got[u] == server.data[offset : offset + length], (u, offset, length)
+        await read_all_right(reader, dev, reads, server.data)
 
     reader = with_reader(str(server.path), "disk", body, confine=confine)
     assert reader.most_jobs > 1
@@ -152,7 +160,7 @@ def test_sequential_reads_with_read_ahead_and_small_pipes(server: FakeNBD) -> No
 #: The clusters the fake calls saved (and misreads in reads across clusters), for the tests of
 #: checked reads: a few scattered ones, and a run of them.
 SAVED = {3, 17, 18, 40, 41, 42, 43, 77, 100}
-COPIED = "qemu:dirty-bitmap:snapfs--copied"
+COPIED = f"qemu:dirty-bitmap:{COPIED_BITMAP}"
 
 
 @pytest.mark.parametrize(
@@ -176,10 +184,7 @@ def test_reads_across_clusters_are_checked_on_the_stream(server: FakeNBD) -> Non
     reads = random_reads(80, 5)
 
     async def body(reader: DiskReader, dev: FakeDevice) -> None:
-        got, failed = await read_many(reader, dev, reads)
-        assert not failed
-        for u, (offset, length) in reads.items():
-            assert got[u] == server.data[offset : offset + length], (u, offset, length)
+        await read_all_right(reader, dev, reads, server.data)
         unique = 1000
         for offset in range(0, 4 * MiB, 512 * KiB):  # 768 KiB is in a saved cluster
             ahead = [(offset + k * 512 * KiB, 512 * KiB) for k in (1, 2)]
@@ -187,7 +192,7 @@ def test_reads_across_clusters_are_checked_on_the_stream(server: FakeNBD) -> Non
             got1 = await read_back(reader, dev, unique, offset, 512 * KiB, ahead)
             assert got1 == server.data[offset : offset + 512 * KiB], offset
 
-    reader = with_reader(str(server.path), "disk", body, confine=c, copied="snapfs--copied")
+    reader = with_reader(str(server.path), "disk", body, confine=c, copied=COPIED_BITMAP)
     across = [(o, n) for o, n in server.reads[1:] if o // c != (o + n - 1) // c]
     assert across, "no READ across clusters was read in one request"
     assert set(across) <= set(server.unfragmented)
@@ -218,12 +223,9 @@ def test_reads_stay_confined_where_the_copied_bitmap_is_not_offered(server: Fake
     reads = random_reads(40, 6)
 
     async def body(reader: DiskReader, dev: FakeDevice) -> None:
-        got, failed = await read_many(reader, dev, reads)
-        assert not failed
-        for u, (offset, length) in reads.items():
-            assert got[u] == server.data[offset : offset + length], (u, offset, length)
+        await read_all_right(reader, dev, reads, server.data)
 
-    reader = with_reader(str(server.path), "disk", body, confine=c, copied="snapfs--copied")
+    reader = with_reader(str(server.path), "disk", body, confine=c, copied=COPIED_BITMAP)
     assert all(o // c == (o + n - 1) // c for o, n in server.reads[1:])
     assert not server.statuses
     assert reader.verified == 0
