@@ -226,6 +226,12 @@ def test_free_page_reporting_is_held_while_measuring_and_given_back(
     assert bench.hold_page_reporting(touch=1 << 30) == ("5", "11")
     bench.release_page_reporting(("5", "11"))
     assert (knob.read_text(), record.exists()) == ("5\n", False)
+    # Where the record cannot be written, the order is held and given back all the same.
+    monkeypatch.setattr(bench, "PAGE_REPORTING_RECORD", tmp_path / "missing" / "record.json")
+    assert bench.hold_page_reporting(touch=1 << 30) == ("5", "11")
+    bench.release_page_reporting(("5", "11"))
+    assert knob.read_text() == "5\n"
+    monkeypatch.setattr(bench, "PAGE_REPORTING_RECORD", record)
     touched.clear()
     record.write_text('{"found": "3", "held": "10"}')  # not what the knob holds: stale
     knob.write_text("11\n")
