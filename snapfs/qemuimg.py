@@ -3,7 +3,8 @@
 Images are qcow2 files whose backing file is named relative to their own directory, so a
 point's directory can be read by QEMU's own tools (``qemu-img convert``, ``qemu-nbd``) without
 snapfs. Bytes go in and out through a ``qemu-nbd`` on a unix socket in a fresh 0700 directory,
-a pool of libnbd connections shared by the copy's threads (snapfs.nbd.pool).
+a pool of libnbd connections shared by the copy's threads (snapfs.nbd.pool). The directory's
+name carries the process id, so the next Server removes those of a snapfs that was killed.
 
 Every wait is bounded: each qemu-img command has a timeout that grows with what it does, and
 qemu-nbd must listen within ``START_TIMEOUT`` seconds and exit within ``STOP_TIMEOUT``.
@@ -17,6 +18,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -36,6 +38,8 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 #: qemu-img commands that only look at or create metadata.
 META_TIMEOUT = 120.0
+#: The start of a Server's directory's name, before its process id and a unique part.
+SERVER_DIR_PREFIX = "snapfs-nbd-"
 
 
 def _die_with_parent(parent: int) -> None:
@@ -144,7 +148,8 @@ class Server:
         self.image = image
         self.writable = writable
         self.clients = clients
-        self._dir = Path(tempfile.mkdtemp(prefix="snapfs-nbd-"))
+        _remove_orphans(Path(tempfile.gettempdir()))
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{SERVER_DIR_PREFIX}{os.getpid()}-"))
         self.socket = self._dir / "sock"
         self._log = self._dir / "log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -232,6 +237,25 @@ class Server:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _remove_orphans(tmp: Path) -> None:
+    """Remove the Server directories in ``tmp`` that a process which is gone left behind
+    (killed: its close never ran; its qemu-nbd died with it). Only directories of this user,
+    never a symlink: others may write ``tmp``."""
+    for entry in tmp.glob(f"{SERVER_DIR_PREFIX}*-*"):
+        pid = entry.name[len(SERVER_DIR_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            st = entry.lstat()
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except (OSError, OverflowError):
+            continue  # gone meanwhile, a live process of another user, or no process id
 
 
 def convert(

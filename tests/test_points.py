@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -286,7 +287,9 @@ with qemuimg.Server(Path(sys.argv[1]), writable=True):
 def test_a_qemu_nbd_never_outlives_a_snapfs_killed_as_it_starts(tmp_path: Path) -> None:
     """qemu-nbd forgets a SIGTERM that comes before its main loop, so a snapfs killed at that
     instant must still take its qemu-nbd with it (else it serves on, and keeps the images of
-    the points locked against every later prune)."""
+    the points locked against every later prune). What the killed snapfs left in the
+    temporary directory, the next one removes."""
+    killed = []
     backing = None
     for i in range(40):  # opening a long chain holds qemu-nbd in the instant that matters
         qemuimg.create(tmp_path / f"{i}.qcow2", MiB, backing)
@@ -302,11 +305,56 @@ def test_a_qemu_nbd_never_outlives_a_snapfs_killed_as_it_starts(tmp_path: Path) 
                 helper = int(child.stdout.readline())
             finally:
                 child.kill()
+                killed.append(child.pid)
         try:
             poll(functools.partial(_gone, helper), what="qemu-nbd to follow its killed parent")
         finally:
             if _alive(helper):
                 os.kill(helper, signal.SIGKILL)
+    tmp = Path(tempfile.gettempdir())
+
+    def left() -> list[Path]:
+        return [d for pid in killed for d in tmp.glob(f"{qemuimg.SERVER_DIR_PREFIX}{pid}-*")]
+
+    # Each child's Server removed what the child before it left: the last one's is there.
+    assert [d.name.split("-")[2] for d in left()] == [str(killed[-1])]
+    server = qemuimg.Server(tmp_path / "39.qcow2", writable=False)
+    try:
+        assert not left()
+        assert server.socket.parent.name.startswith(f"{qemuimg.SERVER_DIR_PREFIX}{os.getpid()}-")
+    finally:
+        server.close()
+    assert not server.socket.parent.exists()
+
+
+def test_only_what_a_process_that_is_gone_left_is_removed(tmp_path: Path) -> None:
+    """Directories of live processes, symlinks, files, other users' directories and other
+    names stay."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    p = qemuimg.SERVER_DIR_PREFIX
+    stale = tmp_path / f"{p}{gone.pid}-abc"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sock").touch()
+    live = tmp_path / f"{p}{os.getpid()}-abc"
+    live.mkdir()
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep").touch()
+    link = tmp_path / f"{p}{gone.pid}-link"
+    link.symlink_to(target)
+    plain = tmp_path / f"{p}{gone.pid}-file"
+    plain.touch()
+    foreign = tmp_path / f"{p}{gone.pid}-foreign"
+    foreign.mkdir()
+    os.chown(foreign, 65534, 65534)
+    odd = [tmp_path / f"{p}x-1", tmp_path / f"{p}{'9' * 30}-1", tmp_path / f"{p}old"]
+    for d in odd:
+        d.mkdir()
+    qemuimg._remove_orphans(tmp_path)
+    assert not stale.exists()
+    for kept in (live, link, plain, foreign, target / "keep", *odd):
+        assert kept.exists() or kept.is_symlink(), kept
 
 
 def _gone(pid: int) -> bool:
