@@ -158,14 +158,6 @@ class Pool:
         except nbd.Error as err:
             raise self.error(f"reading {self.what} at {offset}: {err}") from err
 
-    def dirty(self, context: str, offset: int, length: int) -> list[tuple[int, int]]:
-        """``dirty_ranges`` over a connection of the pool."""
-        try:
-            with self.connection() as h:
-                return dirty_ranges(h, context, offset, length)
-        except (nbd.Error, OSError) as err:
-            raise self.error(f"block status of {self.what} at {offset}: {err}") from err
-
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         try:
             with self.connection() as h:
