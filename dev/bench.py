@@ -112,8 +112,24 @@ HELD_ORDERS = (11, 10)
 #: The order found and the one held, while held: a bench killed by SIGKILL cannot give the
 #: order back, so the next one finds it here and gives back the one found before.
 PAGE_REPORTING_RECORD = Path("/run/snapfs-bench-page-reporting.json")
-#: How much free memory the bench writes once it holds the reporting (touch_free_memory).
-TOUCHED_MEMORY = 16 * GiB
+#: The most free memory the bench writes once it holds the reporting (touch_free_memory), what
+#: it leaves unwritten so that nothing else runs short meanwhile, and how long it may take.
+TOUCHED_MEMORY = 64 * GiB
+TOUCH_MARGIN = GiB
+TOUCH_TIMEOUT = 600.0
+#: The child that writes it: anonymous memory, so that if the kernel's estimate of what is
+#: available was wrong, the OOM killer can take the child back (pages of a file on /dev/shm it
+#: could not).
+_TOUCH_CHILD = """
+import mmap, sys
+n = int(sys.argv[1])
+m = mmap.mmap(-1, n)
+chunk = bytes(8 << 20)
+for off in range(0, n, len(chunk)):
+    k = min(len(chunk), n - off)
+    m[off : off + k] = chunk[:k]
+print(n)
+"""
 
 #: Every workload's letter (see the module's docstring).
 WORKLOADS = "abcdefghijkl"
@@ -230,20 +246,30 @@ def held_before(current: str) -> str | None:
 
 
 def touch_free_memory(nbytes: int) -> int:
-    """Write ``nbytes`` of memory once (at most half of what is available, and TOUCHED_MEMORY)
-    and free it, so that the hypervisor maps the pages it took back now, not during a measured
-    run: the allocator hands the pages freed last out first, and held (hold_page_reporting)
-    they stay mapped. Returns the bytes written."""
-    n = min(nbytes, mem_available() // 2, TOUCHED_MEMORY) // MiB * MiB
-    chunk = memoryview(bytes(8 * MiB))
-    done = 0
+    """Write ``nbytes`` of memory once (at most TOUCHED_MEMORY, and what is available less
+    TOUCH_MARGIN) in a child process and free it, so that the hypervisor maps the pages it took
+    back now, not during a measured run; held (hold_page_reporting), they stay mapped. All of
+    it, not what the runs need: which free pages the allocator hands out next is not which
+    were freed last (half of the free memory written still left three of seven rounds paying).
+    Returns the bytes written."""
+    n = max(0, min(nbytes, mem_available() - TOUCH_MARGIN, TOUCHED_MEMORY)) // MiB * MiB
+    if n == 0:
+        return 0
     try:
-        with tempfile.TemporaryFile(dir="/dev/shm") as f:
-            while done < n:
-                done += f.write(chunk[: n - done])
-    except OSError as err:  # no room after all: fewer pages mapped, the runs stay right
-        print(f"warning: touched {done // MiB} MiB of free memory: {err}", file=sys.stderr)
-    return done
+        proc = subprocess.run(
+            [sys.executable, "-c", _TOUCH_CHILD, str(n)],
+            capture_output=True,
+            text=True,
+            timeout=TOUCH_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        print(f"warning: writing free memory took over {TOUCH_TIMEOUT:.0f} s", file=sys.stderr)
+        return 0
+    if proc.returncode != 0 or proc.stdout.strip() != str(n):
+        # killed (out of memory after all): fewer pages mapped, the runs stay right
+        print(f"warning: writing free memory failed ({proc.returncode})", file=sys.stderr)
+        return 0
+    return n
 
 
 def release_page_reporting(held: tuple[str, str] | None) -> None:
@@ -1648,8 +1674,9 @@ def run(args: argparse.Namespace) -> Results:
     bench = Bench(args, workdir, image_dir, dest_dir)
     held = None
     try:
-        # What the runs put into memory: every disk's bytes in the page cache, (d)'s copies.
-        held = hold_page_reporting(touch=images + 2 * args.size_bytes)
+        # All the free memory: the runs put gigabytes into it (every disk's bytes in the page
+        # cache, (d)'s copies), and any free page may be the next one handed out.
+        held = hold_page_reporting(touch=TOUCHED_MEMORY)
         bench.results.page_reporting = list(held or ())
         bench.setup()
         phases: list[tuple[str, Callable[[], None]]] = [
