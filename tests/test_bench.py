@@ -256,7 +256,7 @@ def test_free_page_reporting_is_held_while_measuring_and_given_back(
     assert "free page reporting held at order 11 (from 5)." in bench.caption(res)
 
 
-def test_free_memory_is_written_once_and_given_back(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_free_memory_is_written_in_a_child_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert bench.touch_free_memory(64 * MiB + 123) == 64 * MiB  # what the child wrote
     monkeypatch.setattr(bench, "TOUCHED_MEMORY", 32 * MiB)
     assert bench.touch_free_memory(1 << 50) == 32 * MiB  # bounded, whatever asked
