@@ -7,7 +7,12 @@
  * moved as snapfs's worker moves it: the FUSE header written into a pipe, the payload spliced
  * from the socket behind it, and the pipe spliced into /dev/fuse. One thread, poll(2).
  *
- *   cc -O2 -o cworker dev/cworker.c && ./cworker MNT NBD_SOCKET EXPORT &   (root; umount MNT)
+ * THREADS (default 1) runs that many such threads, each with its own NBD connection, pipe and
+ * descriptor of the mount (FUSE_DEV_IOC_CLONE: a request is answered on the descriptor it was
+ * read from). The bench runs one; more are for finding out whether a second worker helps.
+ *
+ *   cc -O2 -o cworker dev/cworker.c && ./cworker MNT NBD_SOCKET EXPORT [THREADS] &
+ *   (root; umount MNT)
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -20,6 +25,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -29,10 +36,13 @@
 
 #define SLOTS 64 /* READs in flight at most (the kernel's max_background below) */
 
-static char req[(1 << 20) + 8192];
 static uint64_t size;
-static int fuse, sock, pipe_r, pipe_w, inflight;
-static struct {
+static const char *nbd_path, *nbd_export;
+static int first_fuse; /* the mount's own descriptor: the other threads clone it */
+/* Each thread's own: its request buffer, descriptor of the mount, connection, pipe, READs. */
+static __thread char req[(1 << 20) + 8192];
+static __thread int fuse, sock, pipe_r, pipe_w, inflight;
+static __thread struct {
   uint64_t unique;
   uint32_t len;
   int used;
@@ -238,22 +248,18 @@ static void request(void) {
   }
 }
 
-int main(int argc, char **argv) {
-  if (argc != 4) {
-    fprintf(stderr, "usage: cworker MOUNTPOINT NBD_SOCKET EXPORT\n");
-    return 2;
+/* One worker: requests from its descriptor of the mount, replies from its own connection. */
+static void *serve(void *arg) {
+  if (arg) { /* not the first thread: a descriptor of its own, cloned from the mount's */
+    uint32_t from = (uint32_t)first_fuse;
+    fuse = open("/dev/fuse", O_RDWR | O_CLOEXEC | O_NONBLOCK);
+    if (fuse < 0 || ioctl(fuse, FUSE_DEV_IOC_CLONE, &from)) die("FUSE_DEV_IOC_CLONE");
+    nbd_connect(nbd_path, nbd_export);
   }
-  nbd_connect(argv[2], argv[3]);
   int p[2];
   if (pipe2(p, O_CLOEXEC) || fcntl(p[1], F_SETPIPE_SZ, 1 << 20) < 0) die("pipe");
   pipe_r = p[0];
   pipe_w = p[1];
-  fuse = open("/dev/fuse", O_RDWR | O_CLOEXEC | O_NONBLOCK);
-  if (fuse < 0) die("/dev/fuse");
-  char opts[128];
-  snprintf(opts, sizeof opts, "fd=%d,rootmode=40000,user_id=0,group_id=0,allow_other", fuse);
-  if (mount("cworker", argv[1], "fuse.cworker", MS_NOSUID | MS_NODEV | MS_RDONLY, opts))
-    die("mount");
   for (;;) {
     struct pollfd fds[2] = {{fuse, POLLIN, 0}, {sock, POLLIN, 0}};
     int room = inflight < SLOTS;
@@ -267,14 +273,36 @@ int main(int argc, char **argv) {
         request();
         continue;
       }
-      if (errno == EAGAIN)
+      if (errno == EAGAIN) /* another thread took it */
         break;
       if (errno == ENODEV) /* unmounted */
-        return 0;
+        exit(0);
       if (errno != EINTR && errno != ENOENT)
         die("/dev/fuse");
     }
     if (fds[1].revents)
       answer();
   }
+}
+
+int main(int argc, char **argv) {
+  int threads = argc == 5 ? atoi(argv[4]) : 1;
+  if ((argc != 4 && argc != 5) || threads < 1 || threads > 64) {
+    fprintf(stderr, "usage: cworker MOUNTPOINT NBD_SOCKET EXPORT [THREADS]\n");
+    return 2;
+  }
+  nbd_path = argv[2];
+  nbd_export = argv[3];
+  nbd_connect(nbd_path, nbd_export);
+  fuse = first_fuse = open("/dev/fuse", O_RDWR | O_CLOEXEC | O_NONBLOCK);
+  if (fuse < 0) die("/dev/fuse");
+  char opts[128];
+  snprintf(opts, sizeof opts, "fd=%d,rootmode=40000,user_id=0,group_id=0,allow_other", fuse);
+  if (mount("cworker", argv[1], "fuse.cworker", MS_NOSUID | MS_NODEV | MS_RDONLY, opts))
+    die("mount");
+  for (int t = 1; t < threads; t++) {
+    pthread_t id;
+    if (pthread_create(&id, NULL, serve, (void *)1)) die("pthread_create");
+  }
+  serve(NULL);
 }
