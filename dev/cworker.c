@@ -5,7 +5,7 @@
  *
  * MNT/f is the export, opened with direct I/O. Each READ becomes one NBD read; its reply is
  * moved as snapfs's worker moves it: the FUSE header written into a pipe, the payload spliced
- * from the socket behind it, and the pipe spliced into /dev/fuse. One thread, poll(2).
+ * from the socket behind it, and the pipe spliced into /dev/fuse. poll(2) in each thread.
  *
  * THREADS (default 1) runs that many such threads, each with its own NBD connection, pipe and
  * descriptor of the mount (FUSE_DEV_IOC_CLONE: a request is answered on the descriptor it was
@@ -21,11 +21,11 @@
 #include <fcntl.h>
 #include <linux/fuse.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <pthread.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/socket.h>
