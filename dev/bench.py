@@ -25,7 +25,8 @@ Workloads (docs/performance.md describes each): (a)-(c) sequential reads of full
 incremental view's scattered 64 KiB regions (also read by libnbd straight from snapfs's export,
 the ceiling, and, where a C compiler is installed, through the prototype of a compiled worker in
 dev/cworker.c), (e) mount and umount, (f) peak RSS, (g) the guest's pause, (h) confined reads,
-(i) a throttled disk, (j) small reads of a full view, (k) ``snapfs copy`` of a full view against
+(i) a throttled disk, (j) small reads of a full view (a disk of random data, and a thin disk of
+data and holes in turn that only (j) mounts), (k) ``snapfs copy`` of a full view against
 ``cp`` + ``sync``, (l) a 1 TiB disk with a million dirty extents.
 
 Figures per run: wall time, bytes, CPU seconds of the reader (dd, cp, nbdcopy: from wait4) and
@@ -95,7 +96,10 @@ TAR = "snapfs-tar"
 TAR_IMAGE = "tar-image"
 CP_SYNC = "cp+sync"
 #: The tool each row of a workload is divided by in the ``ref_ratio`` column (MiB/s ÷ MiB/s).
-REFERENCE = {"d-incr": CEILING, "j-small": DD_1M, "k-full": CP_SYNC}
+REFERENCE = {"d-incr": CEILING, "j-small": DD_1M, "j-thin": DD_1M, "k-full": CP_SYNC}
+#: (j)'s thin disk: this much random data, then a hole as long, in turn (less on tiny disks). GNU
+#: tar archives a file with holes as sparse and reads its data 512 bytes at a time.
+THIN_STEP = 4 * MiB
 
 
 #: This machine's CPUs (steal is summed over them), and how often a run is measured again when the
@@ -392,22 +396,42 @@ def mem_available() -> int:
         return 0
 
 
+def thin_step(size: int) -> int:
+    """The length of each stretch of data and of each hole of a thin disk of ``size`` bytes: a
+    multiple of 64 KiB, THIN_STEP at most, and at least two of each on a disk of 256 KiB or more."""
+    return max(REGION, min(THIN_STEP, size // 4 // REGION * REGION))
+
+
 class BenchVM(TestVM):
     """A TestVM whose disks are written with random data in chunks, never held in memory,
-    into ``image_dir``."""
+    into ``image_dir``; the disks named in ``thin`` get data and holes in turn (thin_step)."""
 
-    def __init__(self, workdir: Path, disks: list[DiskSpec], *, seed: int, image_dir: Path) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        disks: list[DiskSpec],
+        *,
+        seed: int,
+        image_dir: Path,
+        thin: Sequence[str] = (),
+    ) -> None:
         super().__init__(workdir, disks, seed=seed)
         self.image_dir = image_dir
+        self.thin = set(thin)
 
     def create_images(self) -> None:
         rng = random.Random(self.seed)
-        chunk = 16 * MiB
         for disk in self.disks.values():
             raw = self.image_dir / f"{disk.name}.init.raw"
+            # Random data everywhere, or on a thin disk every other stretch of step bytes.
+            chunk, step = (thin_step(disk.size),) * 2 if disk.name in self.thin else (16 * MiB, 0)
             with open(raw, "wb") as f:
                 for pos in range(0, disk.size, chunk):
+                    if step and pos // step % 2:
+                        continue
+                    f.seek(pos)
                     f.write(rng.randbytes(min(chunk, disk.size - pos)))
+                f.truncate(disk.size)
             self.expected[disk.name] = bytearray()  # not tracked: the bench checks no content
             disk.path = self.image_dir / f"{disk.name}.{disk.fmt}"
             if disk.fmt == "raw":
@@ -448,6 +472,8 @@ class Bench:
         self.dest_dir = dest_dir or workdir
         self.size: int = args.size_bytes
         self.names = [f"virtio{i}" for i in range(args.disks)]
+        #: (j)'s thin disk, left out of every other view (and of the names (a)-(k) read).
+        self.thin = f"virtio{args.disks}" if "j" in args.only else ""
         self.run_dir = workdir / "r"  # short: QEMU's NBD socket lives below it (108-byte limit)
         self.mnt = workdir / "snapfs"
         path = os.environ.get("PYTHONPATH")
@@ -462,9 +488,13 @@ class Bench:
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         self.vm = BenchVM(
             workdir,
-            [DiskSpec(n, args.format, "virtio", size=self.size) for n in self.names],
+            [
+                DiskSpec(n, args.format, "virtio", size=self.size)
+                for n in self.names + ([self.thin] if self.thin else [])
+            ],
             seed=7,
             image_dir=image_dir or workdir,
+            thin=[self.thin] if self.thin else [],
         )
         self.results = Results(args={k: v for k, v in vars(args).items() if k != "func"})
         self.state: dict[str, Any] = {}
@@ -494,7 +524,10 @@ class Bench:
             )
         return wall
 
-    def mount(self, *extra: str, env: dict[str, str] | None = None) -> float:
+    def mount(self, *extra: str, env: dict[str, str] | None = None, thin: bool = False) -> float:
+        """Mount the VM's view (without the thin disk unless ``thin``); return the wall time."""
+        if self.thin and not thin:
+            extra = (*extra, "--exclude", self.thin)
         self.mnt.mkdir(exist_ok=True)
         wall = self.snapfs(
             "mount",
@@ -799,7 +832,8 @@ class Bench:
         t0 = time.perf_counter()
         print(
             f"creating {len(self.names)} disk(s) of {self.size // MiB} MiB of random data "
-            f"in {self.vm.image_dir}",
+            + ("and a thin one " if self.thin else "")
+            + f"in {self.vm.image_dir}",
             flush=True,
         )
         self.vm.start()
@@ -1061,30 +1095,58 @@ class Bench:
     def small_reads(self) -> None:
         """(j): small sequential reads of a full view, which goes through the page cache with
         the kernel's read-ahead: ``dd bs=4K`` and ``tar --sparse`` (10 KiB reads, into a pipe:
-        GNU tar does not read a file whose archive is /dev/null) against ``dd bs=1M``."""
+        GNU tar does not read a file whose archive is /dev/null) against ``dd bs=1M``; and
+        ``tar --sparse`` of the thin disk (which tar reads 512 bytes at a time, being sparse)
+        against ``dd bs=1M`` of it."""
         first = self.names[0]
-        src = str(self.mnt / f"{first}.raw")
-        tools: list[tuple[str, list[str]]] = [
-            (DD_1M, ["dd", f"if={src}", "of=/dev/null", "bs=1M", "status=none"]),
-            (DD_4K, ["dd", f"if={src}", "of=/dev/null", "bs=4K", "status=none"]),
-            (TAR, ["sh", "-c", 'tar --sparse -cf - "$1" | cat >/dev/null', "sh", src]),
-        ]
-        if self.args.images_in_memory and self.args.format == "raw":
-            # tar's own speed: the same bytes from a file in memory, no FUSE (the VM is paused,
-            # so the image holds what the snapshot holds).
-            image = str(self.vm.disks[first].path)
-            tools.append(
-                (TAR_IMAGE, ["sh", "-c", 'tar --sparse -cf - "$1" | cat >/dev/null', "sh", image])
-            )
-        self.mount()
+        tar = 'tar --sparse -cf - "$1" | cat >/dev/null'
+        runs: list[tuple[str, str, str, list[str]]] = []  # workload, tool, disk, argv
+        for workload, name in (("j-small", first), ("j-thin", self.thin)):
+            if not name:
+                continue
+            src = str(self.mnt / f"{name}.raw")
+            runs += [
+                (
+                    workload,
+                    DD_1M,
+                    name,
+                    ["dd", f"if={src}", "of=/dev/null", "bs=1M", "status=none"],
+                ),
+                (workload, TAR, name, ["sh", "-c", tar, "sh", src]),
+            ]
+            if workload == "j-small":
+                runs.insert(
+                    1,
+                    (
+                        workload,
+                        DD_4K,
+                        name,
+                        ["dd", f"if={src}", "of=/dev/null", "bs=4K", "status=none"],
+                    ),
+                )
+            if self.args.images_in_memory and self.args.format == "raw":
+                # tar's own speed: the same bytes from a file in memory, no FUSE (the VM is
+                # paused, so the image holds what the snapshot holds).
+                image = str(self.vm.disks[name].path)
+                runs.append((workload, TAR_IMAGE, name, ["sh", "-c", tar, "sh", image]))
+        self.mount(thin=True)
         try:
+            if self.thin:
+                # tar must see the holes, or the thin row measures the other case.
+                st = os.stat(self.mnt / f"{self.thin}.raw")
+                if st.st_blocks * 512 >= st.st_size:
+                    raise RuntimeError(
+                        f"(j): the view of {self.thin} shows no holes "
+                        f"({st.st_blocks * 512} of {st.st_size} bytes allocated)"
+                    )
             for rnd in range(self.args.rounds):
-                for tool, argv in tools[rnd % len(tools) :] + tools[: rnd % len(tools)]:
+                turn = rnd % len(runs)
+                for workload, tool, name, argv in runs[turn:] + runs[:turn]:
                     self.measure(
-                        "j-small",
+                        workload,
                         tool,
                         rnd,
-                        [first],
+                        [name],
                         _fixed(argv),
                         self.size,
                         servers=[self.snapfs_pid],
@@ -1444,6 +1506,26 @@ def headline(res: Results, summary: dict[str, Any]) -> list[Headline]:
                     [1 / j[TAR_IMAGE]["ref_ratio"]],
                 )
             )
+    thin = summary.get("j-thin", {})
+    if DD_1M in thin and TAR in thin:
+        step = thin_step(parse_size(a["size"])) / MiB
+        out.append(
+            Headline(
+                "" if j else "(j) small reads of a full view",
+                f"the same of a thin disk ({step:g} MiB of data and holes in turn: tar reads "
+                "its data 512 bytes at a time) ÷ `dd bs=1M` of it (time)",
+                [1 / thin[TAR]["ref_ratio"]],
+                goal="≤ 2",
+            )
+        )
+        if TAR_IMAGE in thin:
+            out.append(
+                Headline(
+                    "",
+                    "the same `tar` of the thin disk's image in memory ÷ `dd bs=1M` of it (time)",
+                    [1 / thin[TAR_IMAGE]["ref_ratio"]],
+                )
+            )
     k = summary.get("k-full", {})
     if "snapfs-copy" in k and CP_SYNC in k:
         out.append(
@@ -1476,6 +1558,7 @@ WORKLOAD_TITLES = {
     "h-c": "(h) confined reads: (c)",
     "i-throttled": "(i) a disk throttled to 10 MB/s, against an unthrottled one",
     "j-small": "(j) full view, sequential reads through the page cache",
+    "j-thin": "(j) full view of a thin disk (data and holes in turn), through the page cache",
     "k-full": "(k) full view copied into a directory on disk",
 }
 
@@ -1656,7 +1739,8 @@ def run(args: argparse.Namespace) -> Results:
     only = set(args.only)
     if not only or not only <= set(WORKLOADS):
         raise SystemExit(f"--only takes letters of {WORKLOADS}, not {args.only!r}")
-    images = args.size_bytes * args.disks
+    # (j)'s thin disk holds half its size.
+    images = args.size_bytes * args.disks + (args.size_bytes // 2 if "j" in only else 0)
     args.images_in_memory = images_in_memory(args.images, images)
     # (d)'s copies (a full image of one disk, and the readers' regions) go to memory too when
     # there is room beside the images.

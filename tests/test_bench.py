@@ -101,6 +101,10 @@ def test_bench_runs_every_workload_and_cleans_up(short_tmp: Path) -> None:
         )
     # tar-image: tar of the raw image in memory (--images memory), tar's own speed.
     assert set(summary["j-small"]) == {"snapfs-dd1M", "snapfs-dd4K", "snapfs-tar", "tar-image"}
+    # The thin disk (1 MiB of data and holes in turn on a 4 MiB disk), only in (j)'s view.
+    assert set(summary["j-thin"]) == {"snapfs-dd1M", "snapfs-tar", "tar-image"}
+    assert bench.thin_step(4 << 20) == 1 << 20
+    assert bench.thin_step(2 << 30) == bench.THIN_STEP
     assert set(summary["k-full"]) == {"snapfs-copy", "cp+sync"}
     for row in summary["a-dd"].values():  # snapfs's speed over each tool's
         assert row["snapfs_ratio"] == pytest.approx(
@@ -152,6 +156,21 @@ def test_bench_runs_every_workload_and_cleans_up(short_tmp: Path) -> None:
     assert own["values"] == [
         pytest.approx(small["snapfs-dd1M"]["mib_s"] / small["tar-image"]["mib_s"])
     ]
+    thin = summary["j-thin"]
+    tar_thin = measures[
+        "the same of a thin disk (1 MiB of data and holes in turn: tar reads its data 512 bytes "
+        "at a time) ÷ `dd bs=1M` of it (time)"
+    ]
+    assert tar_thin["values"] == [
+        pytest.approx(thin["snapfs-dd1M"]["mib_s"] / thin["snapfs-tar"]["mib_s"])
+    ]
+    assert tar_thin["goal"] == "≤ 2"
+    own_thin = measures[
+        "the same `tar` of the thin disk's image in memory ÷ `dd bs=1M` of it (time)"
+    ]
+    assert own_thin["values"] == [
+        pytest.approx(thin["snapfs-dd1M"]["mib_s"] / thin["tar-image"]["mib_s"])
+    ]
     full = measures["`snapfs copy` ÷ `cp --sparse=always` + `sync` (time)"]
     assert full["values"] == [
         pytest.approx(
@@ -173,9 +192,9 @@ def test_bench_runs_every_workload_and_cleans_up(short_tmp: Path) -> None:
     # a disk of 4 MiB in (j) and (k).
     assert {r["nbytes"] for r in data["runs"] if r["workload"] == "c-parallel"} == {8 << 20}
     assert {r["nbytes"] for r in data["runs"] if r["workload"] == "d-incr"} == {8 << 16}
-    assert {r["nbytes"] for r in data["runs"] if r["workload"] in ("j-small", "k-full")} == {
-        4 << 20
-    }
+    assert {
+        r["nbytes"] for r in data["runs"] if r["workload"] in ("j-small", "j-thin", "k-full")
+    } == {4 << 20}
     # Nothing left: no mount, no work directory (QEMU is stopped by Bench.close).
     assert mounts_below(tmp_path) == []
     assert [p for p in tmp_path.iterdir() if p.name.startswith("snapfs-bench-")] == []
