@@ -2,8 +2,9 @@
  *
  * An Intake reads the FUSE requests in the worker thread that owns it, with the GIL released,
  * and answers the READs it can on its own: a READ of a registered Disk whose whole range is
- * readable now, lies inside one confinement block and does not continue a large sequential
- * read (those go to Python, which reads ahead). For each it sends one NBD read on the disk's
+ * readable now, lies inside one confinement block, does not continue a large sequential read
+ * (those go to Python, which reads ahead) and is not wholly a known zero of the snapshot
+ * (Python answers those without QEMU). For each it sends one NBD read on the disk's
  * own connection (simple replies: the payload right behind a 16-byte header, holes as zeros),
  * and moves the reply as the Python worker does: the FUSE header written into a pipe, the
  * payload spliced from the socket behind it, the pipe spliced into /dev/fuse. Several READs
@@ -67,6 +68,8 @@ typedef struct {
   pthread_mutex_t lock; /* guards lo, hi, n */
   uint64_t *lo, *hi;    /* readable: sorted, disjoint [lo, hi) */
   size_t n;
+  uint64_t *zlo, *zhi;  /* known zeros: sorted, disjoint [zlo, zhi); fixed, so no lock */
+  size_t zn;
   uint64_t ino, size, confine, read_ahead_min;
   int sock;             /* our own descriptor of the NBD connection */
   int alive;            /* atomic; 0 once closed or failed */
@@ -78,19 +81,23 @@ typedef struct {
   unsigned long long reads, bytes, declined, copied, errors;
 } Disk;
 
-static int disk_readable(Disk *d, uint64_t off, uint64_t len) {
-  int ok = 0;
-  pthread_mutex_lock(&d->lock);
-  size_t a = 0, b = d->n; /* the first extent with lo > off */
+/* Whether [off, off + len) lies in one of the n sorted, disjoint ranges [lo, hi). */
+static int ranges_contain(const uint64_t *lo, const uint64_t *hi, size_t n, uint64_t off,
+                          uint64_t len) {
+  size_t a = 0, b = n; /* the first range with lo > off */
   while (a < b) {
     size_t m = a + (b - a) / 2;
-    if (d->lo[m] <= off)
+    if (lo[m] <= off)
       a = m + 1;
     else
       b = m;
   }
-  if (a > 0 && d->hi[a - 1] >= off + len)
-    ok = 1;
+  return a > 0 && hi[a - 1] >= off + len;
+}
+
+static int disk_readable(Disk *d, uint64_t off, uint64_t len) {
+  pthread_mutex_lock(&d->lock);
+  int ok = ranges_contain(d->lo, d->hi, d->n, off, len);
   pthread_mutex_unlock(&d->lock);
   return ok;
 }
@@ -143,42 +150,59 @@ static void disk_fail(Disk *d) {
   shutdown(d->sock, SHUT_RDWR);
 }
 
+/* Copy the ranges of two arrays of starts and ends (sorted, disjoint, inside [0, size)) into
+ * new *lo and *hi; -1 with an exception set if they are not such ranges or memory runs out. */
+static int copy_ranges(const Py_buffer *starts, const Py_buffer *ends, uint64_t size,
+                       const char *what, uint64_t **lo, uint64_t **hi, size_t *n) {
+  if (starts->len != ends->len || starts->len % sizeof(uint64_t)) {
+    PyErr_Format(PyExc_ValueError, "the %s starts and ends must be arrays of the same length",
+                 what);
+    return -1;
+  }
+  size_t count = (size_t)starts->len / sizeof(uint64_t);
+  const uint64_t *s = starts->buf, *e = ends->buf;
+  for (size_t k = 0; k < count; k++) {
+    if (e[k] <= s[k] || e[k] > size || (k && s[k] <= e[k - 1])) {
+      PyErr_Format(PyExc_ValueError, "the %s ranges are not sorted and disjoint", what);
+      return -1;
+    }
+  }
+  *lo = PyMem_RawMalloc((count ? count : 1) * sizeof(uint64_t));
+  *hi = PyMem_RawMalloc((count ? count : 1) * sizeof(uint64_t));
+  if (!*lo || !*hi) {
+    PyErr_NoMemory();
+    return -1;
+  }
+  if (count) {
+    memcpy(*lo, s, count * sizeof(uint64_t));
+    memcpy(*hi, e, count * sizeof(uint64_t));
+  }
+  *n = count;
+  return 0;
+}
+
 static int Disk_init(Disk *self, PyObject *args, PyObject *kwds) {
-  static char *kwlist[] = {"ino", "size", "confine", "sock", "starts", "ends", "read_ahead_min",
-                           NULL};
+  static char *kwlist[] = {"ino",  "size",           "confine",     "sock",      "starts",
+                           "ends", "read_ahead_min", "zero_starts", "zero_ends", NULL};
   unsigned long long ino, size, confine, ra_min;
   int sock;
-  Py_buffer starts, ends;
+  Py_buffer starts, ends, zstarts = {0}, zends = {0};
   if (self->lo) {
     PyErr_SetString(PyExc_RuntimeError, "a Disk is made once");
     return -1;
   }
-  if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKKiy*y*K", kwlist, &ino, &size, &confine, &sock,
-                                   &starts, &ends, &ra_min))
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKKiy*y*K|y*y*", kwlist, &ino, &size, &confine,
+                                   &sock, &starts, &ends, &ra_min, &zstarts, &zends))
     return -1;
   int rc = -1;
-  size_t n = (size_t)starts.len / sizeof(uint64_t);
-  if (starts.len != ends.len || starts.len % sizeof(uint64_t)) {
-    PyErr_SetString(PyExc_ValueError, "starts and ends must be arrays of the same length");
+  if (copy_ranges(&starts, &ends, size, "readable", &self->lo, &self->hi, &self->n) < 0 ||
+      copy_ranges(&zstarts, &zends, size, "zero", &self->zlo, &self->zhi, &self->zn) < 0)
     goto out;
-  }
-  const uint64_t *s = starts.buf, *e = ends.buf;
-  for (size_t k = 0; k < n; k++) {
-    if (e[k] <= s[k] || e[k] > size || (k && s[k] <= e[k - 1])) {
-      PyErr_SetString(PyExc_ValueError, "the readable ranges are not sorted and disjoint");
-      goto out;
-    }
-  }
-  self->lo = PyMem_RawMalloc((n ? n : 1) * sizeof(uint64_t));
-  self->hi = PyMem_RawMalloc((n ? n : 1) * sizeof(uint64_t));
   self->out = PyMem_RawMalloc(MAX_PENDING * sizeof *self->out);
-  if (!self->lo || !self->hi || !self->out) {
+  if (!self->out) {
     PyErr_NoMemory();
     goto out;
   }
-  memcpy(self->lo, s, n * sizeof(uint64_t));
-  memcpy(self->hi, e, n * sizeof(uint64_t));
-  self->n = n;
   self->sock = fcntl(sock, F_DUPFD_CLOEXEC, 0);
   if (self->sock < 0) {
     PyErr_SetFromErrno(PyExc_OSError);
@@ -194,6 +218,8 @@ static int Disk_init(Disk *self, PyObject *args, PyObject *kwds) {
 out:
   PyBuffer_Release(&starts);
   PyBuffer_Release(&ends);
+  PyBuffer_Release(&zstarts);
+  PyBuffer_Release(&zends);
   return rc;
 }
 
@@ -211,6 +237,8 @@ static void Disk_dealloc(Disk *self) {
     close(self->sock);
   PyMem_RawFree(self->lo);
   PyMem_RawFree(self->hi);
+  PyMem_RawFree(self->zlo);
+  PyMem_RawFree(self->zhi);
   PyMem_RawFree(self->out);
   pthread_mutex_destroy(&self->lock);
   Py_TYPE(self)->tp_free((PyObject *)self);
@@ -415,7 +443,7 @@ static void take_request(Intake *in, size_t n) {
   int take = __atomic_load_n(&d->alive, __ATOMIC_ACQUIRE) && r->size <= MAX_READ && len &&
              !(len >= d->read_ahead_min && off == d->next) &&
              !(d->confine && off / d->confine != (off + len - 1) / d->confine) &&
-             disk_readable(d, off, len);
+             !ranges_contain(d->zlo, d->zhi, d->zn, off, len) && disk_readable(d, off, len);
   if (!take) {
     /* Python answers it, and notes where it ended (SpliceReads.follow). */
     d->declined++;

@@ -1036,7 +1036,8 @@ class SpliceReads:
     place that decides what to read ahead, and what a failure of the data path means.
 
     A read that continues the previous one and is large enough names the ranges after it to
-    read ahead, only while they are readable now (``readable``); the reader uses one only for a
+    read ahead, only while they are readable now (``readable``) and not known zeros
+    (``zeros``: those are answered without QEMU, see snapfs.fs); the reader uses one only for a
     READ that passed the tree's checks at its own time (punching only shrinks the readable set,
     and the snapshot's bytes never change). Failures: a lost stream sends the READ back to be
     read another way; an error of the server becomes ``on_error``'s domain error (given the
@@ -1052,11 +1053,13 @@ class SpliceReads:
         size: int,
         readable: Callable[[int, int], bool],
         on_error: Callable[[NBDError, int, int], Exception],
+        zeros: Callable[[int, int], bool] = lambda offset, length: False,
     ) -> None:
         self.reader = reader
         self.size = size
         self.readable = readable
         self.on_error = on_error
+        self.zeros = zeros
         self._next = -1  # where the last read ended
         #: Where READs of this disk are also answered in compiled code (snapfs.fastpath),
         #: which notes where each ended there: read ahead of what continues those too.
@@ -1077,7 +1080,7 @@ class SpliceReads:
         start = offset + length
         for _ in range(READ_AHEAD):
             ahead = min(length, self.size - start)
-            if ahead <= 0 or not self.readable(start, ahead):
+            if ahead <= 0 or not self.readable(start, ahead) or self.zeros(start, ahead):
                 break
             ranges.append((start, ahead))
             start += ahead

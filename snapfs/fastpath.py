@@ -3,7 +3,8 @@ compiler and Python's headers are found), and what the Python side needs of it.
 
 The FUSE intake (snapfs.fuse.server.Intake) hands the requests to the compiled part first. It
 answers the READs of every disk added to it that it can answer exactly (the tree's checks, the
-copy-before-write confinement, not a sequential read that Python reads ahead), over an NBD
+copy-before-write confinement, not a sequential read that Python reads ahead, not wholly a
+known zero of the snapshot, which Python answers without QEMU: snapfs.fs), over an NBD
 connection of its own per disk, and hands every other request back to Python unanswered.
 A READ that QEMU answers with an error is handed back too, so Python's path, which reports
 errors, reads it again and tells what is wrong.
@@ -74,10 +75,11 @@ class FastDisk:
         self.name = disk.name
         self._stream = stream
         # Copy and registration without an await between them: no punch can fall in between.
+        zero_starts, zero_ends = disk.zeros.arrays()  # fixed when the tree was built
         with disk.lock:
             starts, ends = disk.readable.arrays()
             self.compiled: CompiledDisk = _compiled.Disk(
-                ino, disk.size, confine, stream.fileno, starts, ends, ahead
+                ino, disk.size, confine, stream.fileno, starts, ends, ahead, zero_starts, zero_ends
             )
             disk.mirrors.append(self.compiled)
 

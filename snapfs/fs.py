@@ -1,7 +1,9 @@
 """The FUSE boundary: serves a ``Tree`` through the ``Operations`` protocol.
 
 This is the only place where domain errors become errno values (``TreeError.errno``). Every READ
-comes with a reply handle (snapfs.fuse.reply). Text files are answered at once. A disk READ
+comes with a reply handle (snapfs.fuse.reply). Text files are answered at once, and so is a
+disk READ that lies wholly in a known zero of the snapshot (``Disk.zeros``, the holes a full
+view shows: no need to ask QEMU for them). Any other disk READ
 that passes the tree's checks goes to the disk's direct reads if it has them (``DirectReads``:
 the splice data path, ``snapfs.datapath.SpliceReads``), which answer it from another thread;
 otherwise, or when they give up on it, it is read through the disk's source in a task of the
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: The largest READ the FUSE layer negotiates (snapfs.fuse.server.MAX_PAGES).
 MAX_READ = 1 << 20
+#: What a READ of a known zero is answered with (a slice of it).
+_ZEROS = memoryview(bytes(MAX_READ))
 
 
 @contextlib.contextmanager
@@ -153,7 +157,7 @@ class TreeOperations:
     def _check(self, ino: int, offset: int, size: int, reply: ReadReply) -> tuple[Disk, int] | None:
         """The tree's checks of a disk READ, at the time of the READ: a range punched after a
         read-ahead of it was sent is refused here, before the read-ahead could be used. None
-        if there is nothing to read (answered)."""
+        if it is answered already (nothing to read, or a known zero)."""
         if size > MAX_READ:
             raise FuseErrno(errno.EINVAL, "read larger than the negotiated maximum")
         try:  # not _errno(): a context manager costs more than the rest of the check
@@ -162,6 +166,10 @@ class TreeOperations:
             raise FuseErrno(err.errno, str(err)) from err
         if not length:
             reply.data(b"")
+            return None
+        if disk.reads_as_zeros(offset, length):
+            disk.count_read(length)
+            reply.data(_ZEROS[:length])
             return None
         return disk, length
 

@@ -445,7 +445,9 @@ class Session:
             self._intake = intake
         assert self.tree is not None
         ino = self.tree.lookup(ROOT_INO, f"{disk.name}.raw").ino
-        splice = SpliceReads(reader, disk.size, disk.can_read, nbd_source.read_failed)
+        splice = SpliceReads(
+            reader, disk.size, disk.can_read, nbd_source.read_failed, disk.reads_as_zeros
+        )
         self._ops.direct[ino] = splice
         self._readers.append(reader)
         log.debug("VM %s: %s: splice data path ready", self.opts.vmid, nbd_source.name)

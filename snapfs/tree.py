@@ -187,6 +187,11 @@ class Disk:
         """What st_blocks counts: the bytes a sparse copy of this file would store."""
         return self.size - self.zeros.covered_in(0, self.size)
 
+    def reads_as_zeros(self, offset: int, length: int) -> bool:
+        """Whether the whole range is a known zero of the snapshot (any thread: ``zeros`` is
+        fixed when the tree is built)."""
+        return length > 0 and self.zeros.contains(offset, length)
+
     def seek_data(self, offset: int) -> int | None:
         """The first offset at or after ``offset`` that is not a known zero, or None."""
         found = self.zeros.seek_hole(offset)

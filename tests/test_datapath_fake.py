@@ -458,11 +458,16 @@ def test_the_trio_thread_sleeps_while_the_worker_reads_the_fuse_requests(
 
 @contextlib.contextmanager
 def _compiled(
-    fake: FakeNBD, m: Mount, readable: Regions | None = None, confine: int = 0
+    fake: FakeNBD,
+    m: Mount,
+    readable: Regions | None = None,
+    confine: int = 0,
+    zeros: Regions | None = None,
 ) -> Iterator[tuple[fastpath.CompiledDisk, Intake, list[NBDError], DiskReader]]:
     """``_reading_requests`` with the compiled path reading the requests first: it answers the
-    READs of the disk's ``readable`` ranges (all of it by default) over a connection of its
-    own (simple replies), and hands the rest to the DiskReader. Closed at the end."""
+    READs of the disk's ``readable`` ranges (all of it by default) that are not wholly in
+    ``zeros`` over a connection of its own (simple replies), and hands the rest to the
+    DiskReader. Closed at the end."""
     if not fastpath.available():
         pytest.skip("snapfs._fastpath is not built (see test_compiled.py)")
     from snapfs import _fastpath
@@ -475,7 +480,10 @@ def _compiled(
 
     stream = NBDStream.connect(str(fake.path), "disk", structured=False, tune=False)
     starts, ends = (readable or Regions.whole(DISK_SIZE)).arrays()
-    disk = _fastpath.Disk(INO_DISK, DISK_SIZE, confine, stream.fileno, starts, ends, 128 * KiB)
+    zero_starts, zero_ends = (zeros or Regions()).arrays()
+    disk = _fastpath.Disk(
+        INO_DISK, DISK_SIZE, confine, stream.fileno, starts, ends, 128 * KiB, zero_starts, zero_ends
+    )
     try:
         with _reading_requests(fake, m, taker) as (reader, intake, failures):
             assert made[0].add(disk)
@@ -555,6 +563,31 @@ def test_compiled_reads_outside_the_readable_set_go_to_python(tmp_path: Path) ->
         assert disk.counters["reads"] == 2
         assert disk.counters["declined"] == 3
         assert not failures
+
+
+@pytest.mark.mount
+def test_compiled_reads_wholly_in_known_zeros_go_to_python(tmp_path: Path) -> None:
+    """A READ that lies wholly in a known zero of the snapshot is handed to Python (which
+    answers it without QEMU, see test_read_path); one that runs on into data is read here."""
+    zeros = Regions.from_extents([(MiB, MiB), (3 * MiB, 4096)])
+    with (
+        FakeNBD(tmp_path / "nbd.sock", content()) as fake,
+        mounted(tmp_path) as m,
+        _compiled(fake, m, zeros=zeros) as (disk, _, failures, _),
+    ):
+        inside = [(MiB, MiB), (MiB + 4096, 512), (3 * MiB, 4096)]
+        across = [(MiB - 4096, 8192), (2 * MiB - 512, 1024), (3 * MiB, 4097)]
+        for ranges, reads, declined in ((inside, 0, 3), (across, 3, 3)):
+            got = _read_all(m, ranges)
+            assert got == [fake.data[o : o + n] for o, n in ranges]
+            assert (disk.counters["reads"], disk.counters["declined"]) == (reads, declined)
+        assert not failures
+    # Zero ranges are checked as the readable ones are.
+    from snapfs import _fastpath
+
+    bad = Regions.from_extents([(MiB, 4096)]).arrays()
+    with pytest.raises(ValueError, match="zero ranges are not sorted"):
+        _fastpath.Disk(INO_DISK, MiB, 0, 0, *Regions.whole(MiB).arrays(), 4096, *bad)
 
 
 @pytest.mark.mount

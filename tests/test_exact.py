@@ -13,7 +13,9 @@ import json
 import mmap
 import os
 import re
+import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -234,6 +236,57 @@ def test_guest_discards_reach_the_disk_while_mounted(
             assert os.stat(image).st_blocks <= used - 2 * MiB // 512 + 16
             assert (mnt / "virtio0.raw").read_bytes() == want
         assert vm.image_content("virtio0")[2 * MiB : 4 * MiB] == bytes(2 * MiB)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_a_hole_of_the_snapshot_is_answered_without_qemu(
+    fmt: str, shm_dir: Path, snapfs: Snapfs, tmp_path: Path
+) -> None:
+    """A READ that lies wholly in a hole of the snapshot (a known zero, shown by SEEK_HOLE) is
+    answered by snapfs itself, with zeros: QEMU, stopped meanwhile, is not asked. The guest
+    wrote data and zeros into the hole after the snapshot point; a READ that runs on into data
+    is still asked of QEMU and is exact."""
+    content = bytearray(disk_content(3))
+    content[2 * MiB : 6 * MiB] = bytes(4 * MiB)
+    spec = DiskSpec("scsi0", fmt, "scsi", size=SIZE)  # type: ignore[arg-type]
+    vm = TestVM(shm_dir, [spec], contents={"scsi0": bytes(content)})
+    with vm, snapfs.mounted(vm, tmp_path / "mnt") as mnt:
+        want = vm.snapshot()["scsi0"]
+        raw = mnt / "scsi0.raw"
+        assert (2 * MiB, 6 * MiB) in holes(raw)
+        vm.guest_write("scsi0", 3 * MiB, 64 * KiB, 0x5A)
+        vm.guest_zero("scsi0", 4 * MiB - 4096, 8192, unmap=True)
+        vm.guest_write("scsi0", 6 * MiB - 4096, 8192, 0xA5)
+        fd = os.open(raw, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, MiB)  # O_DIRECT wants an aligned buffer
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(_pread_into(fd, buf, 3 * MiB)))
+        try:
+            os.kill(vm.pid, signal.SIGSTOP)
+            try:
+                reader.start()
+                reader.join(timeout=20)
+                answered = not reader.is_alive()
+            finally:
+                os.kill(vm.pid, signal.SIGCONT)
+            reader.join(timeout=60)
+            assert answered, "a READ of a hole waited for QEMU"
+            assert got == [bytes(MiB)]
+            # Across the hole's end: from QEMU, the snapshot's bytes, not the guest's.
+            assert (
+                _pread_into(fd, buf, 5 * MiB + 512 * KiB)
+                == want[5 * MiB + 512 * KiB : 6 * MiB + 512 * KiB]
+            )
+        finally:
+            os.close(fd)
+            buf.close()
+        check_view(raw, want)
+        assert not vm.io_errors()
+
+
+def _pread_into(fd: int, buf: mmap.mmap, offset: int) -> bytes:
+    n = os.preadv(fd, [buf], offset)
+    return bytes(buf[:n])
 
 
 def test_qemu_without_the_fix_needs_confined_reads(

@@ -69,13 +69,16 @@ class StandInReader:
 
 def setup(
     dirty: list[tuple[int, int]] | None = None,
+    zeros: Sequence[tuple[int, int]] = (),
 ) -> tuple[TreeOperations, Disk, StandInReader, MemorySource]:
-    data = random.Random(1).randbytes(SIZE)
-    source = MemorySource(data)
+    data = bytearray(random.Random(1).randbytes(SIZE))
+    for offset, length in zeros:
+        data[offset : offset + length] = bytes(length)
+    source = MemorySource(bytes(data))
     regions = Regions.from_extents(dirty) if dirty is not None else Regions.whole(SIZE)
-    disk = Disk("scsi0", SIZE, source, regions)
+    disk = Disk("scsi0", SIZE, source, regions, zeros=Regions.from_extents(list(zeros)))
     ops = TreeOperations(Tree([disk], dict))
-    reader = StandInReader(data)
+    reader = StandInReader(source.data)
 
     def on_error(err: NBDError, offset: int, length: int) -> SourceError:
         return SourceError(f"the snapshot broke: {err}", errno.EIO)
@@ -85,6 +88,7 @@ def setup(
         SIZE,
         disk.readable.contains,
         on_error,
+        disk.reads_as_zeros,
     )
     return ops, disk, reader, source
 
@@ -159,3 +163,43 @@ def test_text_files_and_reads_past_the_end_are_answered_at_once() -> None:
     assert reply.payload == b""
     assert not reply.spawned
     assert reader.submits == []
+
+
+def test_known_zeros_are_answered_without_asking_and_not_read_ahead() -> None:
+    """A full view's holes (the snapshot's known zeros) are answered with zeros at once: no
+    NBD request, no read-ahead into them. A READ that is partly data is asked for whole."""
+    hole = (4 * MiB, 4 * MiB)
+    ops, disk, reader, source = setup(zeros=[hole])
+    for i in range(10):
+        reply = read(ops, i * MiB, MiB)
+        assert reply.payload == source.data[i * MiB : (i + 1) * MiB]
+        assert not reply.spawned
+    assert [(o // MiB, a) for o, _, a in reader.submits] == [
+        (0, []),
+        (1, [(2 * MiB, MiB), (3 * MiB, MiB)]),
+        (2, [(3 * MiB, MiB)]),  # 4 MiB .. 8 MiB reads as zeros: not read ahead
+        (3, []),
+        (8, []),  # after the hole: not where the last asked READ ended
+        (9, [(10 * MiB, MiB), (11 * MiB, MiB)]),
+    ]
+    # A READ across the hole's edges is asked for whole; one inside it in any size is not.
+    read(ops, 4 * MiB - 4096, 8192)
+    read(ops, 8 * MiB - 4096, 8192)
+    assert [(o, n) for o, n, _ in reader.submits[-2:]] == [
+        (4 * MiB - 4096, 8192),
+        (8 * MiB - 4096, 8192),
+    ]
+    asked = len(reader.submits)
+    assert read(ops, 5 * MiB + 100, 5000).payload == bytes(5000)
+    assert len(reader.submits) == asked
+    assert disk.bytes_read == 10 * MiB + 2 * 8192 + 5000
+    # The thread that reads the FUSE requests answers them too, and a punched range of the hole
+    # is refused like any other: known zeros never widen what may be read.
+    reply = RecordingReply()
+    assert ops.read_now(reply, RAW, 0, 6 * MiB, MiB)
+    assert reply.payload == bytes(MiB)
+    trio.run(ops.tree.punch, RAW, 6 * MiB, MiB, 3)
+    with pytest.raises(Exception, match="outside the readable set"):
+        ops.read(RAW, 0, 6 * MiB, 4096, RecordingReply())
+    assert source.reads == []
+    assert len(reader.submits) == asked
