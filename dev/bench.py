@@ -1479,53 +1479,38 @@ def headline(res: Results, summary: dict[str, Any]) -> list[Headline]:
                 [i[f"{SNAPFS}-throttled"]["mib_s"] / i[SNAPFS]["mib_s"]],
             )
         )
+    title = "(j) small reads of a full view"
     j = summary.get("j-small", {})
-    if DD_1M in j:
-        title = "(j) small reads of a full view"
-        if DD_4K in j:
-            out.append(
-                Headline(
-                    title, "`dd bs=4K` ÷ `dd bs=1M` (MiB/s)", [j[DD_4K]["ref_ratio"]], goal="≥ 0.5"
-                )
-            )
-            title = ""
-        if TAR in j:
-            out.append(
-                Headline(
-                    title,
-                    "`tar --sparse -cf - \\| cat` ÷ `dd bs=1M` (time)",
-                    [1 / j[TAR]["ref_ratio"]],
-                    goal="≤ 2",
-                )
-            )
-        if TAR_IMAGE in j:
-            out.append(
-                Headline(
-                    "",
-                    "the same `tar` of the disk's image in memory, no FUSE ÷ `dd bs=1M` (time)",
-                    [1 / j[TAR_IMAGE]["ref_ratio"]],
-                )
-            )
-    thin = summary.get("j-thin", {})
-    if DD_1M in thin and TAR in thin:
-        step = thin_step(parse_size(a["size"])) / MiB
+    if DD_1M in j and DD_4K in j:
         out.append(
             Headline(
-                "" if j else "(j) small reads of a full view",
-                f"the same of a thin disk ({step:g} MiB of data and holes in turn: tar reads "
-                "its data 512 bytes at a time) ÷ `dd bs=1M` of it (time)",
-                [1 / thin[TAR]["ref_ratio"]],
-                goal="≤ 2",
+                title, "`dd bs=4K` ÷ `dd bs=1M` (MiB/s)", [j[DD_4K]["ref_ratio"]], goal="≥ 0.5"
             )
         )
-        if TAR_IMAGE in thin:
-            out.append(
-                Headline(
-                    "",
-                    "the same `tar` of the thin disk's image in memory ÷ `dd bs=1M` of it (time)",
-                    [1 / thin[TAR_IMAGE]["ref_ratio"]],
-                )
-            )
+        title = ""
+    step = thin_step(parse_size(a["size"])) / MiB
+    for workload, tar_measure, image_measure in (
+        (
+            "j-small",
+            "`tar --sparse -cf - \\| cat` ÷ `dd bs=1M` (time)",
+            "the same `tar` of the disk's image in memory, no FUSE ÷ `dd bs=1M` (time)",
+        ),
+        (
+            "j-thin",
+            f"the same of a thin disk ({step:g} MiB of data and holes in turn: tar reads its "
+            "data 512 bytes at a time) ÷ `dd bs=1M` of it (time)",
+            "the same `tar` of the thin disk's image in memory ÷ `dd bs=1M` of it (time)",
+        ),
+    ):
+        rows = summary.get(workload, {})
+        if DD_1M not in rows:
+            continue
+        if TAR in rows:
+            out.append(Headline(title, tar_measure, [1 / rows[TAR]["ref_ratio"]], goal="≤ 2"))
+            title = ""
+        if TAR_IMAGE in rows:
+            out.append(Headline(title, image_measure, [1 / rows[TAR_IMAGE]["ref_ratio"]]))
+            title = ""
     k = summary.get("k-full", {})
     if "snapfs-copy" in k and CP_SYNC in k:
         out.append(
