@@ -260,7 +260,9 @@ def test_a_hole_of_the_snapshot_is_answered_without_qemu(
         fd = os.open(raw, os.O_RDONLY | os.O_DIRECT)
         buf = mmap.mmap(-1, MiB)  # O_DIRECT wants an aligned buffer
         got: list[bytes] = []
-        reader = threading.Thread(target=lambda: got.append(_pread_into(fd, buf, 3 * MiB)))
+        reader = threading.Thread(
+            target=lambda: got.append(_pread_into(fd, buf, 3 * MiB)), daemon=True
+        )
         try:
             os.kill(vm.pid, signal.SIGSTOP)
             try:
