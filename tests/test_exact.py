@@ -244,8 +244,9 @@ def test_a_hole_of_the_snapshot_is_answered_without_qemu(
 ) -> None:
     """A READ that lies wholly in a hole of the snapshot (a known zero, shown by SEEK_HOLE) is
     answered by snapfs itself, with zeros: QEMU, stopped meanwhile, is not asked. The guest
-    wrote data and zeros into the hole after the snapshot point; a READ that runs on into data
-    is still asked of QEMU and is exact."""
+    wrote data and zeros into the hole and discarded part of it after the snapshot point; a
+    READ that runs on into data is still asked of QEMU and is exact, and so is every read
+    while the guest goes on writing, zeroing and discarding."""
     content = bytearray(disk_content(3))
     content[2 * MiB : 6 * MiB] = bytes(4 * MiB)
     spec = DiskSpec("scsi0", fmt, "scsi", size=SIZE)  # type: ignore[arg-type]
@@ -257,6 +258,7 @@ def test_a_hole_of_the_snapshot_is_answered_without_qemu(
         vm.guest_write("scsi0", 3 * MiB, 64 * KiB, 0x5A)
         vm.guest_zero("scsi0", 4 * MiB - 4096, 8192, unmap=True)
         vm.guest_write("scsi0", 6 * MiB - 4096, 8192, 0xA5)
+        vm.guest_discard("scsi0", 5 * MiB, 128 * KiB)
         fd = os.open(raw, os.O_RDONLY | os.O_DIRECT)
         buf = mmap.mmap(-1, MiB)  # O_DIRECT wants an aligned buffer
         got: list[bytes] = []
@@ -282,7 +284,10 @@ def test_a_hole_of_the_snapshot_is_answered_without_qemu(
         finally:
             os.close(fd)
             buf.close()
-        check_view(raw, want)
+        guest = GuestIO(vm, seed=11)
+        with guest.storm():  # data, zeros and discards racing every read
+            check_view(raw, want)
+        assert guest.done > 0
         assert not vm.io_errors()
 
 
