@@ -19,7 +19,9 @@ view's own session (named in its state file, checked to be of the same snapshot)
 through the FUSE file: the same requests snapfs would make (inside the readable regions, one
 per copy-before-write cluster where QEMU needs it), without a round trip through the kernel
 and the serving process per chunk. Holes, discards and everything else still go through the
-view. ``SNAPFS_COPY_DIRECT=0`` (or no access to the session) reads through the view only.
+view. ``SNAPFS_COPY_DIRECT=0`` (or no access to the session) reads through the view only, and
+so does a session on a QEMU that aborts when a client disconnects from it first
+(``snapfs.qmp.client_close_aborts``).
 """
 
 from __future__ import annotations
@@ -496,6 +498,14 @@ def _direct_exports(view: Path, facts: Facts, workers: int) -> dict[str, DirectR
     socket = graph.get("nbd_socket")
     if graph.get("snapshot_time") != facts.snapshot_time or not isinstance(socket, str):
         log.debug("reading through the view: its session is of another snapshot")
+        return {}
+    if graph.get("client_close_aborts", False) is not False:
+        # The copy's connections would end before the session's: QEMU would abort.
+        log.info(
+            "reading through the view: QEMU %s aborts when a client of a disk on an I/O "
+            "thread disconnects first",
+            graph.get("qemu_version", ""),
+        )
         return {}
     out: dict[str, DirectReads] = {}
     for disk in graph.get("disks", []):

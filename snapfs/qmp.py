@@ -547,6 +547,9 @@ class GraphState:
     # teardown also stops the NBD server, and resumes the VM if it ran and is paused now.
     complete: bool = True
     was_running: bool = False
+    # True: this QEMU may abort when a client of one of the exports ends its connection
+    # first (see ``client_close_aborts``); only QEMU may close them, by deleting the exports.
+    client_close_aborts: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -614,6 +617,48 @@ def confine_reads(version: tuple[int, int], cluster: int = CBW_CLUSTER) -> int:
     if version < (8, 0) or os.environ.get("SNAPFS_CONFINE_READS") == "1":
         return cluster
     return 0
+
+
+def client_close_aborts(version: tuple[int, int], on_io_thread: Sequence[bool | None]) -> bool:
+    """Whether QEMU may abort when an NBD client of these disks' exports ends its connection.
+
+    The fix for CVE-2024-7409 (commit 3e7ef738c8, in QEMU 9.1 and in the stable releases
+    from 7.2.14 on) asserts that the NBD server learns of a closed client in the main loop.
+    QEMU 9.0 and later make sure of that; before 9.0, a client that disconnects from an export
+    whose disk is on an I/O thread is noticed in that thread, and QEMU aborts: the VM is gone.
+    A close that QEMU makes itself (``block-export-del``) runs in the main loop. 7.2.22
+    aborts (Debian 12); 8.x is not verified here and is taken to do the same. ``None`` in
+    ``on_io_thread``: QEMU did not say, taken as on one.
+    """
+    return version < (9, 0) and any(t is not False for t in on_io_thread)
+
+
+async def on_io_thread(q: QMP, qom_path: str) -> bool | None:
+    """Whether the guest device at ``qom_path`` is served by an I/O thread: its own
+    ``iothread`` (virtio-blk) or its controller's (virtio-scsi). A device and controller
+    without the property have none; None where QEMU does not answer as expected."""
+
+    async def iothread(path: str) -> str | None:  # None: no such property
+        try:
+            value = await q.execute("qom-get", {"path": path, "property": "iothread"})
+        except QMPCommandError as err:
+            if "not found" in err.desc:
+                return None
+            raise
+        return value if isinstance(value, str) else None
+
+    try:
+        own = await iothread(qom_path)
+        if own is not None:
+            return bool(own)
+        bus = await q.execute("qom-get", {"path": qom_path, "property": "parent_bus"})
+        controller = bus.rstrip("/").rpartition("/")[0] if isinstance(bus, str) else ""
+        if not controller:
+            return None
+        return bool(await iothread(controller))
+    except QMPCommandError as err:
+        log.info("%s: cannot tell whether it is on an I/O thread: %s", qom_path, err)
+        return None
 
 
 def _device_of(info: dict[str, Any]) -> tuple[str, str] | None:
@@ -916,6 +961,16 @@ async def setup(
             )
     if not disks:
         raise SetupError(f"VM {vmid}: no disk to snapshot")
+    aborts = version_number < (9, 0) and client_close_aborts(
+        version_number, [await on_io_thread(q, d.qom_path) for d in disks]
+    )
+    if aborts:
+        log.info(
+            "VM %s: QEMU %s aborts if an NBD client of a disk on an I/O thread disconnects "
+            "first: only QEMU closes this session's NBD connections",
+            vmid,
+            version,
+        )
 
     record_path = (state_dir or fleecing_dir) / "bitmaps.json"
     record = _read_record(record_path) if incremental else {}
@@ -965,6 +1020,7 @@ async def setup(
                 skipped=skipped,
                 complete=False,
                 was_running=was_running,
+                client_close_aborts=aborts,
             )
         )
     undo = _Undo()
@@ -1186,6 +1242,7 @@ async def setup(
         bitmap_record=str(record_path) if incremental else "",
         skipped=skipped,
         was_running=was_running,
+        client_close_aborts=aborts,
     )
 
 

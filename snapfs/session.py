@@ -9,7 +9,8 @@ Lifecycle of the serving process (``serve``)::
       disconnect) -> state file -> NBD connections -> tree -> FUSE mount (INIT answered)
       -> control socket -> READY
       -> serve until: the mount goes away (plain umount), `snapfs umount` asks, or a signal
-      -> close NBD -> QMP teardown (commit or abort) -> remove state -> exit
+      -> QMP teardown (commit or abort; deleting the exports closes the NBD connections)
+      -> remove state -> close NBD -> exit
 
 Invariants:
 - QMP is connected only during set-up and teardown, never while serving (Proxmox's management
@@ -106,6 +107,7 @@ class Session:
         self._intake: Intake | None = None  # the FUSE requests, as a reader reads them
         self._compiled: fastpath.CompiledIntake | None = None  # what reads them first
         self._fast: list[fastpath.FastDisk] = []
+        self._clients: list[NBDClient] = []  # the disks' libnbd connections
         self._done = trio.Event()
         self._tearing_down = False  # from the first step of the teardown on
         self.result = Outcome(ok=False, error="not torn down yet")
@@ -214,14 +216,13 @@ class Session:
             except SnapfsError as err:
                 # E.g. QEMU stopped before the NBD handshake: say what the teardown did.
                 with trio.CancelScope(shield=True):
-                    await self._teardown()
+                    await self._teardown_once()
                 done = "the VM was restored" if self.result.ok else self.result.error
                 err.args = (f"{err}; {done}", *err.args[1:])
                 raise
             finally:
-                if not self._done.is_set():
-                    with trio.CancelScope(shield=True):
-                        await self._teardown()
+                with trio.CancelScope(shield=True):
+                    await self._teardown_once()
             control.cancel_scope.cancel()
         return self.result
 
@@ -333,86 +334,100 @@ class Session:
         g = self.graph
         assert g is not None
         async with contextlib.AsyncExitStack() as stack:
-            disks = []
-            clients: list[NBDClient] = []
-            for ds in g.disks:
-                # QEMU answers a block-status request for all negotiated contexts at once,
-                # and base:allocation fails outside the copy-before-write access bitmap:
-                # an incremental view asks for its dirty bitmap only.
-                contexts = source.contexts(ds)
-                client = await stack.enter_async_context(
-                    NBDClient.open(str(g.nbd_socket), ds.export, meta_contexts=contexts)
-                )
-                clients.append(client)
-                disks.append(await source.disk(client, ds, self._mark_broken))
-            # allow_other shares reading only: the kernel enforces the shared modes
-            # (default_permissions), and only root may punch (see tree.SHARED_DISK_MODE).
-            shared = self.opts.allow_other
-            self.tree = Tree(
-                disks,
-                lambda: self.facts().to_dict(),
-                extra_files=self.guest_files,
-                mtime_ns=int(g.snapshot_epoch * 1e9),
-                shared=shared,
+            try:
+                await self._serve_connected(stack, task_status)
+            finally:
+                # Before the stack closes the NBD connections opened so far.
+                with trio.CancelScope(shield=True):
+                    await self._teardown_once()
+
+    async def _serve_connected(self, stack: contextlib.AsyncExitStack, task_status: Any) -> None:
+        """Connect, mount and serve; the NBD connections go into ``stack``. Every way out
+        tears down before a connection closes: QEMU closes them itself when the exports are
+        deleted, and some QEMU versions abort when a client disconnects first
+        (``qmp.client_close_aborts``)."""
+        g = self.graph
+        assert g is not None
+        disks = []
+        clients = self._clients
+        for ds in g.disks:
+            # QEMU answers a block-status request for all negotiated contexts at once,
+            # and base:allocation fails outside the copy-before-write access bitmap:
+            # an incremental view asks for its dirty bitmap only.
+            contexts = source.contexts(ds)
+            client = await stack.enter_async_context(
+                NBDClient.open(str(g.nbd_socket), ds.export, meta_contexts=contexts)
             )
-            async with trio.open_nursery() as nursery:
-                ops = self._ops = TreeOperations(self.tree)
-                self._server = FuseServer(
-                    ops,
-                    self.opts.mountpoint,
-                    name=g.vmid,
-                    allow_other=shared,
-                    default_permissions=shared,
-                )
-                for client in clients:
-                    nursery.start_soon(self._watch, client)
-                await nursery.start(self._run_fuse, nursery)
-                self._save_state()  # now with the mount's id
-                try:
-                    for ds, disk in zip(g.disks, disks, strict=True):
-                        await self._start_reader(nursery, ds, disk)
-                    nursery.start_soon(self._signals)
+            clients.append(client)
+            disks.append(await source.disk(client, ds, self._mark_broken))
+        # allow_other shares reading only: the kernel enforces the shared modes
+        # (default_permissions), and only root may punch (see tree.SHARED_DISK_MODE).
+        shared = self.opts.allow_other
+        self.tree = Tree(
+            disks,
+            lambda: self.facts().to_dict(),
+            extra_files=self.guest_files,
+            mtime_ns=int(g.snapshot_epoch * 1e9),
+            shared=shared,
+        )
+        async with trio.open_nursery() as nursery:
+            ops = self._ops = TreeOperations(self.tree)
+            self._server = FuseServer(
+                ops,
+                self.opts.mountpoint,
+                name=g.vmid,
+                allow_other=shared,
+                default_permissions=shared,
+            )
+            for client in clients:
+                nursery.start_soon(self._watch, client)
+            await nursery.start(self._run_fuse, nursery)
+            self._save_state()  # now with the mount's id
+            try:
+                for ds, disk in zip(g.disks, disks, strict=True):
+                    await self._start_reader(nursery, ds, disk)
+                nursery.start_soon(self._signals)
+                log.info("VM %s: %d disk(s) served at %s", g.vmid, len(disks), self.opts.mountpoint)
+                task_status.started()
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._teardown_once()
+                # The readers' threads end only when told to, so the nursery can close.
+                # The compiled path first: the intake's thread may wait for its replies.
+                for fast in self._fast:
+                    fast.close()
+                    c = fast.compiled.counters
                     log.info(
-                        "VM %s: %d disk(s) served at %s", g.vmid, len(disks), self.opts.mountpoint
+                        "VM %s: %s: compiled code answered %d READs (%d bytes), handed back "
+                        "%d, copied %d, QEMU refused %d",
+                        g.vmid,
+                        fast.name,
+                        c["reads"],
+                        c["bytes"],
+                        c["declined"],
+                        c["copied"],
+                        c["errors"],
                     )
-                    task_status.started()
-                    await self._stop.wait()
-                    nursery.cancel_scope.cancel()
-                finally:
-                    # The readers' threads end only when told to, so the nursery can close.
-                    # The compiled path first: the intake's thread may wait for its replies.
-                    for fast in self._fast:
-                        fast.close()
-                        c = fast.compiled.counters
+                for reader in self._readers:
+                    reader.close()
+                    if reader.verified:
                         log.info(
-                            "VM %s: %s: compiled code answered %d READs (%d bytes), handed back "
-                            "%d, copied %d, QEMU refused %d",
+                            "VM %s: %s: %d reads across copy-before-write clusters were "
+                            "checked against the copied bitmap, %d of them read again",
                             g.vmid,
-                            fast.name,
-                            c["reads"],
-                            c["bytes"],
-                            c["declined"],
-                            c["copied"],
-                            c["errors"],
+                            reader.name,
+                            reader.verified,
+                            reader.reread,
                         )
-                    for reader in self._readers:
-                        reader.close()
-                        if reader.verified:
-                            log.info(
-                                "VM %s: %s: %d reads across copy-before-write clusters were "
-                                "checked against the copied bitmap, %d of them read again",
-                                g.vmid,
-                                reader.name,
-                                reader.verified,
-                                reader.reread,
-                            )
-                    if self._intake is not None:
-                        log.info(
-                            "VM %s: the data path read %d FUSE requests and answered %d READs",
-                            g.vmid,
-                            self._intake.requests,
-                            self._intake.reads,
-                        )
+                if self._intake is not None:
+                    log.info(
+                        "VM %s: the data path read %d FUSE requests and answered %d READs",
+                        g.vmid,
+                        self._intake.requests,
+                        self._intake.reads,
+                    )
 
     async def _start_reader(self, nursery: trio.Nursery, ds: qmp.DiskState, disk: Disk) -> None:
         """Start the splice data path of a disk; without it the disk is read through libnbd."""
@@ -538,9 +553,16 @@ class Session:
             await self._done.wait()
         return self.result
 
+    async def _teardown_once(self) -> None:
+        if not self._done.is_set():
+            await self._teardown()
+
     async def _teardown(self) -> None:
         """Tear down with commit or abort; record the outcome in ``self.result``."""
         self._tearing_down = True
+        self._stop.set()  # the NBD connections are about to go: not a VM that went away
+        for client in self._clients:
+            client.expect_loss()
         g = self.graph
         assert g is not None
         ours = self._server.mount if self._server else None

@@ -280,6 +280,11 @@ class NBDClient:
         # libnbd closes the handle in NBD.__del__: drop the last reference.
         self._h = None
 
+    def expect_loss(self) -> None:
+        """The server is about to close the connection (its export goes): losing it then is
+        what was meant, not worth a warning."""
+        self._closing = True
+
     @property
     def alive(self) -> bool:
         """False once the connection was lost or closed: every call would raise NBDError."""
