@@ -133,7 +133,9 @@ class DiskSpec:
     ``bus`` "pflash" is a UEFI vars drive (Proxmox's ``efidisk0``: unit 1, drive id
     ``drive-<name>``); ``throttle`` (bytes/s) puts a throttle node with a group of its own
     between the device and the format node (virtio only); ``backing`` makes a qcow2 a linked
-    clone whose first half lives in a backing image.
+    clone whose first half lives in a backing image; ``iothread`` gives the disk an I/O thread
+    of its own (virtio and scsi; a scsi disk then gets a controller of its own, as Proxmox's
+    "VirtIO SCSI single" does), so its nodes live in that thread's AioContext.
     """
 
     name: str
@@ -151,6 +153,7 @@ class DiskSpec:
     direct: bool = False
     throttle: int | None = None
     backing: bool = False
+    iothread: bool = False
     path: Path = field(default=Path(), init=False)
 
     @property
@@ -189,7 +192,11 @@ class DiskSpec:
                     f"discard={'unmap' if self.discard else 'ignore'}",
                 ]
                 top = f"{self.name}-thr"
-            return [*args, "-device", f"virtio-blk-pci,drive={top},id={self.name}"]
+            device = f"virtio-blk-pci,drive={top},id={self.name}"
+            if self.iothread:
+                args += ["-object", f"iothread,id=iothread-{self.name}"]
+                device += f",iothread=iothread-{self.name}"
+            return [*args, "-device", device]
         cache = ",cache=none,aio=native" if self.direct else ""
         drive = f"file={self.path},id=drive-{self.name},format={self.fmt},{opts}{cache}"
         if self.bus == "pflash":
@@ -197,10 +204,19 @@ class DiskSpec:
         args = ["-drive", f"if=none,{drive}"]
         if self.bus == "scsi":
             # Proxmox style: a legacy -drive with an id of drive-<device id>.
+            bus = "scsihw0"
+            if self.iothread:
+                bus = f"virtioscsi{self.name.removeprefix('scsi')}"
+                args += [
+                    "-object",
+                    f"iothread,id=iothread-{bus}",
+                    "-device",
+                    f"virtio-scsi-pci,id={bus},iothread=iothread-{bus}",
+                ]
             return [
                 *args,
                 "-device",
-                f"scsi-hd,bus=scsihw0.0,drive=drive-{self.name},id={self.name}",
+                f"scsi-hd,bus={bus}.0,drive=drive-{self.name},id={self.name}",
             ]
         # ide: q35's own AHCI ports; sata: a controller of its own, as Proxmox adds.
         bus = f"ahci0.{self.name[-1]}" if self.bus == "sata" else f"ide.{self.name[-1]}"
@@ -343,7 +359,7 @@ class TestVM:
             "-qmp",
             f"unix:{self.test_qmp_path},server=on,wait=off",
         ]
-        if any(d.bus == "scsi" for d in self.disks.values()):
+        if any(d.bus == "scsi" and not d.iothread for d in self.disks.values()):
             args += ["-device", "virtio-scsi-pci,id=scsihw0"]
         if any(d.bus == "sata" for d in self.disks.values()):
             args += ["-device", "ahci,id=ahci0"]
@@ -538,17 +554,24 @@ class GuestIO:
 
     KINDS = ("write", "write", "small", "zero", "zero-unmap", "discard")
 
-    def __init__(self, vm: TestVM, seed: int, disks: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        vm: TestVM,
+        seed: int,
+        disks: list[str] | None = None,
+        kinds: tuple[str, ...] | None = None,
+    ) -> None:
         self.vm = vm
         self.rng = random.Random(seed)
         self.disks = disks or [d.name for d in vm.disks.values() if d.modelled]
+        self.kinds = kinds or self.KINDS
         self.done = 0
 
     def one(self) -> None:
         rng = self.rng
         disk = rng.choice(self.disks)
         size = self.vm.disks[disk].size
-        kind = rng.choice(self.KINDS)
+        kind = rng.choice(self.kinds)
         length = rng.choice([1, 511, 4096, 4097, 65536, 65536 + 3000, 200_000, MiB])
         if kind == "small":
             length = rng.randrange(1, 4096)
