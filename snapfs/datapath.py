@@ -422,6 +422,11 @@ class DiskReader:
         if outcome[0] is not None:
             raise outcome[0]
 
+    @property
+    def nbd_fileno(self) -> int | None:
+        """The descriptor of its NBD connection, once it is connected."""
+        return self._stream.fileno if self._stream is not None else None
+
     def close(self) -> None:
         """Stop the worker: jobs still queued fail, a blocked receive is broken off."""
         if self._closed:

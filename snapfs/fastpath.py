@@ -105,6 +105,11 @@ class FastDisk:
             stream.close()
             raise
 
+    @property
+    def nbd_fileno(self) -> int:
+        """The descriptor of its NBD connection."""
+        return self._stream.fileno
+
     def close(self) -> None:
         self.compiled.close()
         self._stream.shutdown()

@@ -395,6 +395,17 @@ class QMP:
             raise QMPReplyError(f"malformed reply to {cmd}: {problem}")
         return result
 
+    async def hold_fd(self, fd: int, name: str) -> None:
+        """Give QEMU a duplicate of ``fd`` to keep under ``name`` (``getfd``: the monitor keeps
+        it until ``closefd``, whoever is connected). Raises like ``execute``."""
+        if self.broken is not None:
+            raise QMPTimeoutError(self.broken)
+        try:
+            self._client.send_fd_scm(fd)
+        except (OSError, LibQMPError) as err:
+            raise VMGoneError(f"{self.path}: cannot pass a descriptor to QEMU: {err}") from err
+        await self.execute("getfd", {"fdname": name})
+
 
 # -- what was built -----------------------------------------------------------------------------
 
@@ -550,6 +561,10 @@ class GraphState:
     # True: this QEMU may abort when a client of one of the exports ends its connection
     # first (see ``client_close_aborts``); only QEMU may close them, by deleting the exports.
     client_close_aborts: bool = False
+    # Names under which QEMU keeps a descriptor of each of the serving process's NBD
+    # connections (``getfd``) where ``client_close_aborts``: should that process die, its
+    # connections stay open until the teardown has deleted the exports, then ``closefd``.
+    held_fds: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -1491,6 +1506,17 @@ async def teardown(q: QMP, state: GraphState, *, commit: bool) -> None:
         if live or not state.complete:
             # Only while our session is live: after a restart the server would not be ours.
             await attempt("stop NBD server", _nbd_stopper(q))
+        if state.held_fds:
+            # Our NBD connections that QEMU keeps: they may end once no export of ours is left
+            # (QEMU has closed their server side); else they are kept for a later teardown.
+            left = {e["id"] for e in await q.execute("query-block-exports")} & {
+                s.export_id for s in state.disks
+            }
+            if left:
+                problems.append(f"kept the NBD connections while {', '.join(sorted(left))} remain")
+            else:
+                for name in state.held_fds:
+                    await attempt(f"release {name}", _fd_releaser(q, name))
         with contextlib.suppress(OSError, UsageError):
             paths.unlink(Path(state.nbd_socket), "NBD socket")
         for s in state.disks:
@@ -1545,6 +1571,17 @@ def _nbd_stopper(q: QMP) -> Callable[[], Awaitable[None]]:
                 raise
 
     return stop
+
+
+def _fd_releaser(q: QMP, name: str) -> Callable[[], Awaitable[None]]:
+    async def release() -> None:
+        try:
+            await q.execute("closefd", {"fdname": name})
+        except QMPCommandError as err:
+            if "not found" not in err.desc.lower():
+                raise  # else: released already, or QEMU restarted since
+
+    return release
 
 
 def _aborter(

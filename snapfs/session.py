@@ -386,6 +386,8 @@ class Session:
             try:
                 for ds, disk in zip(g.disks, disks, strict=True):
                     await self._start_reader(nursery, ds, disk)
+                if g.client_close_aborts:
+                    await self._hold_connections()
                 nursery.start_soon(self._signals)
                 log.info("VM %s: %d disk(s) served at %s", g.vmid, len(disks), self.opts.mountpoint)
                 task_status.started()
@@ -467,6 +469,33 @@ class Session:
         self._readers.append(reader)
         log.debug("VM %s: %s: splice data path ready", self.opts.vmid, nbd_source.name)
         await self._start_compiled(ds, disk, ino, splice)
+
+    async def _hold_connections(self) -> None:
+        """Where a client that disconnects first makes QEMU abort (``client_close_aborts``),
+        QEMU keeps a descriptor of each of the session's NBD connections: should this process
+        die, they stay open until a teardown has deleted the exports. Without that the backup
+        goes on: every way out of serving tears down first (``_serve_graph``)."""
+        g = self.graph
+        assert g is not None
+        fds = [c.fileno for c in self._clients]
+        fds += [fd for fd in (r.nbd_fileno for r in self._readers) if fd is not None]
+        fds += [f.nbd_fileno for f in self._fast]
+        # Recorded first: whatever QEMU got, a teardown releases it.
+        g.held_fds = [f"{qmp.PREFIX}nbd-{i}" for i in range(len(fds))]
+        self._save_state()
+        try:
+            async with state.qmp_session(self.opts.qmp_path, g.vmid) as q:
+                for fd, name in zip(fds, g.held_fds, strict=True):
+                    await q.hold_fd(fd, name)
+        except SnapfsError as err:
+            log.warning(
+                "VM %s: QEMU does not keep the NBD connections (%s): if this process is "
+                "killed, QEMU aborts",
+                g.vmid,
+                err,
+            )
+        else:
+            log.info("VM %s: QEMU keeps the session's %d NBD connections", g.vmid, len(fds))
 
     def _taker(self, fuse_fd: int) -> fastpath.CompiledIntake | None:
         """The compiled READ path's intake for the intake on ``fuse_fd``, if it is built."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from dev.devvm import DiskSpec, GuestIO, MiB, TestVM
+from dev.devvm import DiskSpec, GuestIO, MiB, TestVM, poll
 from snapfs.errors import SetupError
 from snapfs.qmp import QMP, cleanup_orphans, setup
 from snapfs.runner import run_trio
@@ -129,6 +129,60 @@ def test_every_kind_of_disk(tmp_path: Path, snapfs: Snapfs) -> None:
         assert not vm.io_errors()
     for name in vm.disks:
         assert vm.image_content(name) == vm.expected[name], name
+
+
+def test_a_killed_session_of_disks_on_io_threads_leaves_the_vm_running(
+    tmp_path: Path, snapfs: Snapfs
+) -> None:
+    """Before 9.0 QEMU aborts when a client of an export on an I/O thread disconnects first,
+    so it keeps a descriptor of each of the session's NBD connections: a serving process
+    killed with SIGKILL leaves the VM running, and ``snapfs cleanup`` restores the graph and
+    lets the connections go."""
+    disks = [
+        DiskSpec("scsi0", "qcow2", "scsi", size=4 * MiB, iothread=True),
+        DiskSpec("virtio0", "raw", "virtio", size=4 * MiB, iothread=True),
+    ]
+    vm = TestVM(tmp_path, disks)
+    with vm:
+        assert vm.proc is not None
+        qemu_fds = f"/proc/{vm.proc.pid}/fd"
+        graph, fds = vm.graph(), len(os.listdir(qemu_fds))
+        version = tuple(int(x) for x in vm.qemu_version().split(".")[:2])
+        mnt = snapfs.mount(vm, tmp_path / "mnt")
+        try:
+            want = vm.snapshot()
+            held = session_graph(snapfs, vm)["held_fds"]
+            # Per disk: the libnbd connection, the splice path's and the compiled path's.
+            assert len(held) == (3 * len(disks) if version < (9, 0) else 0)
+            assert len(os.listdir(qemu_fds)) >= fds + len(held)
+            assert (mnt / "scsi0.raw").read_bytes() == want["scsi0"]
+            (pid,) = snapfs.pids()
+            os.kill(pid, signal.SIGKILL)
+            poll(lambda: not _running(pid), what="the serving process to die")
+            # The VM lives on, and its disks still take writes.
+            GuestIO(vm, 5, kinds=("write", "small", "discard")).run(20)
+            assert vm.qmp("query-status")["status"] == "prelaunch"
+        finally:
+            if any(_running(p) for p in snapfs.pids()):
+                snapfs("umount", str(mnt))
+            else:
+                snapfs("cleanup", vm.vmid)
+        assert vm.proc.poll() is None
+        now = vm.graph()
+        for key in ("devices", "nodes", "exports"):
+            assert now[key] == graph[key], key
+        poll(lambda: len(os.listdir(qemu_fds)) == fds, what="QEMU to let the connections go")
+        assert not vm.io_errors()
+    for name in vm.disks:
+        assert vm.image_content(name) == vm.expected[name], name
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def session_graph(snapfs: Snapfs, vm: TestVM) -> dict[str, Any]:

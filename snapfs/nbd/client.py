@@ -280,6 +280,11 @@ class NBDClient:
         # libnbd closes the handle in NBD.__del__: drop the last reference.
         self._h = None
 
+    @property
+    def fileno(self) -> int:
+        """A descriptor of the connection's socket (-1 once closed)."""
+        return self._fd
+
     def expect_loss(self) -> None:
         """The server is about to close the connection (its export goes): losing it then is
         what was meant, not worth a warning."""
