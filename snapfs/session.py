@@ -14,7 +14,9 @@ Lifecycle of the serving process (``serve``)::
 
 Invariants:
 - QMP is connected only during set-up and teardown, never while serving (Proxmox's management
-  stack takes the same socket one client at a time).
+  stack takes the same socket one client at a time); where a client's disconnect would make
+  QEMU abort, also once right after the NBD connections open, to hand them to QEMU.
+- No NBD connection closes before the teardown has deleted the exports (QEMU closes them).
 - Everything teardown needs is in ``<run_dir>/.state/<vmid>/state.json`` before the set-up
   changes the VM (the plan), and again once it is complete, so another process (``snapfs
   cleanup``) can tear down after a crash, or after QEMU stopped answering during the set-up.
