@@ -634,18 +634,21 @@ def confine_reads(version: tuple[int, int], cluster: int = CBW_CLUSTER) -> int:
     return 0
 
 
-def client_close_aborts(version: tuple[int, int], on_io_thread: Sequence[bool | None]) -> bool:
-    """Whether QEMU may abort when an NBD client of these disks' exports ends its connection.
+async def client_close_aborts(q: QMP, version: tuple[int, int], qom_paths: Sequence[str]) -> bool:
+    """Whether QEMU may abort when an NBD client of the exports of these devices' disks ends
+    its connection.
 
     The fix for CVE-2024-7409 (commit 3e7ef738c8, in QEMU 9.1 and in the stable releases
     from 7.2.14 on) asserts that the NBD server learns of a closed client in the main loop.
     QEMU 9.0 and later make sure of that; before 9.0, a client that disconnects from an export
     whose disk is on an I/O thread is noticed in that thread, and QEMU aborts: the VM is gone.
     A close that QEMU makes itself (``block-export-del``) runs in the main loop. 7.2.22
-    aborts (Debian 12); 8.x is not verified here and is taken to do the same. ``None`` in
-    ``on_io_thread``: QEMU did not say, taken as on one.
+    aborts (Debian 12); 8.x is not verified here and is taken to do the same. A device of
+    which QEMU does not say whether it is on an I/O thread is taken as on one.
     """
-    return version < (9, 0) and any(t is not False for t in on_io_thread)
+    if version >= (9, 0):
+        return False
+    return any([await on_io_thread(q, path) is not False for path in qom_paths])
 
 
 async def on_io_thread(q: QMP, qom_path: str) -> bool | None:
@@ -976,9 +979,7 @@ async def setup(
             )
     if not disks:
         raise SetupError(f"VM {vmid}: no disk to snapshot")
-    aborts = version_number < (9, 0) and client_close_aborts(
-        version_number, [await on_io_thread(q, d.qom_path) for d in disks]
-    )
+    aborts = await client_close_aborts(q, version_number, [d.qom_path for d in disks])
     if aborts:
         log.info(
             "VM %s: QEMU %s aborts if an NBD client of a disk on an I/O thread disconnects "
