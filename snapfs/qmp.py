@@ -640,8 +640,10 @@ async def client_close_aborts(q: QMP, version: tuple[int, int], qom_paths: Seque
 
     The fix for CVE-2024-7409 (commit 3e7ef738c8, in QEMU 9.1 and in the stable releases
     from 7.2.14 on) asserts that the NBD server learns of a closed client in the main loop.
-    QEMU 9.0 and later make sure of that; before 9.0, a client that disconnects from an export
-    whose disk is on an I/O thread is noticed in that thread, and QEMU aborts: the VM is gone.
+    QEMU 9.0 and later make sure of that (commit f816310d0c32, "nbd/server: only traverse
+    NBDExport->clients from main loop thread"; 8.2's stable releases may have it too, which
+    this does not count on); before, a client that disconnects from an export whose disk is on
+    an I/O thread is noticed in that thread, and QEMU aborts: the VM is gone.
     A close that QEMU makes itself (``block-export-del``) runs in the main loop. 7.2.22
     aborts (Debian 12); 8.x is not verified here and is taken to do the same. A device of
     which QEMU does not say whether it is on an I/O thread is taken as on one.
