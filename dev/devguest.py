@@ -580,16 +580,24 @@ class GuestVM(TestVM):
 
     The guest writes to its disk itself, so the disk is not modelled (``expected`` stays empty;
     ``guest_write`` and friends must not be used). ``agent=False`` boots without qemu-ga: the
-    channel exists in QEMU but nothing in the guest answers it.
+    channel exists in QEMU but nothing in the guest answers it. ``iothread``: the disk is
+    served by an I/O thread, which a running guest's virtio-blk driver puts to work.
     """
 
     START_PAUSED = False
     MEMORY_MIB = 256
 
     def __init__(
-        self, workdir: Path, image: GuestImage, *, agent: bool = True, disk_size: int = 64 * MiB
+        self,
+        workdir: Path,
+        image: GuestImage,
+        *,
+        agent: bool = True,
+        disk_size: int = 64 * MiB,
+        iothread: bool = False,
     ) -> None:
-        super().__init__(workdir, [DiskSpec("virtio0", "raw", "virtio", disk_size, modelled=False)])
+        disk = DiskSpec("virtio0", "raw", "virtio", disk_size, modelled=False, iothread=iothread)
+        super().__init__(workdir, [disk])
         self.image = image
         self.agent = agent
         self.agent_path = workdir / "qga.sock"
